@@ -1,0 +1,127 @@
+"""The project directory: every path inside it, and nothing else.
+
+    lmkit.toml                      user-editable project config
+    tokenizer/tokenizer.model       sentencepiece model (+ tokenizer.json: fingerprint, settings)
+    data/{train,val}.bin            token ids, raw little-endian uint16/uint32 (+ .json metadata)
+    checkpoints/<run>/step-000200/  one folder per saved step; checkpoints/latest.json points at one
+    runs/<run>/                     config.json (resolved, saved before step 0) and metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from lmkit.errors import CheckpointError, LmkitError
+
+ENV_VAR = "LMKIT_PROJECT"
+_RUN_RE = re.compile(r"^run(\d+)$")
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class Project:
+    """Paths inside one project directory. Creating the object touches nothing on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def open(cls, root: Path | str | None = None, *, create: bool = True) -> Project:
+        """Open ROOT, else $LMKIT_PROJECT, else the current directory; create it if asked."""
+        chosen = Path(root or os.environ.get(ENV_VAR) or ".")
+        if chosen.exists() and not chosen.is_dir():
+            raise LmkitError(f"project path {chosen} is a file, not a directory")
+        if create:
+            chosen.mkdir(parents=True, exist_ok=True)
+        elif not chosen.is_dir():
+            raise LmkitError(f"project directory {chosen} does not exist")
+        return cls(chosen)
+
+    # --- config -------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.root / "lmkit.toml"
+
+    # --- tokenizer ----------------------------------------------------------------------------
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def tokenizer_model(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.model"
+
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer_model.is_file()
+
+    # --- prepared data ------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def tokens_file(self, split: str) -> Path:
+        return self.data_dir / f"{split}.bin"
+
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint_dir(self, run: str, step: int) -> Path:
+        return self.checkpoints_dir / run / f"step-{step:06d}"
+
+    def run_checkpoints(self, run: str) -> list[Path]:
+        """Saved step folders of RUN, oldest first."""
+        run_dir = self.checkpoints_dir / run
+        if not run_dir.is_dir():
+            return []
+        steps = [p for p in run_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+        return sorted(steps, key=lambda p: int(_STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    @property
+    def latest_pointer(self) -> Path:
+        return self.checkpoints_dir / "latest.json"
+
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint the latest pointer names.
+
+        Raises:
+            CheckpointError: when the project has none yet.
+        """
+        try:
+            relative = json.loads(self.latest_pointer.read_text(encoding="utf-8"))["path"]
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"no checkpoint in {self.root} yet — run 'lmkit pretrain CORPUS -p {self.root}' first") from None
+        except (ValueError, KeyError):
+            raise CheckpointError(
+                f"{self.latest_pointer} is damaged; pass a checkpoint folder with --checkpoint") from None
+        path = self.checkpoints_dir / relative
+        if not path.is_dir():
+            raise CheckpointError(f"{self.latest_pointer} points at {path}, which no longer exists; "
+                                  "pass a checkpoint folder with --checkpoint")
+        return path
+
+    # --- runs ---------------------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, run: str) -> Path:
+        return self.runs_dir / run
+
+    def metrics_file(self, run: str) -> Path:
+        return self.run_dir(run) / "metrics.jsonl"
+
+    def run_config_file(self, run: str) -> Path:
+        return self.run_dir(run) / "config.json"
+
+    def new_run_name(self) -> str:
+        """run1, run2, ... — one more than any run that has metrics or checkpoints."""
+        numbers = [0]
+        for parent in (self.runs_dir, self.checkpoints_dir):
+            if parent.is_dir():
+                numbers += [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_RE.match(p.name))]
+        return f"run{max(numbers) + 1}"

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmkit import config
+from lmkit.config import ConfigError, RunConfig
+
+
+def test_defaults_come_from_the_default_preset() -> None:
+    cfg = config.resolve()
+    assert cfg.preset == "default" and cfg.model.arch == "gpt"
+    assert cfg.model == config.ModelConfig() and cfg.train == config.TrainConfig()  # the default preset
+    small = config.resolve(flags={"preset": "small"})
+    assert small.model.d_model == config.PRESETS["gpt"]["small"]["model"]["d_model"]
+
+
+def test_precedence_preset_file_config_set_flags(tmp_path) -> None:
+    project_file = tmp_path / "lmkit.toml"
+    project_file.write_text('preset = "tiny"\n[model]\nn_layer = 3\nd_model = 96\n[train]\nlr = 0.01\n')
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nn_layer = 5\n")
+    cfg = config.resolve(project_file=project_file, config_file=other,
+                         sets=["d_model=128", "train.max_steps=77"], flags={"train.max_steps": 99, "train.seed": None})
+    assert cfg.preset == "tiny"
+    assert cfg.model.n_layer == 5  # --config beats lmkit.toml
+    assert cfg.model.d_model == 128  # --set beats both
+    assert cfg.train.lr == 0.01  # lmkit.toml beats the preset
+    assert cfg.train.max_steps == 99  # flags beat --set
+    assert cfg.model.max_seq_len == config.PRESETS["gpt"]["tiny"]["model"]["max_seq_len"]
+
+
+def test_saved_json_config_round_trips(tmp_path) -> None:
+    cfg = config.resolve(flags={"preset": "tiny", "train.lr": 0.02})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert RunConfig.from_dict(cfg.to_dict(), "x") == cfg
+    assert config.resolve(config_file=path) == cfg
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["model.n_layers=4"], "unknown config key 'model.n_layers' in --set .*did you mean 'n_layer'"),
+    (["n_layerz=4"], "unknown config key 'n_layerz'"),
+    (["model.d_model=100", "model.n_head=3"], "d_model=100 is not divisible by model.n_head=3"),
+    (["train.lr=fast"], "train.lr='fast' .* must be a number"),
+    (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["model.n_layer=2.5"], "must be an integer"),
+    (["tokenizer.model_type=wordpiece"], "not one of: bpe, unigram, char, word"),
+    (["preset=huge"], "unknown preset 'huge'"),
+    (["arch=lstm"], "unknown arch 'lstm'"),
+    (["novalue"], "--set expects key=value"),
+    (["train.compile=1"], "must be true or false"),
+    (["tokenizer.vocab_size=100"], "too small"),
+])
+def test_bad_values_name_the_key_and_source(sets, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.resolve(sets=sets)
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path) -> None:
+    path = tmp_path / "lmkit.toml"
+    path.write_text("[modle]\nn_layer = 2\n")
+    with pytest.raises(ConfigError, match=f"unknown config section 'modle' in {path}.*'model'"):
+        config.resolve(project_file=path)
+    path.write_text("[model\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        config.resolve(project_file=path)
+
+
+def test_template_is_valid_toml_that_changes_nothing(tmp_path) -> None:
+    path = tmp_path / "lmkit.toml"
+    path.write_text(config.render_template())
+    assert config.resolve(project_file=path) == config.resolve()
+    uncommented = "\n".join(line.removeprefix("# ") if " = " in line else line
+                            for line in config.render_template().splitlines())
+    path.write_text(uncommented)
+    every_key_set = config.resolve(project_file=path)  # every listed key is known and its default valid
+    assert every_key_set.train == config.TrainConfig()
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1.5h", 5400)])
+def test_durations(text, seconds) -> None:
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5m", "0"])
+def test_bad_durations(text) -> None:
+    with pytest.raises(ConfigError):
+        config.parse_duration(text)
