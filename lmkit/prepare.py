@@ -1,0 +1,196 @@
+"""Corpora -> train/val token files: raw little-endian ids, memory-mapped for training, each with a
+JSON sidecar (tokenizer fingerprint, token count, dtype, source fingerprints).
+
+Encoding streams: memory holds one batch of lines, never the corpus. The split is made of
+blocks of whole lines: evenly spaced blocks (a val_fraction share) go to val, the rest to train,
+so validation text comes from all over the corpus, not only its end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmkit import corpus
+from lmkit.config import DataConfig
+from lmkit.errors import DataError
+from lmkit.fileio import atomic_file, atomic_write_json
+from lmkit.project import Project
+from lmkit.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+_BATCH_LINES = 4096
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """One prepared split: PATH holds TOKENS ids of DTYPE; META is its sidecar JSON."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.meta["tokenizer"])
+
+    def array(self) -> np.ndarray:
+        """The ids as a read-only memory map (an empty array for an empty split)."""
+        if self.tokens == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.tokens,))
+
+    @classmethod
+    def open(cls, path: Path) -> TokenFile | None:
+        """The split at PATH if its sidecar exists and agrees with the file size, else None."""
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            size = path.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if size != int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize:
+            return None  # interrupted between writing the ids and the sidecar
+        return cls(path, meta)
+
+
+class _BlockRouter:
+    """Gathers ids into blocks of whole lines and writes each full block to train or val.
+
+    Block k goes to val when floor((k+1)f + 1/2) > floor(kf + 1/2): an exact share f, evenly
+    spaced, the first one early. The last block is held back until the end, so that a corpus
+    too small for the schedule still gives val one block.
+    """
+
+    def __init__(self, outs: dict[str, Any], dtype: np.dtype, block_bytes: int, val_fraction: float) -> None:
+        self.outs, self.dtype, self.block_bytes, self.val_fraction = outs, dtype, block_bytes, val_fraction
+        self.tokens = {split: 0 for split in SPLITS}
+        self.text_bytes = {split: 0 for split in SPLITS}
+        self.read_bytes = 0
+        self.block: list[int] = []
+        self.block_size = 0
+        self.blocks_done = 0
+        self.held: tuple[list[int], int, str] | None = None
+
+    def add(self, ids: list[int], size: int) -> None:
+        self.block.extend(ids)
+        self.block_size += size
+        self.read_bytes += size
+        if self.block_size >= self.block_bytes:
+            self._finish_block()
+
+    def close(self) -> None:
+        if self.block:
+            self._finish_block()
+        if self.held is not None:
+            ids, size, split = self.held
+            self._write(ids, size, "val" if self.tokens["val"] == 0 else split)
+
+    def _finish_block(self) -> None:
+        k, f = self.blocks_done, self.val_fraction
+        split = "val" if math.floor((k + 1) * f + 0.5) > math.floor(k * f + 0.5) else "train"
+        if self.held is not None:
+            self._write(*self.held)
+        self.held = (self.block, self.block_size, split)
+        self.block, self.block_size = [], 0
+        self.blocks_done += 1
+
+    def _write(self, ids: list[int], size: int, split: str) -> None:
+        self.outs[split].write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.tokens[split] += len(ids)
+        self.text_bytes[split] += size
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: TokenFile
+    val: TokenFile
+    reused: bool  # True when the files were already up to date
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def load_prepared(project: Project, tokenizer: Tokenizer) -> PreparedData | None:
+    """The project's prepared splits if both exist and were made with TOKENIZER."""
+    files = [TokenFile.open(project.tokens_file(split)) for split in SPLITS]
+    if any(f is None or f.tokenizer_fingerprint != tokenizer.fingerprint for f in files):
+        return None
+    return PreparedData(files[0], files[1], reused=True)  # type: ignore[arg-type]
+
+
+def prepare(
+    project: Project,
+    corpora: Sequence[Path],
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> PreparedData:
+    """Tokenize CORPORA into the project's train/val files, unless they are already up to date.
+
+    Args:
+        progress: called with (bytes read, total bytes) as encoding advances.
+
+    Raises:
+        DataError: unreadable input, or a corpus too small to give both splits any tokens.
+    """
+    corpora = corpus.check_files(corpora)
+    recipe = {"tokenizer": tokenizer.fingerprint, "sources": corpus.fingerprint(corpora),
+              "val_fraction": cfg.val_fraction, "text_field": cfg.text_field}
+    existing = load_prepared(project, tokenizer)
+    if existing and not force and all(existing.train.meta.get(k) == v for k, v in recipe.items()):
+        return existing
+
+    total_bytes = sum(p.stat().st_size for p in corpora)
+    # Aim for ~20 val blocks whatever the corpus size, between 1 KiB and 1 MiB each.
+    block_bytes = int(min(max(total_bytes * cfg.val_fraction / 20, 1024), 1 << 20))
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    files = {split: project.tokens_file(split) for split in SPLITS}
+    with atomic_file(files["train"]) as train_out, atomic_file(files["val"]) as val_out:
+        router = _BlockRouter({"train": train_out, "val": val_out}, dtype, block_bytes, cfg.val_fraction)
+        batch: list[str] = []
+        ends: list[bool] = []  # ends[k]: line k is the last of its document (an EOS follows it)
+
+        def flush() -> None:
+            for line, ids, doc_end in zip(batch, tokenizer.encode_lines(batch), ends):
+                router.add(ids + [tokenizer.eos_id] if doc_end else ids, len(line.encode("utf-8")))
+            batch.clear()
+            ends.clear()
+            if progress:
+                progress(router.read_bytes, total_bytes)
+
+        for document in corpus.iter_documents(corpora, cfg.text_field):
+            has_lines = False
+            for line in document:
+                if len(batch) >= _BATCH_LINES:
+                    flush()
+                batch.append(line)
+                ends.append(False)
+                has_lines = True
+            if has_lines:
+                ends[-1] = True  # the document's last line is always still in the batch
+        flush()
+        router.close()
+        if router.tokens["train"] < 2 or router.tokens["val"] < 2:  # raising here discards both files
+            raise DataError(f"the corpus is too small to split into train and val "
+                            f"({sum(router.tokens.values())} tokens); add more text")
+        for split in SPLITS:  # stale sidecars must not describe the new files
+            files[split].with_suffix(".json").unlink(missing_ok=True)
+    for split in SPLITS:
+        meta = {**recipe, "split": split, "tokens": router.tokens[split], "dtype": dtype.name,
+                "bytes": router.text_bytes[split]}
+        atomic_write_json(files[split].with_suffix(".json"), meta)
+    prepared = load_prepared(project, tokenizer)
+    assert prepared is not None
+    return PreparedData(prepared.train, prepared.val, reused=False)

@@ -1,0 +1,201 @@
+"""Sentencepiece tokenizers: training with settings that round-trip any UTF-8 text exactly, and one
+Tokenizer class that every command uses.
+
+Every lmkit tokenizer reserves the special tokens all architectures need, at fixed ids:
+<pad>=0 <unk>=1 <s>=2 </s>=3 <cls>=4 <sep>=5 <mask>=6. They are control symbols, so no user text
+ever encodes to them. "\\n" is always the single byte piece <0x0A>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from lmkit.config import TokenizerConfig
+from lmkit.errors import CheckpointError, DataError
+from lmkit.fileio import atomic_write_bytes, atomic_write_json
+
+SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "cls": "<cls>", "sep": "<sep>",
+                  "mask": "<mask>"}
+# sentencepiece skips training sentences longer than its max_sentence_length (bytes); lines are cut
+# into pieces of at most this many characters (4 bytes each at worst) so none is lost.
+_TRAIN_PIECE_CHARS = 4096
+_META_MARK = "\u2581"  # sentencepiece's whitespace symbol; literal occurrences are encoded as bytes
+
+
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def train_tokenizer(documents: Iterable[Iterable[str]], out_path: Path, cfg: TokenizerConfig) -> Tokenizer:
+    """Train a sentencepiece model on the lines of DOCUMENTS and write it atomically to OUT_PATH.
+
+    Settings chosen for an exact round trip: identity normalisation, whitespace kept as is (no
+    dummy prefix, repeated spaces allowed), byte fallback for characters outside the vocabulary.
+    The vocabulary size is a soft limit, so a small corpus yields a smaller vocabulary instead of
+    failing with "vocabulary size too high".
+
+    Raises:
+        DataError: the corpus has no text, or is too varied for the requested vocabulary size.
+    """
+    counter = {"lines": 0}
+
+    def sentences() -> Iterator[str]:
+        for document in documents:
+            for line in document:
+                body = line.rstrip("\n")
+                if not body.strip():
+                    continue
+                counter["lines"] += 1
+                for start in range(0, len(body), _TRAIN_PIECE_CHARS):
+                    yield body[start:start + _TRAIN_PIECE_CHARS]
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=4 * _TRAIN_PIECE_CHARS,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            control_symbols=[SPECIAL_PIECES[name] for name in ("cls", "sep", "mask")],
+            num_threads=_threads(),
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        if counter["lines"] == 0:
+            raise DataError("the corpus has no text to train a tokenizer on") from None
+        too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if too_small:
+            raise DataError(f"vocab_size={cfg.vocab_size} is too small for this corpus: it needs at least "
+                            f"{too_small.group(1)} (256 byte pieces, 7 special tokens and the corpus's common "
+                            f"characters); use --vocab-size {too_small.group(1)} or more") from None
+        raise DataError(f"sentencepiece could not train a {cfg.model_type} tokenizer with vocab_size="
+                        f"{cfg.vocab_size}: {str(err).splitlines()[-1]}") from None
+    if counter["lines"] == 0:
+        raise DataError("the corpus has no text to train a tokenizer on")
+    atomic_write_bytes(out_path, model.getvalue())
+    tokenizer = Tokenizer(model.getvalue(), source=out_path)
+    meta = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "requested_vocab_size": cfg.vocab_size, "model_type": cfg.model_type, "lines": counter["lines"]}
+    atomic_write_json(out_path.with_suffix(".json"), meta)
+    return tokenizer
+
+
+class Tokenizer:
+    """A sentencepiece model with lmkit's conventions for newlines and special tokens."""
+
+    def __init__(self, model_bytes: bytes, source: Path | None = None) -> None:
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.model_bytes = model_bytes
+        self.source = source
+        self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]
+        self.vocab_size = self.sp.get_piece_size()
+        ids = {name: self.sp.piece_to_id(piece) for name, piece in SPECIAL_PIECES.items()}
+        if ids != {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4, "sep": 5, "mask": 6}:
+            raise CheckpointError(f"{source or 'tokenizer'} was not trained by lmkit (special tokens differ)")
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
+        self.cls_id, self.sep_id, self.mask_id = 4, 5, 6
+        self.newline_id = self.sp.piece_to_id("<0x0A>")
+        self._meta_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _META_MARK.encode()]
+        self._space_byte_id = self.sp.piece_to_id("<0x20>")
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        if not path.is_file():
+            raise CheckpointError(f"no tokenizer at {path}")
+        return cls(path.read_bytes(), source=path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for any text; decode(encode(text)) == text."""
+        from lmkit.corpus import split_lines
+
+        return [i for ids in self.encode_lines(split_lines(text)) for i in ids]
+
+    def encode_lines(self, lines: list[str]) -> list[list[int]]:
+        """Encode a batch of lines in parallel. A line may end with "\\n" and holds no other newline."""
+        bodies = [line[:-1] if line.endswith("\n") else line for line in lines]
+        encoded = self.sp.encode(bodies, num_threads=_threads())
+        for k, body in enumerate(bodies):
+            if _META_MARK in body:
+                encoded[k] = self._encode_with_meta_marks(body)
+            elif self._meta_mark_ids[0] in encoded[k]:
+                encoded[k] = self._spaces_as_bytes(encoded[k])
+            if lines[k].endswith("\n"):
+                encoded[k].append(self.newline_id)
+        return encoded
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in ids]
+
+    def _encode_with_meta_marks(self, body: str) -> list[int]:
+        # sentencepiece reads a literal U+2581 as a space; spell it as its three UTF-8 bytes instead.
+        parts = [self._spaces_as_bytes(self.sp.encode(part)) for part in body.split(_META_MARK)]
+        ids = parts[0]
+        for part in parts[1:]:
+            ids += self._meta_mark_ids + part
+        return ids
+
+    def _spaces_as_bytes(self, ids: list[int]) -> list[int]:
+        """sentencepiece spells a space inside byte-fallback pieces as the bytes of U+2581 (word
+        models do this for every unknown word), which would decode to a literal U+2581; any U+2581
+        sentencepiece sees is a space (literal ones are split off first), so spell it as <0x20>."""
+        mark, out, k = self._meta_mark_ids, [], 0
+        while k < len(ids):
+            if ids[k:k + 3] == mark:
+                out.append(self._space_byte_id)
+                k += 3
+            else:
+                out.append(ids[k])
+                k += 1
+        return out
+
+
+def encode_stream(tokenizer: Tokenizer, lines: Iterable[str], pieces: bool = False) -> Iterator[str]:
+    """Lines of text -> lines of space-separated ids (or pieces). A line's newline ends the output
+    line instead of being encoded, so `decode_stream` restores the text byte for byte."""
+    lines = iter(lines)
+    batches = iter(lambda: list(itertools.islice(lines, 1024)), [])  # sentencepiece encodes a batch in parallel
+    for batch in batches:
+        for line, ids in zip(batch, tokenizer.encode_lines([line.removesuffix("\n") for line in batch])):
+            words = tokenizer.pieces(ids) if pieces else map(str, ids)
+            yield " ".join(words) + ("\n" if line.endswith("\n") else "")
+
+
+def decode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[str]:
+    """Lines of space-separated ids -> lines of text.
+
+    Raises:
+        DataError: naming the line of a word that is not an id of this tokenizer.
+    """
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            ids = [int(word) for word in line.split()]
+        except ValueError:
+            raise DataError(f"line {line_no}: expected token ids separated by spaces, got {line[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+        if bad:
+            raise DataError(f"line {line_no}: id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})")
+        yield tokenizer.decode(ids) + ("\n" if line.endswith("\n") else "")
