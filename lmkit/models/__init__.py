@@ -1,0 +1,20 @@
+"""The model zoo: one module per architecture, all returning (logits, loss)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lmkit.config import ModelConfig
+from lmkit.models.gpt import GPT
+
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model of cfg.arch."""
+    return MODELS[cfg.arch](cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights count once)."""
+    return sum(p.numel() for p in model.parameters())
