@@ -1,0 +1,231 @@
+"""Checkpoint folders: self-describing, written atomically, loaded without unpickling anything.
+
+    step-000200/
+      model.safetensors    weights (a tied output layer is stored once, under the embedding's name)
+      config.json          format, lmkit version, run config, tokenizer fingerprint, step, metrics
+      tokenizer.model      the tokenizer, so the folder works on its own
+      trainer.safetensors  optimizer moments, RNG and data-sampler states      (for exact resume)
+      trainer.json         TrainState and optimizer hyper-parameters           (for exact resume)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lmkit
+from lmkit.config import RunConfig
+from lmkit.errors import CheckpointError, ConfigError
+from lmkit.fileio import atomic_dir, atomic_write_json
+from lmkit.models import build_model, count_parameters
+from lmkit.project import Project
+from lmkit.tokenizer import Tokenizer
+
+FORMAT = "lmkit-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainerSnapshot:
+    """What a training loop needs, beyond the weights, to continue exactly where it stopped."""
+
+    state: dict[str, Any]  # TrainState fields
+    optimizer: dict[str, Any]  # torch optimizer state_dict
+    rng: dict[str, torch.Tensor]  # torch (and CUDA) generator states
+    sampler: dict[str, torch.Tensor]  # data sampler state
+
+
+def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenizer, run: str, step: int,
+         metrics: dict[str, float] | None = None, data: dict[str, Any] | None = None,
+         trainer: TrainerSnapshot | None = None) -> None:
+    """Write a checkpoint folder at PATH atomically (replacing any folder already there).
+
+    Args:
+        data: what identifies the training data (sources, token count), so a resume can check it.
+    """
+    weights, aliases = _dedupe_shared(model.state_dict())
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lmkit_version": lmkit.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "arch": config.model.arch,
+        "task": "lm",
+        "run": run,
+        "step": step,
+        "parameters": count_parameters(model),
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                      "file": "tokenizer.model"},
+        "tied_weights": aliases,
+        "metrics": metrics or {},
+        "data": data or {},
+        "config": config.to_dict(),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+        if trainer is not None:
+            tensors, trainer_meta = _flatten_trainer(trainer)
+            save_file(tensors, tmp / "trainer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def set_latest(project: Project, path: Path) -> None:
+    """Point the project's latest.json at checkpoint PATH (atomic)."""
+    atomic_write_json(project.latest_pointer, {"path": path.relative_to(project.checkpoints_dir).as_posix()})
+
+
+def prune(project: Project, run: str, keep: int) -> None:
+    """Delete all but the newest KEEP step folders of RUN; the one latest.json names always stays."""
+    try:
+        latest = project.latest_checkpoint().resolve()
+    except CheckpointError:
+        latest = None
+    for old in project.run_checkpoints(run)[:-keep]:
+        if old.resolve() != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: Path | None, project: Project) -> Path:
+    """The checkpoint folder meant by PATH: a checkpoint, a run folder (its newest step), or a
+    project (its latest); None means PROJECT's latest."""
+    if path is None:
+        return project.latest_checkpoint()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        return Project(path).latest_checkpoint()
+    steps = Project(path.parent.parent).run_checkpoints(path.name) if path.is_dir() else []
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path} is not an lmkit checkpoint, run folder or project")
+
+
+class Checkpoint:
+    """A checkpoint folder opened for reading. Construction checks config.json only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path} is not an lmkit checkpoint (no config.json)") from None
+        except (ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path}/config.json is damaged") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise CheckpointError(f"{self.path} is not an lmkit checkpoint")
+        if self.meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{self.path} was written by a newer lmkit ({self.meta.get('lmkit_version')}); "
+                                  "upgrade lmkit to read it")
+        try:
+            self.config = RunConfig.from_dict(self.meta["config"], f"{self.path}/config.json")
+        except (KeyError, ConfigError) as err:
+            raise CheckpointError(f"{self.path}/config.json has an invalid config: {err}") from None
+
+    def require_task(self, task: str, command: str) -> Checkpoint:
+        """Fail clearly when this checkpoint's model does not do what COMMAND needs."""
+        if self.meta.get("task") != task:
+            raise CheckpointError(f"{self.path} is a {self.meta.get('task')!r} checkpoint; "
+                                  f"'lmkit {command}' needs one whose task is {task!r}")
+        return self
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def run(self) -> str:
+        return str(self.meta["run"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.meta["tokenizer"]["fingerprint"])
+
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = Tokenizer.load(self.path / self.meta["tokenizer"]["file"])
+        if tokenizer.fingerprint != self.tokenizer_fingerprint:
+            raise CheckpointError(f"{self.path}: tokenizer.model does not match the fingerprint in config.json")
+        return tokenizer
+
+    def model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The model with its saved weights, on DEVICE, in eval mode."""
+        model = build_model(self.config.model)
+        try:
+            weights = load_file(self.path / "model.safetensors")
+        except (FileNotFoundError, SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {self.path}/model.safetensors: {err}") from None
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if set(missing) != set(self.meta.get("tied_weights", {})) or unexpected:
+            raise CheckpointError(f"{self.path}/model.safetensors does not match its config "
+                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        return model.to(device).eval()
+
+    def trainer(self) -> TrainerSnapshot | None:
+        """The saved training state, or None for a weights-only checkpoint."""
+        if not (self.path / "trainer.json").is_file():
+            return None
+        meta = json.loads((self.path / "trainer.json").read_text(encoding="utf-8"))
+        return _unflatten_trainer(load_file(self.path / "trainer.safetensors"), meta)
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory: keep the first name of each, record the rest
+    as aliases {dropped name: kept name} (for GPT: lm_head.weight -> transformer.wte.weight)."""
+    kept: dict[tuple[int, int], str] = {}
+    weights, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in kept and state[kept[key]].shape == tensor.shape:
+            aliases[name] = kept[key]
+            continue
+        kept[key] = name
+        weights[name] = tensor.detach().contiguous().cpu()
+    return weights, aliases
+
+
+def _flatten_trainer(snapshot: TrainerSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, param_state in snapshot.optimizer["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    for prefix, group in (("rng", snapshot.rng), ("sampler", snapshot.sampler)):
+        for key, value in group.items():
+            tensors[f"{prefix}.{key}"] = value.contiguous().cpu()
+    meta = {"state": snapshot.state, "param_groups": snapshot.optimizer["param_groups"],
+            "optimizer_scalars": scalars}
+    return tensors, meta
+
+
+def _unflatten_trainer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TrainerSnapshot:
+    optimizer_state: dict[int, dict[str, Any]] = {}
+    rng, sampler = {}, {}
+    for name, value in tensors.items():
+        prefix, _, rest = name.partition(".")
+        if prefix == "optimizer":
+            index, _, key = rest.partition(".")
+            optimizer_state.setdefault(int(index), {})[key] = value
+        elif prefix == "rng":
+            rng[rest] = value
+        elif prefix == "sampler":
+            sampler[rest] = value
+    for name, value in meta["optimizer_scalars"].items():
+        index, _, key = name.partition(".")
+        optimizer_state.setdefault(int(index), {})[key] = value
+    optimizer = {"state": optimizer_state, "param_groups": meta["param_groups"]}
+    return TrainerSnapshot(state=meta["state"], optimizer=optimizer, rng=rng, sampler=sampler)

@@ -1,0 +1,409 @@
+"""The one training loop and what it keeps between steps (TrainState), the learning-rate schedule,
+and `pretrain` / `resume`, which build whatever the project still lacks and run the loop.
+
+The loop: AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
+accumulation, clipping, periodic validation and checkpoints, a time budget, and SIGINT/SIGTERM
+handling that saves a checkpoint before stopping. Finetuning and distillation reuse it with their
+own model and loss function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmkit import checkpoint, corpus, data, prepare
+from lmkit.config import RunConfig, TrainConfig, render_template
+from lmkit.data import Batch
+from lmkit.device import autocast, pick_device
+from lmkit.errors import CheckpointError, ConfigError, DataError
+from lmkit.fileio import atomic_write_bytes, atomic_write_json
+from lmkit.models import build_model, count_parameters
+from lmkit.project import Project
+from lmkit.tokenizer import Tokenizer, train_tokenizer
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainState:
+    """Counters that survive a resume; saved in every checkpoint instead of being re-derived."""
+
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    elapsed: float = 0.0  # seconds spent training, across resumes (for the time budget)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the loop reports after a step; `val_loss` is set only right after a validation."""
+
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens_per_sec: float
+    elapsed: float
+    eta: float
+    val_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    checkpoint: Path  # the last one saved
+    train_loss: float  # at the last logged step
+    val_loss: float | None  # at the last validation
+    tokens_per_sec: float  # over this session's steps
+    stopped_by: int | None  # signal number when interrupted (SIGINT, SIGTERM)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: str
+    state: TrainState
+    outcome: LoopOutcome
+    parameters: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"run": self.run, "checkpoint": str(self.outcome.checkpoint), "step": self.state.step,
+                "tokens": self.state.tokens_seen, "train_loss": self.outcome.train_loss,
+                "val_loss": self.outcome.val_loss, "best_val_loss": self.state.best_val_loss,
+                "elapsed": round(self.state.elapsed, 2), "tokens_per_sec": round(self.outcome.tokens_per_sec, 1),
+                "parameters": self.parameters, "interrupted": self.outcome.stopped_by is not None}
+
+
+def learning_rate(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the end of the run.
+
+    The end is max_steps, or the time budget if that comes first (then the decay follows the clock).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.time_budget:
+        progress = max(progress, elapsed / cfg.time_budget)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices and embeddings only, not on biases and norms.
+
+    The fused kernel (one pass over all parameters) is ~5-10% faster per step than the default on
+    CPU for the presets, and faster on CUDA.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[Batch], loss_fn: LossFn, device: torch.device, precision: str) -> float:
+    """Mean loss over fixed batches, in eval mode (no dropout), restoring the previous mode."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    with autocast(device, precision):
+        for x, y in batches:
+            total += loss_fn(model, (x.to(device), y.to(device))).float()
+    model.train(was_training)
+    return total.item() / len(batches)
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y = batch
+    return model(x, y)[1]
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[dict[str, int | None]]:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step (a second
+    SIGINT interrupts at once; atomic writes keep the last complete checkpoint intact)."""
+    request: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        request["signal"] = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train_loop(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    *,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    tokens_per_batch: int,
+    validate: Callable[[], float],
+    save: Callable[[TrainState, dict[str, float]], Path],
+    metrics_file: Path,
+    device: torch.device,
+    progress: Callable[[Progress], None] | None = None,
+) -> LoopOutcome:
+    """Train until max_steps, the time budget, or a stop signal; save a checkpoint at the end.
+
+    Args:
+        batches: endless micro-batches (inputs, targets) on the CPU.
+        tokens_per_batch: tokens in one micro-batch, for throughput figures.
+        validate: mean validation loss of the current model.
+        save: writes a checkpoint of the current state (with the latest metrics) and returns its folder.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = tokens_per_batch * cfg.grad_accum
+    start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
+    interval_start, interval_tokens = start, 0
+    latest: dict[str, float] = {}  # train_loss and val_loss as last measured
+    with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
+        while not _finished(state, cfg) and not stop["signal"]:
+            lr = learning_rate(state.step, cfg, state.elapsed)
+            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            state.elapsed = elapsed_before + time.perf_counter() - start
+            interval_tokens += tokens_per_step
+            finished = _finished(state, cfg)
+            evaluating = state.step % cfg.eval_interval == 0 or finished
+            if not (evaluating or finished or stop["signal"] or state.step % cfg.log_interval == 0):
+                continue
+
+            latest["train_loss"] = step_loss.item()  # the one host sync per log interval
+            now = time.perf_counter()
+            record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
+                      "elapsed": round(state.elapsed, 3),
+                      "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1)}
+            if evaluating:
+                record["val_loss"] = latest["val_loss"] = validate()
+                if state.best_val_loss is None or latest["val_loss"] < state.best_val_loss:
+                    state.best_val_loss = latest["val_loss"]
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if progress:
+                eta = (cfg.max_steps - state.step) * (now - start) / (state.step - start_step)
+                if cfg.time_budget:
+                    eta = min(eta, cfg.time_budget - state.elapsed)
+                progress(Progress(state.step, cfg.max_steps, record["loss"], lr, record["tokens_per_sec"],
+                                  state.elapsed, max(eta, 0.0), record.get("val_loss")))
+            interval_start, interval_tokens = time.perf_counter(), 0
+            if state.step % cfg.save_interval == 0 and not finished and not stop["signal"]:
+                save(state, dict(latest))
+        last_checkpoint = save(state, dict(latest))
+    rate = (state.step - start_step) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
+    return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), latest.get("val_loss"), rate,
+                       stop["signal"])
+
+
+def _finished(state: TrainState, cfg: TrainConfig) -> bool:
+    return state.step >= cfg.max_steps or bool(cfg.time_budget and state.elapsed >= cfg.time_budget)
+
+
+def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch], loss_fn: LossFn,
+                    optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig,
+                    device: torch.device) -> torch.Tensor:
+    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss (on DEVICE, unsynced)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.grad_accum):
+        x, y = next(batches)
+        with autocast(device, cfg.precision):
+            loss = loss_fn(model, (x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
+        (loss / cfg.grad_accum).backward()
+        total += loss.detach()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum
+
+
+# --- pretraining: build what is missing, then train ---------------------------------------------
+
+def ensure_tokenizer(project: Project, corpora: list[Path], cfg: RunConfig, log: Log) -> Tokenizer:
+    """The project's tokenizer, trained on CORPORA first if the project has none."""
+    if project.has_tokenizer():
+        tokenizer = Tokenizer.load(project.tokenizer_model)
+        log(f"using the project's tokenizer: {tokenizer.vocab_size} pieces, fingerprint {tokenizer.fingerprint} "
+            "(tokenizer settings apply only to a new one: 'lmkit tokenize train --force')")
+        return tokenizer
+    if not corpora:
+        raise DataError(f"no tokenizer in {project.root} and no corpus to train one; "
+                        f"run 'lmkit pretrain CORPUS -p {project.root}'")
+    log(f"training a {cfg.tokenizer.model_type} tokenizer (vocab {cfg.tokenizer.vocab_size}) on "
+        f"{', '.join(map(str, corpora))}")
+    tokenizer = train_tokenizer(corpus.iter_documents(corpora, cfg.data.text_field), project.tokenizer_model,
+                                cfg.tokenizer)
+    log(f"tokenizer: {tokenizer.vocab_size} pieces, fingerprint {tokenizer.fingerprint}")
+    return tokenizer
+
+
+def ensure_data(project: Project, corpora: list[Path], tokenizer: Tokenizer, cfg: RunConfig, log: Log,
+                progress: Callable[[int, int], None] | None = None) -> prepare.PreparedData:
+    """Prepared train/val token files for CORPORA (re-used when up to date), or the project's own."""
+    if corpora:
+        prepared = prepare.prepare(project, corpora, tokenizer, cfg.data, progress=progress)
+        verb = "using prepared" if prepared.reused else "prepared"
+    else:
+        found = prepare.load_prepared(project, tokenizer)
+        if found is None:
+            raise DataError(f"no prepared data for this tokenizer in {project.root}; pass the corpus: "
+                            f"'lmkit pretrain CORPUS -p {project.root}'")
+        prepared, verb = found, "using prepared"
+    log(f"{verb} data: {prepared.train.tokens:,} train / {prepared.val.tokens:,} val tokens")
+    return prepared
+
+
+def init_project(project: Project) -> None:
+    """First use of a project: leave an editable, fully commented lmkit.toml."""
+    if not project.config_file.exists():
+        atomic_write_bytes(project.config_file, render_template().encode("utf-8"))
+
+
+def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, log: Log = lambda _: None,
+             progress: Callable[[Progress], None] | None = None,
+             prepare_progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train a new model from scratch on CORPORA (or the project's prepared data) with CFG.
+
+    Trains the tokenizer and prepares the data first when the project lacks them.
+    """
+    corpora = corpus.check_files(corpora) if corpora else []
+    init_project(project)
+    tokenizer = ensure_tokenizer(project, corpora, cfg, log)
+    prepared = ensure_data(project, corpora, tokenizer, cfg, log, prepare_progress)
+    cfg = cfg.with_vocab_size(tokenizer.vocab_size)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    run = project.new_run_name()
+    project.run_dir(run).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    log(f"{run}: {cfg.model.arch} with {count_parameters(model):,} parameters on {device}, "
+        f"{cfg.train.max_steps} steps of {cfg.train.tokens_per_step * cfg.model.max_seq_len:,} tokens")
+    return _run(project, run, cfg, model, tokenizer, prepared, TrainState(), None, device, log, progress)
+
+
+def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
+           time_budget: float | None = None, log: Log = lambda _: None,
+           progress: Callable[[Progress], None] | None = None) -> TrainResult:
+    """Continue a run from its checkpoint (default: the project's latest) exactly where it stopped.
+
+    Only the run's length may change (MAX_STEPS, TIME_BUDGET); everything else comes from the checkpoint.
+    """
+    ckpt = checkpoint.Checkpoint(checkpoint.resolve(checkpoint_path, project))
+    snapshot = ckpt.trainer()
+    if snapshot is None:
+        raise CheckpointError(f"{ckpt.path} holds weights only and cannot be resumed")
+    train_cfg = ckpt.config.train
+    if max_steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, max_steps=max_steps)
+    if time_budget is not None:
+        train_cfg = dataclasses.replace(train_cfg, time_budget=time_budget)
+    cfg = dataclasses.replace(ckpt.config, train=train_cfg)
+    tokenizer = ckpt.tokenizer()
+    if project.has_tokenizer() and Tokenizer.load(project.tokenizer_model).fingerprint != tokenizer.fingerprint:
+        raise CheckpointError(f"{ckpt.path} was trained with tokenizer {tokenizer.fingerprint}, but the project's "
+                              f"tokenizer is {Tokenizer.load(project.tokenizer_model).fingerprint}")
+    prepared = prepare.load_prepared(project, tokenizer)
+    if prepared is None:
+        raise DataError(f"{project.root} has no data prepared with tokenizer {tokenizer.fingerprint}; "
+                        "re-run 'lmkit tokenize prepare CORPUS' with the original corpus")
+    if ckpt.meta.get("data") and ckpt.meta["data"] != _data_identity(prepared):
+        raise DataError(f"the data prepared in {project.root} changed since {ckpt.run} started, so it cannot resume "
+                        "exactly; prepare the original corpus again, or start a new run")
+    device = pick_device(cfg.train.device)
+    model = ckpt.model(device)
+    state = TrainState(**snapshot.state)
+    if state.step >= cfg.train.max_steps:
+        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
+                          "pass a larger --max-steps to train further")
+    _truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
+    return _run(project, ckpt.run, cfg, model, tokenizer, prepared, state, snapshot, device, log, progress)
+
+
+def _run(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer,
+         prepared: prepare.PreparedData, state: TrainState, snapshot: checkpoint.TrainerSnapshot | None,
+         device: torch.device, log: Log, progress: Callable[[Progress], None] | None) -> TrainResult:
+    tcfg = cfg.train
+    seq_len = cfg.model.max_seq_len
+    batches = data.LMWindows(prepared.train.array(), seq_len, tcfg.batch_size, seed=tcfg.seed)
+    val_batches = data.eval_batches(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.eval_batches)
+    optimizer = make_optimizer(model, tcfg)
+    if snapshot is not None:
+        optimizer.load_state_dict(snapshot.optimizer)
+        batches.load_state_dict(snapshot.sampler)
+        _set_rng_state(snapshot.rng)
+    train_model = torch.compile(model) if tcfg.compile else model
+
+    def save(st: TrainState, metrics: dict[str, float]) -> Path:
+        path = project.checkpoint_dir(run, st.step)
+        trainer = checkpoint.TrainerSnapshot(dataclasses.asdict(st), optimizer.state_dict(), _rng_state(),
+                                             batches.state_dict())
+        checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=st.step,
+                        metrics=metrics, data=_data_identity(prepared), trainer=trainer)
+        checkpoint.set_latest(project, path)
+        checkpoint.prune(project, run, tcfg.keep_checkpoints)
+        return path
+
+    outcome = train_loop(
+        train_model, batches, causal_lm_loss, tcfg, state=state, optimizer=optimizer,
+        tokens_per_batch=tcfg.batch_size * seq_len,
+        validate=lambda: mean_loss(train_model, val_batches, causal_lm_loss, device, tcfg.precision),
+        save=save, metrics_file=project.metrics_file(run), device=device, progress=progress)
+    return TrainResult(run, state, outcome, count_parameters(model))
+
+
+def _data_identity(prepared: prepare.PreparedData) -> dict[str, object]:
+    meta = prepared.train.meta
+    return {"sources": meta["sources"], "train_tokens": meta["tokens"], "val_tokens": prepared.val.tokens}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after STEP (written before a crash, and about to be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, "".join(kept).encode("utf-8"))

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmkit import checkpoint
+from lmkit.checkpoint import Checkpoint
+from lmkit.errors import CheckpointError
+from lmkit.fileio import atomic_dir
+from lmkit.models import build_model
+from lmkit.project import Project
+from lmkit.tokenizer import Tokenizer
+from lmkit.train import make_optimizer
+from tests.conftest import tiny_run_config
+
+
+def test_save_then_load_gives_identical_logits_without_unpickling(tiny_project: Project, tmp_path, monkeypatch) -> None:
+    tokenizer = Tokenizer.load(tiny_project.tokenizer_model)
+    cfg = tiny_run_config().with_vocab_size(tokenizer.vocab_size)
+    model = build_model(cfg.model).eval()
+    path = tmp_path / "step-000007"
+    checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run="run1", step=7, metrics={"val_loss": 1.5})
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("checkpoints must load without torch.load / pickle")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = Checkpoint(path)
+    assert loaded.step == 7 and loaded.run == "run1" and loaded.config == cfg
+    assert loaded.tokenizer().fingerprint == tokenizer.fingerprint
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 20))
+    torch.testing.assert_close(loaded.model()(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["tied_weights"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+
+
+def test_training_checkpoint_round_trips_optimizer_and_rng_state(tiny_project: Project) -> None:
+    ckpt = Checkpoint(tiny_project.latest_checkpoint())
+    snapshot = ckpt.trainer()
+    assert snapshot is not None
+    assert snapshot.state["step"] == ckpt.step
+    assert set(snapshot.rng) >= {"torch"} and "generator" in snapshot.sampler
+    optimizer = make_optimizer(ckpt.model(), ckpt.config.train)
+    optimizer.load_state_dict(snapshot.optimizer)
+    restored = optimizer.state_dict()
+    assert restored["param_groups"][0]["lr"] == snapshot.optimizer["param_groups"][0]["lr"]
+    for index, state in snapshot.optimizer["state"].items():
+        torch.testing.assert_close(restored["state"][index]["exp_avg_sq"], state["exp_avg_sq"], rtol=0, atol=0)
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path) -> None:
+    path = tmp_path / "step-000001"
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text("new, half written")
+            raise KeyboardInterrupt
+    assert (path / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]  # no temporary leftovers
+
+
+def test_resolve_accepts_checkpoint_run_and_project_folders(tiny_project: Project) -> None:
+    latest = tiny_project.latest_checkpoint()
+    assert checkpoint.resolve(None, tiny_project) == latest
+    assert checkpoint.resolve(latest, tiny_project) == latest
+    assert checkpoint.resolve(latest.parent, tiny_project) == latest
+    assert checkpoint.resolve(tiny_project.root, Project(latest)) == latest
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "not an lmkit checkpoint, run folder or project"),
+    ("{broken", "damaged"),
+    ('{"format": "something-else"}', "not an lmkit checkpoint"),
+    ('{"format": "lmkit-checkpoint", "format_version": 99, "lmkit_version": "9.0"}', "newer lmkit"),
+])
+def test_bad_checkpoint_folders_are_clear_errors(tmp_path, content, message) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if content is not None:
+        (folder / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(checkpoint.resolve(folder, Project(tmp_path)))
+
+
+def test_empty_project_says_how_to_get_a_checkpoint(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="lmkit pretrain"):
+        Project.open(tmp_path).latest_checkpoint()

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+from collections import Counter
+
+import pytest
+import torch
+
+from lmkit import train
+from lmkit.checkpoint import Checkpoint
+from lmkit.config import TrainConfig
+from lmkit.models import build_model
+from lmkit.prepare import TokenFile
+from lmkit.project import Project
+from tests.conftest import tiny_run_config
+
+
+def fresh_copy(tiny_project: Project, tmp_path) -> Project:
+    """The tiny project's tokenizer and prepared data, without its runs."""
+    project = Project.open(tmp_path / "copy")
+    shutil.copytree(tiny_project.tokenizer_dir, project.tokenizer_dir)
+    shutil.copytree(tiny_project.data_dir, project.data_dir)
+    return project
+
+
+def losses(project: Project, run: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in project.metrics_file(run).read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records]
+
+
+def test_loss_falls_well_below_the_unigram_entropy(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    tokens = TokenFile.open(project.tokens_file("train")).array()
+    counts = Counter(tokens.tolist())
+    unigram = -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts.values())
+    cfg = tiny_run_config(max_steps=250, eval_interval=250, log_interval=50, batch_size=32, lr=5e-3)
+    result = train.pretrain(project, [], cfg)
+    assert result.outcome.val_loss is not None and result.outcome.val_loss < unigram - 0.5
+
+
+def test_interrupt_then_resume_gives_exactly_the_uninterrupted_losses(tiny_project: Project, tmp_path) -> None:
+    cfg = tiny_run_config(max_steps=24, grad_accum=2, eval_interval=8, save_interval=10)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.1))  # so RNG state matters
+    straight = fresh_copy(tiny_project, tmp_path / "a")
+    train.pretrain(straight, [], cfg)
+
+    interrupted = fresh_copy(tiny_project, tmp_path / "b")
+
+    def ctrl_c_at_step_13(report: train.Progress) -> None:
+        if report.step == 13:
+            signal.raise_signal(signal.SIGINT)
+
+    first = train.pretrain(interrupted, [], cfg, progress=ctrl_c_at_step_13)
+    assert first.outcome.stopped_by == signal.SIGINT and first.state.step == 13
+    assert interrupted.latest_checkpoint().name == "step-000013"
+    second = train.resume(interrupted)
+    assert second.outcome.stopped_by is None and second.state.step == 24
+    assert losses(interrupted, "run1") == losses(straight, "run1")
+    assert second.outcome.val_loss == Checkpoint(straight.latest_checkpoint()).meta["metrics"]["val_loss"]
+
+
+def test_resume_truncates_metrics_logged_after_the_checkpoint(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=10, save_interval=5))
+    before = losses(project, "run1")
+    # Pretend the process died after logging step 10 but before its checkpoint: resume from step 5.
+    shutil.rmtree(project.checkpoint_dir("run1", 10))
+    train.checkpoint.set_latest(project, project.checkpoint_dir("run1", 5))
+    train.resume(project)
+    assert losses(project, "run1") == before
+
+
+def test_time_budget_stops_the_run_and_saves(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    result = train.pretrain(project, [], tiny_run_config(max_steps=100_000, time_budget=1.0))
+    assert 0 < result.state.step < 100_000
+    assert result.state.elapsed >= 1.0
+    assert project.latest_checkpoint() == result.outcome.checkpoint
+
+
+def test_old_checkpoints_are_pruned_but_the_latest_kept(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=20, save_interval=4, keep_checkpoints=2))
+    assert [p.name for p in project.run_checkpoints("run1")] == ["step-000016", "step-000020"]
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    lrs = [train.learning_rate(step, cfg) for step in range(100)]
+    assert lrs[:10] == sorted(lrs[:10]) and lrs[9] < cfg.lr
+    assert lrs[10] == pytest.approx(cfg.lr)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert train.learning_rate(100, cfg) == pytest.approx(cfg.min_lr)
+    budget = dataclasses.replace(cfg, time_budget=60.0)
+    assert train.learning_rate(20, budget, elapsed=60.0) == pytest.approx(cfg.min_lr)
+
+
+def test_weight_decay_applies_to_matrices_only(tiny_model_config) -> None:
+    model = build_model(tiny_model_config)
+    decayed, plain = train.make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_runs_are_numbered_and_config_saved_before_training(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    cfg = tiny_run_config(max_steps=2)
+    train.pretrain(project, [], cfg)
+    train.pretrain(project, [], cfg)
+    saved = json.loads(project.run_config_file("run2").read_text())
+    assert saved["model"]["vocab_size"] > 256 and saved["train"]["max_steps"] == 2
+    assert project.latest_checkpoint() == project.checkpoint_dir("run2", 2)
+    assert torch.get_num_threads() >= 1
