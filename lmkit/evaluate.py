@@ -1,0 +1,81 @@
+"""Evaluating a language model on a text: mean loss per token, perplexity and bits per byte.
+
+Every token of the text is scored, each with as much context as the model allows: windows of
+max_seq_len tokens slide by STRIDE, and each window scores only the tokens that no earlier window
+scored. The text is preceded by EOS (a document start, as in training), so the first token is
+scored too. Bits per byte divides the total by the text's UTF-8 size, which makes models with
+different tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lmkit import objectives
+from lmkit.device import autocast
+from lmkit.errors import DataError
+from lmkit.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class LMEvaluation:
+    loss: float  # nats per token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+    context: int
+    stride: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch.device, *,
+                stride: int | None = None, batch_size: int = 8) -> LMEvaluation:
+    """Score TEXT with MODEL. STRIDE defaults to half the context (each token sees >= half of it).
+
+    Raises:
+        DataError: TEXT has no tokens.
+    """
+    ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+    n_targets = len(ids) - 1
+    if n_targets < 1:
+        raise DataError("nothing to evaluate: the text is empty")
+    window = model.config.max_seq_len
+    stride = min(stride or max(1, window // 2), window)
+    tokens = torch.tensor(ids)
+
+    inputs, targets = [], []
+    scored_until = 0  # targets [0, scored_until) have been scored by earlier windows
+    for begin in range(0, n_targets, stride):
+        end = min(begin + window, n_targets)
+        x = torch.full((window,), tokenizer.pad_id)
+        y = torch.full((window,), objectives.IGNORE)
+        x[: end - begin] = tokens[begin:end]
+        y[: end - begin] = tokens[begin + 1:end + 1]
+        y[: scored_until - begin] = objectives.IGNORE  # already scored with less context
+        inputs.append(x)
+        targets.append(y)
+        scored_until = end
+        if end == n_targets:
+            break
+
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with autocast(device):
+        for i in range(0, len(inputs), batch_size):
+            x = torch.stack(inputs[i:i + batch_size]).to(device)  # (B, T)
+            y = torch.stack(targets[i:i + batch_size]).to(device)  # (B, T)
+            logits, _ = model(x)
+            total += objectives.next_token_loss(logits, y, reduction="sum").double()
+    nats = total.item()
+    n_bytes = len(text.encode("utf-8"))
+    loss = nats / n_targets
+    return LMEvaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=nats / math.log(2) / n_bytes,
+                        tokens=n_targets, bytes=n_bytes, context=window, stride=stride)

@@ -1,0 +1,61 @@
+"""Summaries of a checkpoint or a project for `lmkit info`: plain dicts, printed as tables or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmkit import checkpoint as ckpt_lib
+from lmkit.errors import CheckpointError
+from lmkit.prepare import SPLITS, TokenFile
+from lmkit.project import Project
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    ckpt = ckpt_lib.Checkpoint(path)
+    meta = ckpt.meta
+    trainer_file = ckpt.path / "trainer.json"
+    trainer = json.loads(trainer_file.read_text(encoding="utf-8")) if trainer_file.is_file() else None
+    return {
+        "checkpoint": str(ckpt.path),
+        "arch": meta["arch"],
+        "task": meta.get("task", "lm"),
+        "run": ckpt.run,
+        "step": ckpt.step,
+        "parameters": meta["parameters"],
+        "lmkit_version": meta["lmkit_version"],
+        "created": meta.get("created"),
+        "tokenizer": meta["tokenizer"],
+        "metrics": meta.get("metrics", {}),
+        "training_state": trainer["state"] if trainer else None,
+        "model": meta["config"]["model"],
+        "train": meta["config"]["train"],
+    }
+
+
+def describe_project(project: Project) -> dict[str, Any]:
+    tokenizer = None
+    meta_file = project.tokenizer_model.with_suffix(".json")
+    if meta_file.is_file():
+        tokenizer = json.loads(meta_file.read_text(encoding="utf-8"))
+    data = {}
+    for split in SPLITS:
+        token_file = TokenFile.open(project.tokens_file(split))
+        if token_file:
+            data[split] = {"tokens": token_file.tokens, "bytes": token_file.meta["bytes"],
+                           "dtype": token_file.meta["dtype"], "tokenizer": token_file.tokenizer_fingerprint}
+    folders = project.checkpoints_dir.iterdir() if project.checkpoints_dir.is_dir() else []
+    runs = sorted(p.name for p in folders if p.is_dir())
+    try:
+        latest = describe_checkpoint(project.latest_checkpoint())
+    except CheckpointError:
+        latest = None
+    return {
+        "project": str(project.root),
+        "config_file": str(project.config_file) if project.config_file.exists() else None,
+        "tokenizer": tokenizer,
+        "data": data,
+        "runs": {run: [p.name for p in project.run_checkpoints(run)] for run in runs},
+        "latest": latest,
+    }

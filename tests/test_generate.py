@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from lmkit.checkpoint import Checkpoint
+from lmkit.config import ModelConfig, SampleConfig
+from lmkit.generate import generate, sample_next
+from lmkit.models.gpt import GPT
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_project):
+    ckpt = Checkpoint(tiny_project.latest_checkpoint())
+    return ckpt.model(), ckpt.tokenizer()
+
+
+def test_sampling_filters() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    assert sample_next(logits, SampleConfig(greedy=True)).item() == 1
+    assert sample_next(logits, SampleConfig(temperature=0.0)).item() == 1
+    g = torch.Generator().manual_seed(0)
+    top2 = {sample_next(logits, SampleConfig(top_k=2), g).item() for _ in range(200)}
+    assert top2 == {1, 3}
+    # p(1) ~ 0.64, p(3) ~ 0.24 at temperature 1: top_p=0.7 keeps exactly those two.
+    nucleus = {sample_next(logits, SampleConfig(temperature=1.0, top_p=0.7), g).item() for _ in range(200)}
+    assert nucleus == {1, 3}
+    assert {sample_next(logits, SampleConfig(top_p=0.01), g).item() for _ in range(20)} == {1}
+    everything = {sample_next(logits, SampleConfig(temperature=5.0), g).item() for _ in range(500)}
+    assert everything == {0, 1, 2, 3, 4}
+
+
+def test_greedy_with_cache_equals_recomputing_the_whole_text(trained) -> None:
+    model, tokenizer = trained
+    prompt = "Ham.\nTo be, or not"
+    out = generate(model, tokenizer, prompt, SampleConfig(greedy=True, max_new_tokens=12), CPU)
+    ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    for _ in range(12):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == tokenizer.eos_id:
+            break
+    assert out.samples[0].tokens == [i for i in ids[len(tokenizer.encode(prompt)) + 1:] if i != tokenizer.eos_id]
+
+
+def test_same_seed_same_text_and_streaming_matches(trained) -> None:
+    model, tokenizer = trained
+    cfg = SampleConfig(max_new_tokens=30, seed=7, num_samples=2)
+    pieces: dict[int, str] = {0: "", 1: ""}
+
+    def collect(i: int, text: str) -> None:
+        pieces[i] += text
+
+    a = generate(model, tokenizer, "Hor.\n", cfg, CPU, on_text=collect)
+    b = generate(model, tokenizer, "Hor.\n", cfg, CPU)
+    assert [s.text for s in a.samples] == [s.text for s in b.samples]
+    assert [pieces[0], pieces[1]] == [s.text for s in a.samples]
+    assert a.seed == 7
+    other = generate(model, tokenizer, "Hor.\n", dataclasses.replace(cfg, seed=8), CPU)
+    assert [s.text for s in other.samples] != [s.text for s in a.samples]
+
+
+def test_generation_runs_past_the_context_window(trained) -> None:
+    model, tokenizer = trained
+    window = model.config.max_seq_len
+    long_prompt = "Ham.\n" + "Words, words, words. " * 20
+    out = generate(model, tokenizer, long_prompt, SampleConfig(max_new_tokens=3 * window, seed=0), CPU)
+    sample = out.samples[0]
+    assert sample.finish_reason == "eos" or len(sample.tokens) == 3 * window
+    assert tokenizer.decode(sample.tokens) == sample.text
+
+
+class _CountThenStop(nn.Module):
+    """A stand-in model that emits token 10, 11, 12, then EOS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(vocab_size=300, max_seq_len=64)
+        self.calls = 0
+
+    def new_cache(self, batch, device, dtype):
+        return GPT(dataclasses.replace(self.config, d_model=8, n_head=1, n_layer=1)).new_cache(batch, device, dtype)
+
+    def forward(self, idx, cache=None):
+        cache[0].length += idx.size(1)
+        logits = torch.zeros(idx.size(0), idx.size(1), 300)
+        logits[:, -1, 10 + self.calls if self.calls < 3 else 3] = 1.0
+        self.calls += 1
+        return logits, None
+
+
+def test_generation_stops_at_eos(trained) -> None:
+    _, tokenizer = trained
+    out = generate(_CountThenStop(), tokenizer, "x", SampleConfig(greedy=True, max_new_tokens=50), CPU)
+    assert out.samples[0].tokens == [10, 11, 12]
+    assert out.samples[0].finish_reason == "eos"
+    assert out.to_dict()["completions"][0] == {"text": tokenizer.decode([10, 11, 12]), "tokens": 3,
+                                               "finish_reason": "eos"}
