@@ -1,0 +1,48 @@
+"""`lmkit eval`: score a text file with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, common, user_errors
+
+
+def evaluate(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(show_default=False, help="Text file to score.")],
+    stride: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help="Tokens between window starts (default: half the context).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+    json_out: Json = False,
+    checkpoint: CheckpointOpt = None,
+    project: ProjectDir = None,
+    device: DeviceOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a checkpoint on FILE."""
+    from lmkit import checkpoint as ckpt_lib
+    from lmkit import corpus
+    from lmkit import device as dev
+    from lmkit import evaluate as ev
+    from lmkit import project as proj
+
+    opts = common(ctx, project, device, quiet=quiet)
+    with user_errors():
+        text = corpus.read_text(file)
+        ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
+        ckpt.require_task("lm", "eval")
+        where = dev.pick_device(opts.device)
+        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
+    if json_out:
+        typer.echo(json.dumps({"file": str(file), "checkpoint": str(ckpt.path), **result.to_dict()}))
+        return
+    typer.echo(f"loss           {result.loss:.4f} nats/token\n"
+               f"perplexity     {result.perplexity:.2f}\n"
+               f"bits per byte  {result.bits_per_byte:.4f}\n"
+               f"tokens         {result.tokens:,} ({result.bytes:,} bytes; "
+               f"context {result.context}, stride {result.stride})")

@@ -1,0 +1,60 @@
+"""`lmkit generate`: continue prompts with a trained model, streaming text to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+
+
+def generate(
+    ctx: typer.Context,
+    prompts: Annotated[Optional[list[str]], typer.Argument(
+        show_default=False, help="Prompts to continue (default: one per line of stdin).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add per sample.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 means greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens only (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")] = 0.95,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")] = False,
+    num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
+    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before its continuation.")] = True,
+    json_out: Json = False,
+    checkpoint: CheckpointOpt = None,
+    project: ProjectDir = None,
+    device: DeviceOpt = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+) -> None:
+    """Continue each prompt with the project's latest (or a chosen) checkpoint."""
+    from lmkit import checkpoint as ckpt_lib
+    from lmkit import config
+    from lmkit import device as dev
+    from lmkit import generate as gen
+    from lmkit import project as proj
+
+    opts = common(ctx, project, device, seed, quiet)
+    with user_errors():
+        sampler = config.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed)
+        ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
+        ckpt.require_task("lm", "generate")
+        where = dev.pick_device(opts.device)
+        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        stream = num_samples == 1 and not json_out
+        for prompt in prompts or (line.rstrip("\r\n") for line in sys.stdin):
+            if stream and echo:
+                sys.stdout.write(prompt)
+            on_text = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+            completion = gen.generate(model, tokenizer, prompt, sampler, where, on_text=on_text)
+            if json_out:
+                sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
+            elif stream:
+                sys.stdout.write("\n")
+            else:
+                sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
+            sys.stdout.flush()

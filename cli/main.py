@@ -1,0 +1,59 @@
+"""The `lmkit` application: global options, and one registered module per command."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cli import evaluate, generate, info, pretrain, tokenize
+from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
+
+app = typer.Typer(
+    name="lmkit",
+    help="Train, sample and evaluate language models, from a raw text corpus to a working model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lmkit import __version__
+
+        typer.echo(f"lmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    project: ProjectDir = None,
+    device: DeviceOpt = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Train, sample and evaluate language models, from a raw text corpus to a working model.
+
+    Every command works on one project directory (--project, $LMKIT_PROJECT, or the current one).
+    """
+    ctx.obj = Common(project=project, device=(device or Device.auto).value, seed=seed, quiet=quiet)
+
+
+app.add_typer(tokenize.app, name="tokenize")
+app.command()(pretrain.pretrain)
+app.command()(generate.generate)
+app.command(name="eval")(evaluate.evaluate)
+app.command()(info.info)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Options shared by every command, the global-or-per-command lookup, and the user-error boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmkit.errors import LmkitError
+
+
+class Device(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+ProjectDir = Annotated[Optional[Path], typer.Option(
+    "--project", "-p", show_default=False,
+    help="Project directory (default: $LMKIT_PROJECT, else the current directory).")]
+DeviceOpt = Annotated[Optional[Device], typer.Option(
+    "--device", show_default=False, help="Where to run: auto (cuda > mps > cpu), cpu, cuda or mps.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, show_default=False, help="Random seed.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", show_default=False,
+    help="A checkpoint folder, run folder or project (default: the project's latest checkpoint).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@dataclass(frozen=True)
+class Common:
+    """The options every command accepts, merged: the command's own flag wins over the global one."""
+
+    project: Optional[Path]
+    device: str
+    seed: Optional[int]
+    quiet: bool
+
+    def say(self, message: str) -> None:
+        """Information for humans: stderr, unless --quiet."""
+        if not self.quiet:
+            typer.echo(message, err=True)
+
+
+def common(ctx: typer.Context, project: Optional[Path] = None, device: Optional[Device] = None,
+           seed: Optional[int] = None, quiet: bool = False) -> Common:
+    top: Common | None = ctx.find_root().obj
+    return Common(
+        project=project or (top.project if top else None),
+        device=(device or (Device(top.device) if top else Device.auto)).value,
+        seed=seed if seed is not None else (top.seed if top else None),
+        quiet=quiet or bool(top and top.quiet),
+    )
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Run a command body: LmkitError -> `error: ...` and exit 2 (traceback only with LMKIT_DEBUG=1);
+    Ctrl-C outside training -> exit 130; a closed pipe (`... | head`) -> quiet exit."""
+    try:
+        yield
+    except LmkitError as err:
+        if os.environ.get("LMKIT_DEBUG"):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(code=130) from None
+    except BrokenPipeError:
+        # Python would complain again when flushing stdout at exit; point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(code=141) from None

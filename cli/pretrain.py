@@ -1,0 +1,65 @@
+"""`lmkit pretrain`: train a model from scratch, doing first whatever the project lacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import display
+from cli.options import DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+
+
+def pretrain(
+    ctx: typer.Context,
+    corpora: Annotated[Optional[list[Path]], typer.Argument(
+        show_default=False, help="Text files (.txt, .jsonl, .gz) (default: the project's prepared data).")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        show_default=False, help="Model architecture: gpt (default: gpt).")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", show_default=False, help="A TOML (or saved JSON) config file, over lmkit.toml.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", show_default=False, help="Override one setting, e.g. --set model.n_layer=4 (repeatable).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
+    json_out: Json = False,
+    project: ProjectDir = None,
+    device: DeviceOpt = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a model on CORPORA (tokenizer and data are built first if missing)."""
+    from lmkit import config, train
+    from lmkit import project as proj
+
+    opts = common(ctx, project, device, seed, quiet)
+    with user_errors():
+        p = proj.Project.open(opts.project)
+        budget = config.parse_duration(time_budget) if time_budget else None
+        with display.training_progress(opts.quiet) as progress:
+            if resume:
+                if corpora or arch or preset or config_file or set_:
+                    raise config.ConfigError("--resume continues a run with its saved config and data; "
+                                             "only --max-steps and --time-budget may change")
+                result = train.resume(p, max_steps=max_steps, time_budget=budget, log=opts.say, progress=progress)
+            else:
+                flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
+                         "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
+                cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
+                result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=progress)
+    out = result.outcome
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        val = f", val loss {out.val_loss:.4f}" if out.val_loss is not None else ""
+        typer.echo(f"{out.checkpoint}: step {result.state.step}, train loss {out.train_loss:.4f}{val}, "
+                   f"{display.duration(result.state.elapsed)}, {out.tokens_per_sec:,.0f} tokens/s")
+    if out.stopped_by is not None:  # shown even with --quiet: the run did not finish
+        typer.echo(f"stopped by signal {out.stopped_by}; continue with: lmkit pretrain --resume -p {p.root}", err=True)
+        raise typer.Exit(code=128 + out.stopped_by)

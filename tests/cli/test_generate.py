@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.conftest import assert_user_error, lmkit
+
+
+def test_prompt_argument_streams_prompt_and_continuation(ckpt_project) -> None:
+    result = lmkit("generate", "-p", ckpt_project, "Ham.\nTo be", "--max-new-tokens", "20", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Ham.\nTo be")
+    assert result.stdout == lmkit("--seed", "1", "generate", "-p", ckpt_project, "Ham.\nTo be",
+                                  "--max-new-tokens", "20").stdout  # global --seed works the same
+
+
+def test_stdin_prompts_give_one_json_object_each(ckpt_project) -> None:
+    result = lmkit("generate", "-p", ckpt_project, "--json", "--num-samples", "2", "--max-new-tokens", "8",
+                   "--seed", "3", input="Friends, Romans\nHor.\n")
+    assert result.exit_code == 0, result.output
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["prompt"] for o in objects] == ["Friends, Romans", "Hor."]
+    assert all(o["seed"] == 3 and len(o["completions"]) == 2 for o in objects)
+    assert all(c["tokens"] <= 8 and c["finish_reason"] in ("eos", "length") for o in objects for c in o["completions"])
+
+
+def test_greedy_is_deterministic_and_no_echo_omits_the_prompt(ckpt_project) -> None:
+    runs = [lmkit("generate", "-p", ckpt_project, "Ham.", "--greedy", "--no-echo", "--max-new-tokens", "10")
+            for _ in range(2)]
+    assert runs[0].exit_code == 0 and runs[0].stdout == runs[1].stdout
+    assert not runs[0].stdout.startswith("Ham.")
+
+
+def test_generate_errors(tmp_path, ckpt_project) -> None:
+    assert_user_error(lmkit("generate", "-p", tmp_path, "hi"), "no checkpoint in")
+    assert_user_error(lmkit("generate", "-p", tmp_path / "nowhere", "hi"), "does not exist")
+    assert_user_error(lmkit("generate", "-c", tmp_path, "hi"), "is not an lmkit checkpoint")
+    assert lmkit("generate", "-p", ckpt_project, "hi", "--top-p", "1.5").exit_code == 2
+    assert lmkit("generate", "-p", ckpt_project, "hi", "--device", "tpu").exit_code == 2
+
+
+def test_a_checkpoint_for_another_task_is_refused(ckpt_project, tmp_path) -> None:
+    import shutil
+
+    other = tmp_path / "classifier"
+    shutil.copytree(Path(ckpt_project) / "checkpoints" / "run1", other)
+    step = sorted(other.iterdir())[-1]
+    meta = json.loads((step / "config.json").read_text())
+    (step / "config.json").write_text(json.dumps({**meta, "task": "classify"}))
+    assert_user_error(lmkit("generate", "-c", step, "hi"),
+                      "is a 'classify' checkpoint; 'lmkit generate' needs one whose task is 'lm'")
+    assert_user_error(lmkit("eval", "-c", step, Path(ckpt_project) / "lmkit.toml"),
+                      "'lmkit eval' needs one whose task is 'lm'")

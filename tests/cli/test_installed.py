@@ -1,0 +1,100 @@
+"""The installed `lmkit` command, run as a user runs it: real processes, pipes and signals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LMKIT = shutil.which("lmkit", path=str(Path(sys.executable).parent)) or shutil.which("lmkit")
+TINY = "--preset tiny --set tokenizer.vocab_size=400 --set model.max_seq_len=32 --set train.batch_size=8 -q"
+
+pytestmark = pytest.mark.skipif(LMKIT is None, reason="lmkit is not installed (pip install -e .)")
+
+
+ENV = {"PATH": f"{Path(LMKIT or '.').parent}:/usr/bin:/bin"}
+
+
+def sh(command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True,
+                            executable="/bin/bash", env=ENV)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("args", [["--help"], ["tokenize", "--help"], ["tokenize", "encode", "-p", "PROJECT"]])
+def test_help_and_tokenize_do_not_import_torch(args, tiny_project) -> None:
+    args = [str(tiny_project.root) if a == "PROJECT" else a for a in args]
+    probe = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('TORCH' if 'torch' in sys.modules "
+             f"else 'NO-TORCH')); sys.argv = ['lmkit', *{args!r}]; from cli.main import main; main()")
+    result = subprocess.run([sys.executable, "-c", probe], input="To be\n", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.endswith("NO-TORCH")
+
+
+def test_tokenize_pretrain_generate_eval_end_to_end(tmp_path, small_corpus) -> None:
+    sample = Path(__file__).resolve().parents[2] / "sample_data" / "shakespeare_heldout.txt"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(sample.read_text()[:3000])
+    sh(f"lmkit tokenize train {small_corpus} -p proj --vocab-size 400", tmp_path)
+    trained = sh(f"lmkit pretrain {small_corpus} -p proj {TINY} --max-steps 30", tmp_path)
+    assert "step-000030" in trained.stdout
+    sample_text = sh('lmkit generate -p proj "To be, or not" --max-new-tokens 20 --seed 1', tmp_path).stdout
+    assert sample_text.startswith("To be, or not") and len(sample_text) > len("To be, or not\n")
+    piped = sh('echo "Friends, Romans" | lmkit generate -p proj --max-new-tokens 40 --seed 1', tmp_path).stdout
+    assert piped.startswith("Friends, Romans")
+    report = json.loads(sh(f"lmkit eval -p proj {held_out} --json", tmp_path).stdout)
+    assert report["tokens"] > 100 and report["bits_per_byte"] > 0
+    round_trip = sh(f"lmkit tokenize encode -p proj < {held_out} | lmkit tokenize decode -p proj", tmp_path)
+    assert round_trip.stdout == held_out.read_text()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, small_corpus) -> None:
+    steps = 300
+    setup = (f"lmkit tokenize train {small_corpus} -p {{p}} --vocab-size 400 && "
+             f"lmkit tokenize prepare {small_corpus} -p {{p}}")
+    run = (f"{TINY} --max-steps {steps} --set train.log_interval=1 --set train.save_interval=1000 "
+           "--set model.dropout=0.1")
+    sh(setup.format(p="straight"), tmp_path)
+    sh(setup.format(p="stopped"), tmp_path)
+    sh(f"lmkit pretrain -p straight {run}", tmp_path)
+
+    process = subprocess.Popen(f"exec lmkit pretrain -p stopped {run}", shell=True, cwd=tmp_path, env=ENV,
+                               executable="/bin/bash", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "runs" / "run1" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "lmkit pretrain --resume" in stderr
+    latest = json.loads((tmp_path / "stopped" / "checkpoints" / "latest.json").read_text())["path"]
+    stopped_at = int(latest.rsplit("-", 1)[1])
+    assert 5 <= stopped_at < steps
+
+    sh("lmkit pretrain --resume -p stopped -q", tmp_path)
+
+    def losses(project: str) -> list[float]:
+        lines = (tmp_path / project / "runs/run1/metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert len(losses("stopped")) == steps
+    assert losses("stopped") == losses("straight")
+
+
+def test_debug_variable_shows_the_traceback(tmp_path) -> None:
+    result = sh(f"LMKIT_DEBUG=1 lmkit pretrain {tmp_path}/missing.txt -p proj", tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "DataError" in result.stderr
+    plain = sh(f"lmkit pretrain {tmp_path}/missing.txt -p proj", tmp_path, check=False)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.txt does not exist"]

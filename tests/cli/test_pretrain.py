@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+
+from tests.cli.conftest import TINY, assert_user_error, lmkit
+
+
+def test_pretrain_builds_everything_and_reports_the_checkpoint(tmp_path, small_corpus) -> None:
+    project = tmp_path / "p"
+    result = lmkit("pretrain", small_corpus, "-p", project, *TINY)
+    assert result.exit_code == 0, result.output
+    assert "step-000012: step 12, train loss" in result.stdout
+    for path in ("lmkit.toml", "tokenizer/tokenizer.model", "data/train.bin", "data/val.json",
+                 "checkpoints/latest.json", "checkpoints/run1/step-000012/model.safetensors",
+                 "runs/run1/config.json", "runs/run1/metrics.jsonl"):
+        assert (project / path).exists(), path
+    metrics = [json.loads(line) for line in (project / "runs/run1/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [6, 12]
+
+    again = lmkit("pretrain", "-p", project, *TINY, "--json")  # no corpus: reuses the prepared data
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["run"] == "run2" and summary["step"] == 12 and not summary["interrupted"]
+    assert set(summary) >= {"checkpoint", "train_loss", "val_loss", "tokens_per_sec", "parameters", "elapsed"}
+
+
+def test_resume_extends_a_finished_run(tmp_path, small_corpus) -> None:
+    project = tmp_path / "p"
+    assert lmkit("pretrain", small_corpus, "-p", project, *TINY).exit_code == 0
+    assert_user_error(lmkit("pretrain", "--resume", "-p", project, "--quiet"), "already at max_steps=12")
+    result = lmkit("pretrain", "--resume", "-p", project, "--max-steps", "15", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "run1/step-000015" in result.stdout
+    assert_user_error(lmkit("pretrain", "--resume", "-p", project, "--set", "model.n_layer=3"),
+                      "only --max-steps and --time-budget may change")
+
+
+def test_pretrain_user_errors(tmp_path, small_corpus) -> None:
+    empty, binary, latin = tmp_path / "empty.txt", tmp_path / "model.bin", tmp_path / "latin.txt"
+    empty.write_text("")
+    binary.write_bytes(b"\x7fELF\x00\x00\x01" * 100)
+    latin.write_bytes("caf\xe9\n".encode("latin-1") * 100)
+    p = tmp_path / "p"
+    assert_user_error(lmkit("pretrain", tmp_path / "missing.txt", "-p", p), "missing.txt does not exist")
+    assert_user_error(lmkit("pretrain", empty, "-p", p), "empty.txt is empty")
+    assert_user_error(lmkit("pretrain", binary, "-p", p), "looks like a binary file")
+    assert_user_error(lmkit("pretrain", latin, "-p", p), "is not valid UTF-8")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--set", "model.n_head=5"), "not divisible")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--set", "model.n_layers=5"), "did you mean 'n_layer'")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--preset", "giant"), "unknown preset 'giant'")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--time-budget", "soon"), "cannot read duration")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--config", tmp_path / "no.toml"), "does not exist")
+    assert_user_error(lmkit("pretrain", "-p", tmp_path / "fresh"), "no tokenizer in")
+    assert_user_error(lmkit("pretrain", "--resume", "-p", tmp_path / "fresh"), "no checkpoint in")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--device", "cuda", *TINY[:2]),
+                      "device 'cuda' is not available")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", empty), "is a file, not a directory")
