@@ -1,10 +1,8 @@
-"""Human-facing output on stderr: the training progress bar (plain lines when stderr is not a
-terminal), and small formatting helpers."""
+"""Human-facing progress on stderr: live bars on a terminal (one rich display for encoding and
+training), plain lines otherwise, nothing with --quiet."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -15,57 +13,55 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-@contextlib.contextmanager
-def training_progress(quiet: bool) -> Iterator[Callable[[Any], None]]:
-    """Yield a callback for lmkit.train.Progress reports: a live bar on a terminal, otherwise one
-    line per validation (so logs stay readable), nothing at all when QUIET."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class Display:
+    """Callbacks for the library's progress reports; use as `with Display(quiet) as display:`."""
 
-    console = Console(stderr=True)
-    if quiet:
-        yield lambda report: None
-        return
-    if not console.is_terminal:
-        def line(report: Any) -> None:
-            if report.val_loss is not None:
-                console.print(_summary(report), highlight=False, soft_wrap=True)
-        yield line
-        return
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), console=console, transient=True)
-    with bar:
-        task = bar.add_task("train", total=None, info="")
+    def __init__(self, quiet: bool) -> None:
+        from rich.console import Console
 
-        def update(report: Any) -> None:
-            bar.update(task, total=report.max_steps, completed=report.step, info=_summary(report, short=True))
-            if report.val_loss is not None:
-                bar.console.print(_summary(report), highlight=False)
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.live = not quiet and self.console.is_terminal
+        self._bar: Any = None
+        self._tasks: dict[str, Any] = {}
 
-        yield update
+    def __enter__(self) -> Display:
+        if self.live:
+            from rich.progress import Progress
+
+            self._bar = Progress(console=self.console, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def encoding(self, done: int, total: int) -> None:
+        """lmkit.prepare progress: bytes encoded so far."""
+        if self.live:
+            self._update("encode", f"encoding {done / 1e6:.1f}/{total / 1e6:.1f} MB", total=total, completed=done)
+
+    def training(self, report: Any) -> None:
+        """lmkit.train.Progress: a bar on a terminal, otherwise one line per validation."""
+        if self.quiet:
+            return
+        if self.live:
+            self._update("train", f"step {report.step}/{report.max_steps} {_summary(report)}",
+                         total=report.max_steps, completed=report.step)
+        if report.val_loss is not None:
+            self.console.print(f"step {report.step}/{report.max_steps} {_summary(report)} | lr {report.lr:.2e}",
+                               highlight=False, soft_wrap=True)
+
+    def _update(self, name: str, description: str, **fields: Any) -> None:
+        if name not in self._tasks:
+            self._tasks[name] = self._bar.add_task(description, **fields)
+        self._bar.update(self._tasks[name], description=description, **fields)
 
 
-def _summary(report: Any, short: bool = False) -> str:
-    val = f" val {report.val_loss:.4f}" if report.val_loss is not None else ""
-    text = f"loss {report.loss:.4f}{val} | {report.tokens_per_sec:,.0f} tok/s | eta {duration(report.eta)}"
-    if short:
-        return text
-    return f"step {report.step}/{report.max_steps} {text} | lr {report.lr:.2e}"
-
-
-@contextlib.contextmanager
-def bytes_progress(quiet: bool, label: str) -> Iterator[Callable[[int, int], None]]:
-    """A transient MB/s bar for streaming encodes (terminal only)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        yield lambda done, total: None
-        return
-
-    bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
-                   transient=True)
-    with bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+def _summary(report: Any) -> str:
+    val = ""
+    for name, value in (report.validation or {}).items():
+        short = name.removeprefix("val_").replace("_loss", "").replace("accuracy", "acc")
+        val += f" val {value:.4f}" if name == "val_loss" else f" {short} {value:.4f}"
+    return f"loss {report.loss:.4f}{val} | {report.tokens_per_sec:,.0f} tok/s | eta {duration(report.eta)}"

@@ -15,15 +15,15 @@ def evaluate(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(show_default=False, help="Text file to score.")],
     stride: Annotated[Optional[int], typer.Option(
-        min=1, show_default=False, help="Tokens between window starts (default: half the context).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass.")] = 8,
+        min=1, show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
     device: DeviceOpt = None,
     quiet: Quiet = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a checkpoint on FILE."""
+    """Score a checkpoint on FILE: GPT loss, perplexity, bits per byte; BERT MLM and NSP accuracy."""
     from lmkit import checkpoint as ckpt_lib
     from lmkit import corpus
     from lmkit import device as dev
@@ -37,12 +37,14 @@ def evaluate(
         ckpt.require_task("lm", "eval")
         where = dev.pick_device(opts.device)
         model, tokenizer = ckpt.model(where), ckpt.tokenizer()
-        result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
+        if ckpt.config.model.arch == "bert":
+            result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size)
+        else:
+            result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
+    report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, **result.to_dict()}
     if json_out:
-        typer.echo(json.dumps({"file": str(file), "checkpoint": str(ckpt.path), **result.to_dict()}))
+        typer.echo(json.dumps(report))
         return
-    typer.echo(f"loss           {result.loss:.4f} nats/token\n"
-               f"perplexity     {result.perplexity:.2f}\n"
-               f"bits per byte  {result.bits_per_byte:.4f}\n"
-               f"tokens         {result.tokens:,} ({result.bytes:,} bytes; "
-               f"context {result.context}, stride {result.stride})")
+    width = max(map(len, report))
+    for key, value in report.items():
+        typer.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

@@ -1,10 +1,12 @@
-"""`lmkit generate`: continue prompts with a trained model, streaming text to stdout."""
+"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), or fill in [MASK]s
+with a BERT."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from collections.abc import Iterable
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -17,12 +19,16 @@ def generate(
         show_default=False, help="Prompts to continue (default: one per line of stdin).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add per sample.")] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 means greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens only (0: all).")] = 0,
+    top_k: Annotated[int, typer.Option(
+        min=0, help="Sample from the k likeliest tokens only (0: all); with --fill-mask, candidates shown (0: 5).",
+    )] = 0,
     top_p: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")] = 0.95,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")] = False,
     num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before its continuation.")] = True,
+    fill_mask: Annotated[bool, typer.Option(
+        "--fill-mask", help="Predict each [MASK] in the text (bert checkpoints do this by default).")] = False,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
@@ -39,22 +45,44 @@ def generate(
 
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
-        sampler = config.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed)
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
         ckpt.require_task("lm", "generate")
+        texts = prompts or (line.rstrip("\r\n") for line in sys.stdin)
         where = dev.pick_device(opts.device)
-        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
-        stream = num_samples == 1 and not json_out
-        for prompt in prompts or (line.rstrip("\r\n") for line in sys.stdin):
-            if stream and echo:
-                sys.stdout.write(prompt)
-            on_text = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-            completion = gen.generate(model, tokenizer, prompt, sampler, where, on_text=on_text)
-            if json_out:
-                sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
-            elif stream:
-                sys.stdout.write("\n")
-            else:
-                sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
-            sys.stdout.flush()
+        if fill_mask or ckpt.config.model.arch == "bert":
+            ckpt.require_arch("bert", "generate --fill-mask")
+            model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+            for text in texts:
+                _print_fill(gen.fill_mask(model, tokenizer, text, top_k or 5, where), json_out)
+            return
+        sampler = config.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed)
+        _sample(gen, ckpt.model(where), ckpt.tokenizer(), texts, sampler, where, echo, json_out)
+
+
+def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sampler: Any, where: Any, echo: bool,
+            json_out: bool) -> None:
+    """Print samples: streamed as they are decoded (one sample, text), or whole (several, or JSON)."""
+    stream = sampler.num_samples == 1 and not json_out
+    for prompt in prompts:
+        if stream and echo:
+            sys.stdout.write(prompt)
+        on_text = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+        completion = gen.generate(model, tokenizer, prompt, sampler, where, on_text=on_text)
+        if json_out:
+            sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
+        elif stream:
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
+        sys.stdout.flush()
+
+
+def _print_fill(result: Any, json_out: bool) -> None:
+    """The filled text, then one line per mask: its candidates with probabilities."""
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    typer.echo(result.filled)
+    for k, mask in enumerate(result.masks, start=1):
+        typer.echo(f"  [MASK] {k}: " + " | ".join(f"{text!r} {p:.1%}" for text, _, p in mask.candidates))

@@ -17,7 +17,7 @@ def pretrain(
     corpora: Annotated[Optional[list[Path]], typer.Argument(
         show_default=False, help="Text files (.txt, .jsonl, .gz) (default: the project's prepared data).")] = None,
     arch: Annotated[Optional[str], typer.Option(
-        show_default=False, help="Model architecture: gpt (default: gpt).")] = None,
+        show_default=False, help="gpt (causal LM) or bert (masked LM + next sentence) (default: gpt).")] = None,
     preset: Annotated[Optional[str], typer.Option(
         show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
     config_file: Annotated[Optional[Path], typer.Option(
@@ -42,17 +42,19 @@ def pretrain(
     with user_errors():
         p = proj.Project.open(opts.project)
         budget = config.parse_duration(time_budget) if time_budget else None
-        with display.training_progress(opts.quiet) as progress:
+        with display.Display(opts.quiet) as shown:
             if resume:
                 if corpora or arch or preset or config_file or set_:
                     raise config.ConfigError("--resume continues a run with its saved config and data; "
                                              "only --max-steps and --time-budget may change")
-                result = train.resume(p, max_steps=max_steps, time_budget=budget, log=opts.say, progress=progress)
+                result = train.resume(p, max_steps=max_steps, time_budget=budget, log=opts.say,
+                                      progress=shown.training)
             else:
                 flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
-                result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=progress)
+                result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=shown.training,
+                                        prepare_progress=shown.encoding)
     out = result.outcome
     if json_out:
         typer.echo(json.dumps(result.to_dict()))

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import display
 from cli.options import ProjectDir, Quiet, common, user_errors
 
 app = typer.Typer(help="Train the project's tokenizer, encode and decode text, prepare token files.",
@@ -115,7 +116,9 @@ def prepare(
         p = proj.Project.open(opts.project)
         cfg = config.resolve(project_file=p.config_file,
                              flags={"data.text_field": text_field, "data.val_fraction": val_fraction})
-        prepared = prep.prepare(p, corpora, _project_tokenizer(opts.project), cfg.data, force=force)
+        with display.Display(opts.quiet) as shown:
+            prepared = prep.prepare(p, corpora, _project_tokenizer(opts.project), cfg.data, force=force,
+                                    progress=shown.encoding)
         state = "up to date" if prepared.reused else "written"
         for split in (prepared.train, prepared.val):
             typer.echo(f"{split.path}: {split.tokens:,} tokens, {split.meta['bytes']:,} bytes ({state})")

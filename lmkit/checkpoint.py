@@ -141,6 +141,12 @@ class Checkpoint:
                                   f"'lmkit {command}' needs one whose task is {task!r}")
         return self
 
+    def require_arch(self, arch: str, command: str) -> Checkpoint:
+        if self.config.model.arch != arch:
+            raise CheckpointError(f"{self.path} is a {self.config.model.arch} checkpoint; "
+                                  f"'lmkit {command}' needs a {arch} one")
+        return self
+
     @property
     def step(self) -> int:
         return int(self.meta["step"])

@@ -1,8 +1,7 @@
-"""Token files -> training batches.
+"""Token files -> training batches: random windows for GPT, sentence pairs with masks for BERT.
 
-Language-model batches are random windows of the train split, drawn from a generator of their
-own whose state is saved in every checkpoint: a resumed run draws exactly the batches the
-uninterrupted run would have drawn.
+Every sampler draws from a generator of its own whose state is saved in every checkpoint: a
+resumed run draws exactly the batches the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ import numpy as np
 import torch
 
 from lmkit.errors import DataError
+from lmkit.objectives import IGNORE, Batch
+from lmkit.tokenizer import Tokenizer
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), targets (B, T), int64
 
-
-def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> Batch:
+def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs tokens[s : s+length] and targets tokens[s+1 : s+length+1] for each start s."""
     rows = tokens[starts[:, None] + np.arange(length + 1)]  # (B, length + 1), read from the memory map
     rows = torch.from_numpy(rows.astype(np.int64))
@@ -60,3 +59,108 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
     n_windows = min(max_batches * batch_size, max(1, (len(tokens) - 1) // length))
     starts = np.linspace(0, len(tokens) - 1 - length, n_windows).round().astype(np.int64)
     return [_windows(tokens, starts[i:i + batch_size], length) for i in range(0, n_windows, batch_size)]
+
+
+class BertPairs:
+    """Endless BERT pretraining batches from a token array, sampled as BERT did it.
+
+    Each example is `[CLS] A [SEP] B [SEP]`, padded to SEQ_LEN: A is a run of whole lines (a
+    "sentence" here is a line), B is the text right after A (label 0, is next) or, half of the
+    time, text from a random place far away (label 1). 10% of examples are shorter than SEQ_LEN, as
+    in BERT, so the model also sees short inputs. Masks are drawn anew every time (dynamic
+    masking): of the real tokens, MASK_PROB are chosen for prediction; of those 80% become [MASK],
+    10% a random token, 10% stay. Specials and padding are never chosen.
+
+    Batches: (ids (B, T), token types (B, T), pad mask (B, T) bool, MLM labels (B, T), NSP labels (B,)).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, tokenizer: Tokenizer,
+                 mask_prob: float = 0.15) -> None:
+        if seq_len < 8:
+            raise DataError(f"max_seq_len={seq_len} is too short for sentence pairs; use at least 8")
+        # Lines end after a newline or end-of-document token; the end-of-document tokens are dropped.
+        tokens = np.asarray(tokens)
+        ends = np.flatnonzero((tokens == tokenizer.newline_id) | (tokens == tokenizer.eos_id)) + 1
+        keep = tokens != tokenizer.eos_id
+        self.tokens = tokens[keep].astype(np.int64)
+        shift = np.cumsum(~keep)  # positions move left by the number of dropped tokens before them
+        ends = ends - shift[ends - 1]
+        self.line_starts = np.unique(np.concatenate([[0], ends[ends < len(self.tokens)]]))
+        self.max_pair = min(seq_len - 3, len(self.tokens))  # tokens of A + B: room for [CLS] and two [SEP]
+        if self.max_pair < 2:
+            raise DataError(f"{len(self.tokens)} tokens are too few for sentence pairs; add text")
+        self.seq_len, self.batch_size, self.tokenizer, self.mask_prob = seq_len, batch_size, tokenizer, mask_prob
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        rows = [self._pair() for _ in range(self.batch_size)]
+        tok = self.tokenizer
+        ids = torch.full((self.batch_size, self.seq_len), tok.pad_id, dtype=torch.int64)
+        types = torch.zeros_like(ids)
+        cls, sep = torch.tensor([tok.cls_id]), torch.tensor([tok.sep_id])
+        for i, (a, b, _) in enumerate(rows):
+            row = torch.cat([cls, a, sep, b, sep])
+            ids[i, :len(row)] = row
+            types[i, len(a) + 2:len(row)] = 1  # B and its [SEP]
+        nsp = torch.tensor([label for _, _, label in rows])
+        pad = ids != tok.pad_id
+        masked, labels = self._mask(ids)
+        return masked, types, pad, labels, nsp
+
+    def _randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+    def _pair(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(A, B, label) with len(A) + len(B) <= seq_len - 3; label 0 when B follows A."""
+        budget = self.max_pair
+        if torch.rand((), generator=self.generator) < 0.1:
+            budget = self._randint(2, budget + 1)
+        n = len(self.tokens)
+        start = int(self.line_starts[self._randint(0, len(self.line_starts))])
+        start = min(start, n - budget)  # room for a full pair
+        # A ends at the last line boundary before a random split point (or at the split point
+        # itself when the first line is longer than that).
+        split = start + self._randint(1, budget)
+        boundary = self.line_starts[np.searchsorted(self.line_starts, split, side="right") - 1]
+        a_end = int(boundary) if boundary > start else split
+        a = torch.from_numpy(self.tokens[start:a_end])
+        b_len = budget - len(a)
+        is_random = bool(torch.rand((), generator=self.generator) < 0.5)
+        b_start = a_end
+        if is_random:
+            for _ in range(10):  # a random line, preferably away from A's own neighbourhood
+                b_start = int(self.line_starts[self._randint(0, len(self.line_starts))])
+                if abs(b_start - a_end) > self.seq_len:
+                    break
+        b = torch.from_numpy(self.tokens[b_start:b_start + b_len])
+        return a, b, int(is_random)
+
+    def _mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """80/10/10 masking of MASK_PROB of the real tokens; at least one per row."""
+        tok = self.tokenizer
+        candidates = ids >= tok.n_special  # (B, T): never [CLS], [SEP], padding or other specials
+        draw = torch.rand(ids.shape, generator=self.generator)
+        chosen = candidates & (draw < self.mask_prob)
+        # A row with nothing chosen gets its likeliest candidate, so every row has a target.
+        fallback = torch.where(candidates, draw, 2.0).argmin(dim=1)
+        empty = ~chosen.any(dim=1) & candidates.any(dim=1)
+        chosen[empty, fallback[empty]] = True
+        labels = torch.where(chosen, ids, IGNORE)
+        action = torch.rand(ids.shape, generator=self.generator)
+        random_ids = torch.randint(tok.n_special, tok.vocab_size, ids.shape, generator=self.generator)
+        masked = torch.where(chosen & (action < 0.8), tok.mask_id, ids)
+        masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+        return masked, labels
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def fixed_batches(self, n_batches: int) -> list[Batch]:
+        """N_BATCHES batches drawn now and kept: the same validation set at every evaluation."""
+        return [next(self) for _ in range(n_batches)]

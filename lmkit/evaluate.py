@@ -1,6 +1,7 @@
-"""Evaluating a language model on a text: mean loss per token, perplexity and bits per byte.
+"""Evaluating a model on a text. GPT: mean loss per token, perplexity and bits per byte. BERT:
+masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
 
-Every token of the text is scored, each with as much context as the model allows: windows of
+For GPT, every token of the text is scored, each with as much context as the model allows: windows of
 max_seq_len tokens slide by STRIDE, and each window scores only the tokens that no earlier window
 scored. The text is preceded by EOS (a document start, as in training), so the first token is
 scored too. Bits per byte divides the total by the text's UTF-8 size, which makes models with
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from lmkit import objectives
+from lmkit import data, objectives
 from lmkit.device import autocast
 from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
@@ -79,3 +81,46 @@ def evaluate_lm(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch
     loss = nats / n_targets
     return LMEvaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=nats / math.log(2) / n_bytes,
                         tokens=n_targets, bytes=n_bytes, context=window, stride=stride)
+
+
+@dataclass(frozen=True)
+class BertEvaluation:
+    mlm_loss: float  # nats per masked token
+    mlm_accuracy: float
+    nsp_accuracy: float
+    mlm_majority_baseline: float  # accuracy of always guessing the most frequent masked token
+    nsp_majority_baseline: float  # accuracy of always guessing the more frequent NSP label
+    masked_tokens: int
+    pairs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_bert(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch.device, *,
+                  batch_size: int = 32, seed: int = 0) -> BertEvaluation:
+    """Masked-LM and next-sentence accuracy on sentence pairs drawn from TEXT as in pretraining.
+
+    The pairs and masks come from a fixed SEED, so repeated evaluations agree; about twice as many
+    pairs are drawn as the text holds, so nearly every part of it is used.
+
+    Raises:
+        DataError: TEXT is too short for sentence pairs.
+    """
+    tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    seq_len = model.config.max_seq_len
+    pairs = data.BertPairs(tokens, seq_len, batch_size, seed, tokenizer)
+    n_batches = min(500, max(2, math.ceil(2 * len(tokens) / (seq_len - 3) / batch_size)))
+    batches = [tuple(t.to(device) for t in batch) for batch in pairs.fixed_batches(n_batches)]
+    model.eval()
+    with autocast(device):
+        metrics = objectives.mlm_nsp_metrics(model, batches)
+    mlm_labels = torch.cat([b[3][b[3] != objectives.IGNORE] for b in batches])
+    nsp_labels = torch.cat([b[4] for b in batches])
+    return BertEvaluation(
+        mlm_loss=metrics["val_mlm_loss"], mlm_accuracy=metrics["val_mlm_accuracy"],
+        nsp_accuracy=metrics["val_nsp_accuracy"],
+        mlm_majority_baseline=torch.bincount(mlm_labels).max().item() / mlm_labels.numel(),
+        nsp_majority_baseline=torch.bincount(nsp_labels).max().item() / nsp_labels.numel(),
+        masked_tokens=mlm_labels.numel(), pairs=nsp_labels.numel())

@@ -1,5 +1,6 @@
 """Sampling text from a causal language model: greedy, temperature, top-k and top-p, with a KV
-cache so each new token costs one position of compute, not a pass over the whole text.
+cache so each new token costs one position of compute, not a pass over the whole text; and
+filling in [MASK]s with a masked language model.
 
 Only this module knows how tokens are picked; `lmkit generate`, evaluation samples and mid-run
 samples all call it.
@@ -16,6 +17,7 @@ from torch import nn
 
 from lmkit.config import SampleConfig
 from lmkit.device import autocast, uses_bf16
+from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
 
 
@@ -136,3 +138,68 @@ def generate(
         if tail and on_text:
             on_text(i, tail)
     return Completion(prompt, seed, samples)
+
+
+MASK_TEXT = "[MASK]"
+
+
+@dataclass
+class FilledMask:
+    """The TOP_K likeliest tokens for one [MASK]: (decoded text, id, probability), best first."""
+
+    position: int  # token position in the model input
+    candidates: list[tuple[str, int, float]]
+    space_before: bool = False  # the text had a space before [MASK], given to the masked word
+
+
+@dataclass
+class FillMaskResult:
+    text: str
+    masks: list[FilledMask]
+
+    @property
+    def filled(self) -> str:
+        """TEXT with each [MASK] replaced by its likeliest token."""
+        parts = self.text.split(MASK_TEXT)
+        out = parts[0]
+        for mask, part in zip(self.masks, parts[1:]):
+            best = mask.candidates[0][0]
+            out = (out[:-1] if mask.space_before and best.startswith(" ") else out) + best + part
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {"text": self.text, "filled": self.filled,
+                "masks": [{"position": m.position,
+                           "candidates": [{"text": text, "id": i, "prob": p} for text, i, p in m.candidates]}
+                          for m in self.masks]}
+
+
+@torch.no_grad()
+def fill_mask(model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int, device: torch.device) -> FillMaskResult:
+    """Predict each [MASK] in TEXT with a masked-LM (BERT), as one sentence: [CLS] text [SEP].
+
+    Raises:
+        DataError: TEXT has no [MASK], or is longer than the model's context.
+    """
+    parts = text.split(MASK_TEXT)
+    if len(parts) == 1:
+        raise DataError(f"no {MASK_TEXT} in {text[:60]!r}: a bert checkpoint fills in masks; write {MASK_TEXT} "
+                        "where a word is missing")
+    # The tokenizer joins a space to the word after it, so "the [MASK]" stands for "the" + " word":
+    # the space before a mask goes into the masked token rather than being a token of its own.
+    spaces = [part.endswith(" ") for part in parts[:-1]]
+    ids = [tokenizer.cls_id]
+    for part, space in zip(parts[:-1], spaces):
+        ids += [*tokenizer.encode(part[:-1] if space else part), tokenizer.mask_id]
+    ids += [*tokenizer.encode(parts[-1]), tokenizer.sep_id]
+    if len(ids) > model.config.max_seq_len:
+        raise DataError(f"{text[:60]!r} is {len(ids)} tokens; the model reads at most {model.config.max_seq_len}")
+    idx = torch.tensor([ids], device=device)  # (1, T)
+    positions = [t for t, i in enumerate(ids) if i == tokenizer.mask_id]
+    with autocast(device):
+        hidden = model.hidden_states(idx)[0, positions]  # (M, C)
+        probs = model.mlm_logits(hidden).float().softmax(dim=-1)  # (M, V)
+    best = probs.topk(min(top_k, probs.size(-1)), dim=-1)
+    masks = [FilledMask(pos, [(tokenizer.decode([i]), i, p) for i, p in zip(ids_.tolist(), ps.tolist())], space)
+             for pos, ids_, ps, space in zip(positions, best.indices, best.values, spaces)]
+    return FillMaskResult(text, masks)

@@ -8,6 +8,7 @@ from typing import Any
 
 from lmkit import checkpoint as ckpt_lib
 from lmkit.errors import CheckpointError
+from lmkit.models import OBJECTIVES
 from lmkit.prepare import SPLITS, TokenFile
 from lmkit.project import Project
 
@@ -21,6 +22,9 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "checkpoint": str(ckpt.path),
         "arch": meta["arch"],
         "task": meta.get("task", "lm"),
+        "objectives": OBJECTIVES.get(meta["arch"], []),
+        "layers": meta["config"]["model"]["n_layer"],
+        "heads": meta["config"]["model"]["n_head"],
         "run": ckpt.run,
         "step": ckpt.step,
         "parameters": meta["parameters"],

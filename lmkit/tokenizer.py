@@ -115,6 +115,7 @@ class Tokenizer:
             raise CheckpointError(f"{source or 'tokenizer'} was not trained by lmkit (special tokens differ)")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
         self.cls_id, self.sep_id, self.mask_id = 4, 5, 6
+        self.n_special = len(SPECIAL_PIECES)  # ids below this are special tokens
         self.newline_id = self.sp.piece_to_id("<0x0A>")
         self._meta_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _META_MARK.encode()]
         self._space_byte_id = self.sp.piece_to_id("<0x20>")

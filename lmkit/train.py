@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmkit import checkpoint, corpus, data, prepare
+from lmkit import checkpoint, corpus, data, objectives, prepare
 from lmkit.config import RunConfig, TrainConfig, render_template
-from lmkit.data import Batch
 from lmkit.device import autocast, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json
 from lmkit.models import build_model, count_parameters
+from lmkit.objectives import Batch, LossFn
 from lmkit.project import Project
 from lmkit.tokenizer import Tokenizer, train_tokenizer
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+MetricsFn = Callable[[nn.Module, list[Batch]], dict[str, float]]  # must include "val_loss"
 Log = Callable[[str], None]
 
 
@@ -49,7 +49,7 @@ class TrainState:
 
 @dataclass(frozen=True)
 class Progress:
-    """What the loop reports after a step; `val_loss` is set only right after a validation."""
+    """What the loop reports after a step; `validation` is set only right after a validation."""
 
     step: int
     max_steps: int
@@ -58,7 +58,11 @@ class Progress:
     tokens_per_sec: float
     elapsed: float
     eta: float
-    val_loss: float | None = None
+    validation: dict[str, float] | None = None  # val_loss and any other metrics of the objective
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.validation["val_loss"] if self.validation else None
 
 
 @dataclass(frozen=True)
@@ -114,21 +118,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list[Batch], loss_fn: LossFn, device: torch.device, precision: str) -> float:
-    """Mean loss over fixed batches, in eval mode (no dropout), restoring the previous mode."""
+def validate(model: nn.Module, batches: list[Batch], metrics_fn: MetricsFn, device: torch.device,
+             precision: str) -> dict[str, float]:
+    """METRICS_FN over fixed batches, in eval mode (no dropout), restoring the previous mode."""
     was_training = model.training
     model.eval()
-    total = torch.zeros((), device=device)
     with autocast(device, precision):
-        for x, y in batches:
-            total += loss_fn(model, (x.to(device), y.to(device))).float()
+        metrics = metrics_fn(model, [tuple(t.to(device) for t in batch) for batch in batches])
     model.train(was_training)
-    return total.item() / len(batches)
-
-
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return model(x, y)[1]
+    return metrics
 
 
 @contextlib.contextmanager
@@ -161,7 +159,7 @@ def train_loop(
     state: TrainState,
     optimizer: torch.optim.Optimizer,
     tokens_per_batch: int,
-    validate: Callable[[], float],
+    validate: Callable[[], dict[str, float]],
     save: Callable[[TrainState, dict[str, float]], Path],
     metrics_file: Path,
     device: torch.device,
@@ -172,7 +170,7 @@ def train_loop(
     Args:
         batches: endless micro-batches (inputs, targets) on the CPU.
         tokens_per_batch: tokens in one micro-batch, for throughput figures.
-        validate: mean validation loss of the current model.
+        validate: validation metrics of the current model, "val_loss" among them.
         save: writes a checkpoint of the current state (with the latest metrics) and returns its folder.
     """
     model.train()
@@ -180,7 +178,7 @@ def train_loop(
     tokens_per_step = tokens_per_batch * cfg.grad_accum
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
     interval_start, interval_tokens = start, 0
-    latest: dict[str, float] = {}  # train_loss and val_loss as last measured
+    latest: dict[str, float] = {}  # train_loss and validation metrics as last measured
     with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
         while not _finished(state, cfg) and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
@@ -200,7 +198,9 @@ def train_loop(
                       "elapsed": round(state.elapsed, 3),
                       "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1)}
             if evaluating:
-                record["val_loss"] = latest["val_loss"] = validate()
+                val_metrics = validate()
+                record.update(val_metrics)
+                latest.update(val_metrics)
                 if state.best_val_loss is None or latest["val_loss"] < state.best_val_loss:
                     state.best_val_loss = latest["val_loss"]
             metrics.write(json.dumps(record) + "\n")
@@ -210,7 +210,7 @@ def train_loop(
                 if cfg.time_budget:
                     eta = min(eta, cfg.time_budget - state.elapsed)
                 progress(Progress(state.step, cfg.max_steps, record["loss"], lr, record["tokens_per_sec"],
-                                  state.elapsed, max(eta, 0.0), record.get("val_loss")))
+                                  state.elapsed, max(eta, 0.0), val_metrics if evaluating else None))
             interval_start, interval_tokens = time.perf_counter(), 0
             if state.step % cfg.save_interval == 0 and not finished and not stop["signal"]:
                 save(state, dict(latest))
@@ -232,9 +232,9 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
         group["lr"] = lr
     total = torch.zeros((), device=device)
     for _ in range(cfg.grad_accum):
-        x, y = next(batches)
+        batch = tuple(t.to(device, non_blocking=True) for t in next(batches))
         with autocast(device, cfg.precision):
-            loss = loss_fn(model, (x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            loss = loss_fn(model, batch)
         # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
         (loss / cfg.grad_accum).backward()
         total += loss.detach()
@@ -353,9 +353,7 @@ def _run(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer
          prepared: prepare.PreparedData, state: TrainState, snapshot: checkpoint.TrainerSnapshot | None,
          device: torch.device, log: Log, progress: Callable[[Progress], None] | None) -> TrainResult:
     tcfg = cfg.train
-    seq_len = cfg.model.max_seq_len
-    batches = data.LMWindows(prepared.train.array(), seq_len, tcfg.batch_size, seed=tcfg.seed)
-    val_batches = data.eval_batches(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.eval_batches)
+    batches, val_batches, loss_fn, metrics_fn = pretraining_data(cfg, prepared, tokenizer)
     optimizer = make_optimizer(model, tcfg)
     if snapshot is not None:
         optimizer.load_state_dict(snapshot.optimizer)
@@ -374,11 +372,29 @@ def _run(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer
         return path
 
     outcome = train_loop(
-        train_model, batches, causal_lm_loss, tcfg, state=state, optimizer=optimizer,
-        tokens_per_batch=tcfg.batch_size * seq_len,
-        validate=lambda: mean_loss(train_model, val_batches, causal_lm_loss, device, tcfg.precision),
+        train_model, batches, loss_fn, tcfg, state=state, optimizer=optimizer,
+        tokens_per_batch=tcfg.batch_size * cfg.model.max_seq_len,
+        validate=lambda: validate(train_model, val_batches, metrics_fn, device, tcfg.precision),
         save=save, metrics_file=project.metrics_file(run), device=device, progress=progress)
     return TrainResult(run, state, outcome, count_parameters(model))
+
+
+def pretraining_data(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: Tokenizer
+                     ) -> tuple[Iterator[Batch], list[Batch], LossFn, MetricsFn]:
+    """What pretraining means for cfg.model.arch: train batches, fixed validation batches, the loss
+    and the validation metrics. GPT: next-token prediction on random windows. BERT: masked-LM +
+    next-sentence prediction on sentence pairs."""
+    tcfg, seq_len = cfg.train, cfg.model.max_seq_len
+    if cfg.model.arch == "bert":
+        train = data.BertPairs(prepared.train.array(), seq_len, tcfg.batch_size, tcfg.seed, tokenizer,
+                               cfg.data.mask_prob)
+        # The val pairs and masks are drawn once, from a generator of their own.
+        val = data.BertPairs(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.seed + 1, tokenizer,
+                             cfg.data.mask_prob).fixed_batches(tcfg.eval_batches)
+        return train, val, objectives.mlm_nsp_loss, objectives.mlm_nsp_metrics
+    train_windows = data.LMWindows(prepared.train.array(), seq_len, tcfg.batch_size, seed=tcfg.seed)
+    val = data.eval_batches(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.eval_batches)
+    return train_windows, val, objectives.causal_lm_loss, objectives.causal_lm_metrics
 
 
 def _data_identity(prepared: prepare.PreparedData) -> dict[str, object]:

@@ -57,3 +57,22 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -
     project = Project.open(tmp_path_factory.mktemp("tiny_project"))
     train.pretrain(project, [small_corpus], tiny_run_config())
     return project
+
+
+def tiny_bert_config(**train_overrides: object) -> RunConfig:
+    cfg = config.resolve(flags={"arch": "bert", "preset": "tiny", "model.max_seq_len": 48,
+                                "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
+                                "train.batch_size": 8, "train.warmup_steps": 5})
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project) -> Project:
+    """The tiny project's tokenizer and data, with a short BERT run."""
+    import shutil
+
+    project = Project.open(tmp_path_factory.mktemp("tiny_bert"))
+    shutil.copytree(tiny_project.tokenizer_dir, project.tokenizer_dir)
+    shutil.copytree(tiny_project.data_dir, project.data_dir)
+    train.pretrain(project, [], tiny_bert_config())
+    return project

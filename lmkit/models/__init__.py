@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from lmkit.config import ModelConfig
+from lmkit.models.bert import BERT
 from lmkit.models.gpt import GPT
 
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT}
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT}
+OBJECTIVES: dict[str, list[str]] = {"gpt": ["causal-lm"], "bert": ["masked-lm", "next-sentence"]}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -129,13 +129,13 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
-def init_weights(module: nn.Module, n_layer: int) -> None:
-    """GPT-2 / BERT initialisation: N(0, 0.02) weights, zero biases, unit norms; the projections
-    that write into the residual stream get std 0.02 / sqrt(2 * n_layer) so that its variance does
-    not grow with depth."""
+def init_weights(module: nn.Module, n_layer: int, scale_residual: bool = True) -> None:
+    """GPT-2 / BERT initialisation: N(0, 0.02) weights, zero biases, unit norms. With
+    SCALE_RESIDUAL (GPT-2's pre-LN stack), the projections that write into the residual stream get
+    std 0.02 / sqrt(2 * n_layer) so that its variance does not grow with depth."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith("c_proj") else 0.02
+            std = 0.02 / (2 * n_layer) ** 0.5 if scale_residual and name.endswith("c_proj") else 0.02
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)

@@ -98,3 +98,9 @@ def test_debug_variable_shows_the_traceback(tmp_path) -> None:
     plain = sh(f"lmkit pretrain {tmp_path}/missing.txt -p proj", tmp_path, check=False)
     assert plain.returncode == 2
     assert plain.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.txt does not exist"]
+
+
+def test_fill_mask_through_the_installed_command(tmp_path, small_corpus) -> None:
+    sh(f"lmkit pretrain {small_corpus} -p bert --arch bert {TINY} --max-steps 5", tmp_path)
+    out = sh('echo "Good [MASK], my lord." | lmkit generate -p bert --top-k 2', tmp_path).stdout.splitlines()
+    assert out[0].startswith("Good ") and out[1].startswith("  [MASK] 1: ") and out[1].count("%") == 2

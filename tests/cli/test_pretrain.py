@@ -7,9 +7,13 @@ from tests.cli.conftest import TINY, assert_user_error, lmkit
 
 def test_pretrain_builds_everything_and_reports_the_checkpoint(tmp_path, small_corpus) -> None:
     project = tmp_path / "p"
-    result = lmkit("pretrain", small_corpus, "-p", project, *TINY)
+    result = lmkit("pretrain", small_corpus, "-p", project, *[a for a in TINY if a != "--quiet"])
     assert result.exit_code == 0, result.output
     assert "step-000012: step 12, train loss" in result.stdout
+    # Not a terminal: no bars, one progress line per validation on stderr, after the setup lines.
+    assert "training a bpe tokenizer" in result.stderr and "prepared data:" in result.stderr
+    assert [line.split(" loss")[0] for line in result.stderr.splitlines() if line.startswith("step ")] == [
+        "step 6/12", "step 12/12"]
     for path in ("lmkit.toml", "tokenizer/tokenizer.model", "data/train.bin", "data/val.json",
                  "checkpoints/latest.json", "checkpoints/run1/step-000012/model.safetensors",
                  "runs/run1/config.json", "runs/run1/metrics.jsonl"):
