@@ -1,10 +1,10 @@
-"""`lmkit eval`: score a text file with a checkpoint."""
+"""`lmkit eval`: score a checkpoint on a file: a language model on text, a classifier on labelled examples."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -13,38 +13,71 @@ from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, commo
 
 def evaluate(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(show_default=False, help="Text file to score.")],
+    file: Annotated[Path, typer.Argument(show_default=False, help="Text (lm) or labelled examples (classify).")],
+    task: Annotated[Optional[str], typer.Option(
+        show_default=False, help="lm or classify (default: the checkpoint's own task, which it must match).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
+    predictions: Annotated[Optional[Path], typer.Option(
+        show_default=False, help="classify: write each example's prediction to this JSONL file.")] = None,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
     device: DeviceOpt = None,
     quiet: Quiet = False,
 ) -> None:
-    """Score a checkpoint on FILE: GPT loss, perplexity, bits per byte; BERT MLM and NSP accuracy."""
+    """Score a checkpoint on FILE: perplexity and bits per byte, MLM/NSP accuracy, or classification."""
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import corpus
+    from lmkit import corpus, tasks
     from lmkit import device as dev
     from lmkit import evaluate as ev
     from lmkit import project as proj
 
     opts = common(ctx, project, device, quiet=quiet)
     with user_errors():
-        text = corpus.read_text(file)
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        ckpt.require_task("lm", "eval")
+        ckpt.require_task(task or ckpt.task, "eval" + (f" --task {task}" if task else ""))
         where = dev.pick_device(opts.device)
-        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
-        if ckpt.config.model.arch == "bert":
-            result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size)
+        if ckpt.task == "classify":
+            examples = tasks.read_labelled(file)
+            result, preds = ev.evaluate_classifier(ckpt.model(where), ckpt.tokenizer(), examples, ckpt.labels,
+                                                   where, batch_size)
+            if predictions:
+                _write_predictions(predictions, examples, preds)
         else:
-            result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
-    report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, **result.to_dict()}
-    if json_out:
-        typer.echo(json.dumps(report))
-        return
-    width = max(map(len, report))
-    for key, value in report.items():
-        typer.echo(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            text = corpus.read_text(file)
+            model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+            if ckpt.config.model.arch == "bert":
+                result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size)
+            else:
+                result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
+    report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, "task": ckpt.task,
+              **result.to_dict()}
+    typer.echo(json.dumps(report) if json_out else _text(report))
+
+
+def _text(report: dict[str, Any]) -> str:
+    """Aligned `key  value` lines; a per-class table and a confusion matrix for classifiers."""
+    scalars = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    width = max(map(len, scalars))
+    lines = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scalars.items()]
+    if "per_class" in report:
+        labels = report["labels"]
+        w = max(8, *map(len, labels))
+        lines += ["", f"{'label':<{w}}  precision  recall      f1  support"]
+        lines += [f"{label:<{w}}  {s['precision']:9.4f}  {s['recall']:6.4f}  {s['f1']:6.4f}  {s['support']:7d}"
+                  for label, s in report["per_class"].items()]
+        lines += ["", "confusion (rows: true, columns: predicted)",
+                  " " * w + "  " + "  ".join(f"{x:>{w}}" for x in labels)]
+        lines += [f"{label:<{w}}  " + "  ".join(f"{n:>{w}}" for n in row)
+                  for label, row in zip(labels, report["confusion"])]
+    return "\n".join(lines)
+
+
+def _write_predictions(path: Path, examples: list[Any], preds: list[Any]) -> None:
+    from lmkit.fileio import atomic_file
+
+    with atomic_file(path, "w") as f:
+        for example, pred in zip(examples, preds):
+            f.write(json.dumps(pred.record(example)) + "\n")

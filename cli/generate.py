@@ -1,8 +1,9 @@
-"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), or fill in [MASK]s
-with a BERT."""
+"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), fill in [MASK]s
+with a BERT, or label each line with a finetuned classifier."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Iterable
@@ -46,9 +47,13 @@ def generate(
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        ckpt.require_task("lm", "generate")
         texts = prompts or (line.rstrip("\r\n") for line in sys.stdin)
         where = dev.pick_device(opts.device)
+        if ckpt.task == "classify":
+            chunk = 1 if not prompts and sys.stdin.isatty() else 64  # typed lines get an answer each
+            _classify(ckpt.model(where), ckpt.tokenizer(), ckpt.labels, texts, where, json_out, chunk)
+            return
+        ckpt.require_task("lm", "generate")
         if fill_mask or ckpt.config.model.arch == "bert":
             ckpt.require_arch("bert", "generate --fill-mask")
             model, tokenizer = ckpt.model(where), ckpt.tokenizer()
@@ -75,6 +80,23 @@ def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sample
             sys.stdout.write("\n")
         else:
             sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
+        sys.stdout.flush()
+
+
+def _classify(model: Any, tokenizer: Any, labels: list[str], texts: Iterable[str], where: Any,
+              json_out: bool, chunk_size: int) -> None:
+    """Print `label<TAB>probability` (or a JSON object) per input; a tab inside one splits a text pair."""
+    from lmkit import evaluate as ev
+    from lmkit import tasks
+
+    lines = iter(texts)
+    while chunk := list(itertools.islice(lines, chunk_size)):
+        examples = [tasks.LabelledText(a, "", b or None) for a, _, b in (text.partition("\t") for text in chunk)]
+        for example, pred in zip(examples, ev.predict_labels(model, tokenizer, examples, labels, where)):
+            if json_out:
+                sys.stdout.write(json.dumps(pred.record(example)) + "\n")
+            else:
+                sys.stdout.write(f"{pred.label}\t{pred.prob:.4f}\n")
         sys.stdout.flush()
 
 

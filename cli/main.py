@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import evaluate, generate, info, pretrain, tokenize
+from cli import evaluate, finetune, generate, info, merge, pretrain, tokenize
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -46,6 +46,8 @@ def main_options(
 
 app.add_typer(tokenize.app, name="tokenize")
 app.command()(pretrain.pretrain)
+app.command()(finetune.finetune)
+app.command()(merge.merge)
 app.command()(generate.generate)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)

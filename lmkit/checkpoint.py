@@ -23,10 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lmkit
-from lmkit.config import RunConfig
+from lmkit import lora
+from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError, ConfigError
 from lmkit.fileio import atomic_dir, atomic_write_json
 from lmkit.models import build_model, count_parameters
+from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
 from lmkit.tokenizer import Tokenizer
 
@@ -45,29 +47,39 @@ class TrainerSnapshot:
 
 
 def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenizer, run: str, step: int,
-         metrics: dict[str, float] | None = None, data: dict[str, Any] | None = None,
-         trainer: TrainerSnapshot | None = None) -> None:
+         metrics: dict[str, float] | None = None, trainer: TrainerSnapshot | None = None,
+         task: str = "lm", extra: dict[str, Any] | None = None,
+         adapters_only: bool = False) -> None:
     """Write a checkpoint folder at PATH atomically (replacing any folder already there).
 
     Args:
-        data: what identifies the training data (sources, token count), so a resume can check it.
+        task: what the model does: "lm", or a finetuned task such as "classify".
+        extra: more metadata: what identifies the training data ("data", so a resume can check it),
+            a classifier's "labels", an adapter checkpoint's "base".
+        adapters_only: store only the trainable parameters (LoRA adapters and task heads); the
+            frozen rest is read from extra["base"] when loading.
     """
-    weights, aliases = _dedupe_shared(model.state_dict())
+    if adapters_only:
+        weights, aliases = {k: v.contiguous().cpu() for k, v in lora.trainable_state(model).items()}, {}
+    else:
+        weights, aliases = _dedupe_shared(model.state_dict())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lmkit_version": lmkit.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "arch": config.model.arch,
-        "task": "lm",
+        "task": task,
         "run": run,
         "step": step,
         "parameters": count_parameters(model),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "weights": "adapters" if adapters_only else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                       "file": "tokenizer.model"},
         "tied_weights": aliases,
         "metrics": metrics or {},
-        "data": data or {},
+        **(extra or {}),
         "config": config.to_dict(),
     }
     with atomic_dir(path) as tmp:
@@ -78,6 +90,17 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
             save_file(tensors, tmp / "trainer.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def weights_fingerprint(path: Path) -> str:
+    """sha256 (16 hex digits) of a checkpoint's model.safetensors."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def set_latest(project: Project, path: Path) -> None:
@@ -137,8 +160,8 @@ class Checkpoint:
     def require_task(self, task: str, command: str) -> Checkpoint:
         """Fail clearly when this checkpoint's model does not do what COMMAND needs."""
         if self.meta.get("task") != task:
-            raise CheckpointError(f"{self.path} is a {self.meta.get('task')!r} checkpoint; "
-                                  f"'lmkit {command}' needs one whose task is {task!r}")
+            raise CheckpointError(f"{self.path} is a checkpoint for task {self.meta.get('task')!r}; "
+                                  f"'lmkit {command}' needs one for task {task!r}")
         return self
 
     def require_arch(self, arch: str, command: str) -> Checkpoint:
@@ -165,18 +188,52 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tokenizer.model does not match the fingerprint in config.json")
         return tokenizer
 
-    def model(self, device: torch.device | str = "cpu") -> nn.Module:
-        """The model with its saved weights, on DEVICE, in eval mode."""
-        model = build_model(self.config.model)
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "lm"))
+
+    @property
+    def labels(self) -> list[str]:
+        """A classifier's labels; index i is class i."""
+        return list(self.meta.get("labels", []))
+
+    def model(self, device: torch.device | str = "cpu", model_config: ModelConfig | None = None) -> nn.Module:
+        """The model with its saved weights, on DEVICE, in eval mode.
+
+        An adapter checkpoint first loads its base checkpoint, then adds and loads the adapters.
+        MODEL_CONFIG may change what does not touch the weights (dropout) for further training.
+        """
+        adapters = self.meta.get("weights") == "adapters"
+        model_config = model_config or self.config.model
+        model = self._base_model(model_config) if adapters else build_model(model_config)
+        if self.task == "classify":
+            model = SequenceClassifier(model, len(self.labels))
+        if adapters:
+            lora.add_adapters(model, self.config.lora)
         try:
             weights = load_file(self.path / "model.safetensors")
         except (FileNotFoundError, SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read {self.path}/model.safetensors: {err}") from None
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if set(missing) != set(self.meta.get("tied_weights", {})) or unexpected:
+        if adapters:  # everything trainable must be in the file; the frozen rest came from the base
+            complete = {n for n, p in model.named_parameters() if p.requires_grad} <= set(weights)
+        else:
+            complete = set(missing) == set(self.meta.get("tied_weights", {}))
+        if not complete or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not match its config "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         return model.to(device).eval()
+
+    def _base_model(self, model_config: ModelConfig) -> nn.Module:
+        base = self.meta["base"]
+        path = Path(base["path"])
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{self.path} holds adapters for {path}, which is gone; restore it, or use a "
+                                  "merged checkpoint (lmkit finetune --merge)")
+        base_ckpt = Checkpoint(path)
+        if weights_fingerprint(path) != base["weights"]:
+            raise CheckpointError(f"{path} has changed since the adapters in {self.path} were trained on it")
+        return base_ckpt.model(model_config=model_config)  # the adapters' run may have changed dropout
 
     def trainer(self) -> TrainerSnapshot | None:
         """The saved training state, or None for a weights-only checkpoint."""

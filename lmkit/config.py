@@ -110,6 +110,8 @@ class TrainConfig:
     save_interval: int = 500
     log_interval: int = 10
     keep_checkpoints: int = 2  # periodic checkpoints kept per run (the latest is never deleted)
+    best_metric: str = "val_loss"  # kept as the run's best checkpoint; *_loss lower is better, else higher
+    patience: int = 0  # stop after this many validations without a better best_metric; 0 never stops
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -127,11 +129,29 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
         _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
+        _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
+               "validation metric such as val_loss or val_accuracy")
+        _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
 
     @property
     def tokens_per_step(self) -> int:
         """Sequences per optimizer step; multiply by the context length for tokens."""
         return self.batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA) for finetuning: W x + (alpha / rank) * B A x, with W frozen."""
+
+    rank: int = 0  # 0 means full finetuning, no adapters
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Literal["attn", "mlp", "all"] = "attn"  # which projections get adapters
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, f"lora.rank={self.rank} must be >= 0")
+        _check(self.alpha > 0, f"lora.alpha={self.alpha} must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +163,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +208,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "lora": LoraConfig,
 }
 TOP_LEVEL_KEYS = ("arch", "preset")
 
@@ -246,8 +268,12 @@ def resolve(
     config_file: Path | None = None,
     sets: typing.Sequence[str] = (),
     flags: dict[str, Any] | None = None,
+    base: RunConfig | None = None,
 ) -> RunConfig:
     """Merge every config layer into one validated RunConfig.
+
+    The lowest layer is the preset named by the layers (default: "default"), or BASE when given
+    (finetuning starts from its checkpoint's config; then arch and preset cannot change).
 
     Args:
         project_file: the project's lmkit.toml (skipped when missing).
@@ -269,17 +295,24 @@ def resolve(
     if flags:
         layers.append(("command line", _nest({k: v for k, v in flags.items() if v is not None})))
 
-    arch, preset = "gpt", "default"
-    for _, layer in layers:
-        arch = layer.get("arch", arch)
-        preset = layer.get("preset", preset)
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    if preset not in PRESETS[arch]:
-        raise ConfigError(f"unknown preset {preset!r} for arch {arch}; choose one of: {', '.join(PRESETS[arch])}")
-
-    merged: dict[str, dict[str, Any]] = {name: dict(values) for name, values in PRESETS[arch][preset].items()}
-    merged.setdefault("model", {})["arch"] = arch
+    if base is not None:
+        for source, layer in layers:
+            if {"arch", "preset"} & set(layer):
+                raise ConfigError(f"{source} sets arch or preset, but a finetune keeps its checkpoint's model")
+        merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
+        preset = base.preset
+    else:
+        arch, preset = "gpt", "default"
+        for _, layer in layers:
+            arch = layer.get("arch", arch)
+            preset = layer.get("preset", preset)
+        if arch not in ARCHS:
+            raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+        if preset not in PRESETS[arch]:
+            raise ConfigError(f"unknown preset {preset!r} for arch {arch}; "
+                              f"choose one of: {', '.join(PRESETS[arch])}")
+        merged = {name: dict(values) for name, values in PRESETS[arch][preset].items()}
+        merged.setdefault("model", {})["arch"] = arch
     for source, layer in layers:
         for section, values in _split_layer(layer, source).items():
             merged.setdefault(section, {}).update(values)

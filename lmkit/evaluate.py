@@ -1,5 +1,6 @@
-"""Evaluating a model on a text. GPT: mean loss per token, perplexity and bits per byte. BERT:
-masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
+"""Evaluating a model. GPT on a text: mean loss per token, perplexity and bits per byte. BERT on a
+text: masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
+A classifier on labelled examples: accuracy, macro-F1, per-class scores, confusion matrix.
 
 For GPT, every token of the text is scored, each with as much context as the model allows: windows of
 max_seq_len tokens slide by STRIDE, and each window scores only the tokens that no earlier window
@@ -11,13 +12,14 @@ different tokenizers comparable.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmkit import data, objectives
+from lmkit import data, metrics, objectives, tasks
 from lmkit.device import autocast
 from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
@@ -124,3 +126,69 @@ def evaluate_bert(model: nn.Module, tokenizer: Tokenizer, text: str, device: tor
         mlm_majority_baseline=torch.bincount(mlm_labels).max().item() / mlm_labels.numel(),
         nsp_majority_baseline=torch.bincount(nsp_labels).max().item() / nsp_labels.numel(),
         masked_tokens=mlm_labels.numel(), pairs=nsp_labels.numel())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    prob: float
+    probs: dict[str, float]  # every label's probability
+
+    def record(self, example: tasks.LabelledText) -> dict[str, object]:
+        """One line of a predictions file: the input, its given label (if any) and the prediction."""
+        given = {"text_b": example.text_b} if example.text_b is not None else {}
+        if example.label:
+            given["label"] = example.label
+        return {"text": example.text, **given, "predicted": self.label, "prob": self.prob, "probs": self.probs}
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
+                   labels: list[str], device: torch.device, batch_size: int = 32) -> list[Prediction]:
+    """A classifier's label and probabilities for each example (its own label is not used)."""
+    placeholder = [tasks.LabelledText(e.text, labels[0], e.text_b) for e in examples]
+    rows = tasks.encode_labelled(placeholder, tokenizer, labels, model.config.arch, model.config.max_seq_len)
+    collate = tasks.collate_labelled(tokenizer.pad_id)
+    model.eval()
+    predictions = []
+    with autocast(device):
+        for ids, types, pad, _ in tasks.fixed_batches(rows, batch_size, collate):
+            logits, _ = model(ids.to(device), types.to(device), pad.to(device))
+            for row in logits.float().softmax(dim=-1).tolist():
+                best = max(range(len(labels)), key=row.__getitem__)
+                predictions.append(Prediction(labels[best], row[best], dict(zip(labels, row))))
+    return predictions
+
+
+@dataclass(frozen=True)
+class ClassifyEvaluation:
+    accuracy: float
+    macro_f1: float
+    examples: int
+    per_class: dict[str, dict[str, float]]  # label -> precision, recall, f1, support
+    confusion: list[list[int]]  # [true][predicted], in label order
+    labels: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate_classifier(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
+                        labels: list[str], device: torch.device, batch_size: int = 32
+                        ) -> tuple[ClassifyEvaluation, list[Prediction]]:
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix on labelled EXAMPLES.
+
+    Raises:
+        DataError: an example's label is not one the classifier knows.
+    """
+    unknown = sorted({e.label for e in examples} - set(labels))
+    if unknown:
+        raise DataError(f"label {unknown[0]!r} is not one of the classifier's labels ({', '.join(labels)})")
+    predictions = predict_labels(model, tokenizer, examples, labels, device, batch_size)
+    index = {label: i for i, label in enumerate(labels)}
+    truth = [index[e.label] for e in examples]
+    predicted = [index[p.label] for p in predictions]
+    confusion = metrics.confusion_matrix(truth, predicted, len(labels))
+    accuracy, macro_f1 = metrics.accuracy_and_macro_f1(truth, predicted, len(labels))
+    per_class = dict(zip(labels, metrics.per_class(confusion)))
+    return ClassifyEvaluation(accuracy, macro_f1, len(examples), per_class, confusion, labels), predictions

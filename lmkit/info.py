@@ -18,16 +18,22 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     meta = ckpt.meta
     trainer_file = ckpt.path / "trainer.json"
     trainer = json.loads(trainer_file.read_text(encoding="utf-8")) if trainer_file.is_file() else None
+    finetuned = {key: meta[key] for key in ("labels", "finetune", "base", "merged_from") if key in meta}
+    if meta["config"].get("lora", {}).get("rank"):
+        finetuned["lora"] = meta["config"]["lora"]
     return {
         "checkpoint": str(ckpt.path),
         "arch": meta["arch"],
-        "task": meta.get("task", "lm"),
-        "objectives": OBJECTIVES.get(meta["arch"], []),
+        "task": ckpt.task,
+        "objectives": ["classification"] if ckpt.task == "classify" else OBJECTIVES.get(meta["arch"], []),
         "layers": meta["config"]["model"]["n_layer"],
         "heads": meta["config"]["model"]["n_head"],
         "run": ckpt.run,
         "step": ckpt.step,
         "parameters": meta["parameters"],
+        "trainable_parameters": meta.get("trainable_parameters", meta["parameters"]),
+        "weights": meta.get("weights", "full"),
+        **finetuned,
         "lmkit_version": meta["lmkit_version"],
         "created": meta.get("created"),
         "tokenizer": meta["tokenizer"],

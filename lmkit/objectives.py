@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.metrics import accuracy_and_macro_f1
+
 IGNORE = -100  # target id that contributes nothing to a loss (context, padding, unmasked tokens)
 
 Batch = tuple[torch.Tensor, ...]
@@ -65,3 +67,21 @@ def mlm_nsp_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, flo
     mlm_loss, nsp_loss = mlm_nats / mlm_count, nsp_nats / pairs
     return {"val_loss": mlm_loss + nsp_loss, "val_mlm_loss": mlm_loss, "val_mlm_accuracy": mlm_hits / mlm_count,
             "val_nsp_accuracy": nsp_hits / pairs}
+
+
+def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Sequence classification: batch = (ids, token types, pad mask, labels (B,))."""
+    return model(*batch)[1]
+
+
+@torch.no_grad()
+def classify_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 over BATCHES."""
+    nats, truth, predicted = 0.0, [], []
+    for ids, types, pad, labels in batches:
+        logits, _ = model(ids, types, pad)
+        nats += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        truth += labels.tolist()
+        predicted += logits.argmax(-1).tolist()
+    accuracy, macro_f1 = accuracy_and_macro_f1(truth, predicted, model.head.out_features)
+    return {"val_loss": nats / len(truth), "val_accuracy": accuracy, "val_macro_f1": macro_f1}

@@ -120,9 +120,9 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def load_prepared(project: Project, tokenizer: Tokenizer) -> PreparedData | None:
-    """The project's prepared splits if both exist and were made with TOKENIZER."""
-    files = [TokenFile.open(project.tokens_file(split)) for split in SPLITS]
+def load_prepared(project: Project, tokenizer: Tokenizer, dataset: str = "") -> PreparedData | None:
+    """The project's prepared splits (of DATASET) if both exist and were made with TOKENIZER."""
+    files = [TokenFile.open(project.tokens_file(split, dataset)) for split in SPLITS]
     if any(f is None or f.tokenizer_fingerprint != tokenizer.fingerprint for f in files):
         return None
     return PreparedData(files[0], files[1], reused=True)  # type: ignore[arg-type]
@@ -136,11 +136,13 @@ def prepare(
     *,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    dataset: str = "",
 ) -> PreparedData:
     """Tokenize CORPORA into the project's train/val files, unless they are already up to date.
 
     Args:
         progress: called with (bytes read, total bytes) as encoding advances.
+        dataset: "" for the pretraining data; another name keeps its files apart (data/NAME/).
 
     Raises:
         DataError: unreadable input, or a corpus too small to give both splits any tokens.
@@ -148,7 +150,7 @@ def prepare(
     corpora = corpus.check_files(corpora)
     recipe = {"tokenizer": tokenizer.fingerprint, "sources": corpus.fingerprint(corpora),
               "val_fraction": cfg.val_fraction, "text_field": cfg.text_field}
-    existing = load_prepared(project, tokenizer)
+    existing = load_prepared(project, tokenizer, dataset)
     if existing and not force and all(existing.train.meta.get(k) == v for k, v in recipe.items()):
         return existing
 
@@ -156,7 +158,7 @@ def prepare(
     # Aim for ~20 val blocks whatever the corpus size, between 1 KiB and 1 MiB each.
     block_bytes = int(min(max(total_bytes * cfg.val_fraction / 20, 1024), 1 << 20))
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
-    files = {split: project.tokens_file(split) for split in SPLITS}
+    files = {split: project.tokens_file(split, dataset) for split in SPLITS}
     with atomic_file(files["train"]) as train_out, atomic_file(files["val"]) as val_out:
         router = _BlockRouter({"train": train_out, "val": val_out}, dtype, block_bytes, cfg.val_fraction)
         batch: list[str] = []
@@ -191,6 +193,6 @@ def prepare(
         meta = {**recipe, "split": split, "tokens": router.tokens[split], "dtype": dtype.name,
                 "bytes": router.text_bytes[split]}
         atomic_write_json(files[split].with_suffix(".json"), meta)
-    prepared = load_prepared(project, tokenizer)
+    prepared = load_prepared(project, tokenizer, dataset)
     assert prepared is not None
     return PreparedData(prepared.train, prepared.val, reused=False)

@@ -61,8 +61,9 @@ class Project:
     def data_dir(self) -> Path:
         return self.root / "data"
 
-    def tokens_file(self, split: str) -> Path:
-        return self.data_dir / f"{split}.bin"
+    def tokens_file(self, split: str, dataset: str = "") -> Path:
+        """data/{split}.bin for pretraining data; data/{dataset}/{split}.bin for another dataset."""
+        return self.data_dir / dataset / f"{split}.bin"
 
     # --- checkpoints --------------------------------------------------------------------------
     @property
@@ -79,6 +80,9 @@ class Project:
             return []
         steps = [p for p in run_dir.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
         return sorted(steps, key=lambda p: int(_STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def best_checkpoint_dir(self, run: str) -> Path:
+        return self.checkpoints_dir / run / "best"
 
     @property
     def latest_pointer(self) -> Path:

@@ -17,8 +17,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,23 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0
-    best_val_loss: float | None = None
+    best: float | None = None  # best value of train.best_metric so far
+    best_step: int = 0  # the step that reached it
+    evals_since_best: int = 0  # validations without improvement (for train.patience)
     elapsed: float = 0.0  # seconds spent training, across resumes (for the time budget)
+
+    def improved(self, metrics: dict[str, float], cfg: TrainConfig) -> bool:
+        """Record a validation; True when cfg.best_metric beat its best so far."""
+        if cfg.best_metric not in metrics:
+            raise ConfigError(f"train.best_metric={cfg.best_metric!r} is not measured here; "
+                              f"choose one of: {', '.join(metrics)}")
+        value, lower_is_better = metrics[cfg.best_metric], cfg.best_metric.endswith("loss")
+        better = self.best is None or (value < self.best if lower_is_better else value > self.best)
+        if better:
+            self.best, self.best_step, self.evals_since_best = value, self.step, 0
+        else:
+            self.evals_since_best += 1
+        return better
 
 
 @dataclass(frozen=True)
@@ -69,9 +85,14 @@ class Progress:
 class LoopOutcome:
     checkpoint: Path  # the last one saved
     train_loss: float  # at the last logged step
-    val_loss: float | None  # at the last validation
+    validation: dict[str, float]  # the last validation's metrics
     tokens_per_sec: float  # over this session's steps
     stopped_by: int | None  # signal number when interrupted (SIGINT, SIGTERM)
+    best_checkpoint: Path | None = None  # when the run keeps its best one
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.validation.get("val_loss")
 
 
 @dataclass(frozen=True)
@@ -80,11 +101,14 @@ class TrainResult:
     state: TrainState
     outcome: LoopOutcome
     parameters: int
+    best_metric: str | None = None  # what outcome.best_checkpoint is best at, when the run keeps one
 
     def to_dict(self) -> dict[str, object]:
+        best = self.outcome.best_checkpoint
         return {"run": self.run, "checkpoint": str(self.outcome.checkpoint), "step": self.state.step,
-                "tokens": self.state.tokens_seen, "train_loss": self.outcome.train_loss,
-                "val_loss": self.outcome.val_loss, "best_val_loss": self.state.best_val_loss,
+                "tokens": self.state.tokens_seen, "train_loss": self.outcome.train_loss, **self.outcome.validation,
+                "best_metric": self.best_metric, "best": self.state.best, "best_step": self.state.best_step,
+                "best_checkpoint": str(best) if best else None,
                 "elapsed": round(self.state.elapsed, 2), "tokens_per_sec": round(self.outcome.tokens_per_sec, 1),
                 "parameters": self.parameters, "interrupted": self.outcome.stopped_by is not None}
 
@@ -164,14 +188,17 @@ def train_loop(
     metrics_file: Path,
     device: torch.device,
     progress: Callable[[Progress], None] | None = None,
+    save_best: Callable[[TrainState, dict[str, float]], Path] | None = None,
 ) -> LoopOutcome:
-    """Train until max_steps, the time budget, or a stop signal; save a checkpoint at the end.
+    """Train until max_steps, the time budget, early stopping or a stop signal; save a checkpoint
+    at the end.
 
     Args:
-        batches: endless micro-batches (inputs, targets) on the CPU.
+        batches: endless micro-batches (tuples of CPU tensors).
         tokens_per_batch: tokens in one micro-batch, for throughput figures.
         validate: validation metrics of the current model, "val_loss" among them.
         save: writes a checkpoint of the current state (with the latest metrics) and returns its folder.
+        save_best: writes the run's best checkpoint, called when cfg.best_metric improves.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,6 +206,7 @@ def train_loop(
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
     interval_start, interval_tokens = start, 0
     latest: dict[str, float] = {}  # train_loss and validation metrics as last measured
+    best_path = None
     with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
         while not _finished(state, cfg) and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
@@ -201,8 +229,9 @@ def train_loop(
                 val_metrics = validate()
                 record.update(val_metrics)
                 latest.update(val_metrics)
-                if state.best_val_loss is None or latest["val_loss"] < state.best_val_loss:
-                    state.best_val_loss = latest["val_loss"]
+                if state.improved(val_metrics, cfg) and save_best:
+                    best_path = save_best(state, dict(latest))
+                finished = _finished(state, cfg)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if progress:
@@ -216,12 +245,15 @@ def train_loop(
                 save(state, dict(latest))
         last_checkpoint = save(state, dict(latest))
     rate = (state.step - start_step) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
-    return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), latest.get("val_loss"), rate,
-                       stop["signal"])
+    validation = {k: v for k, v in latest.items() if k.startswith("val_")}
+    return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), validation, rate, stop["signal"],
+                       best_path)
 
 
 def _finished(state: TrainState, cfg: TrainConfig) -> bool:
-    return state.step >= cfg.max_steps or bool(cfg.time_budget and state.elapsed >= cfg.time_budget)
+    """max_steps reached, time budget spent, or no better validation for cfg.patience evaluations."""
+    return (state.step >= cfg.max_steps or bool(cfg.time_budget and state.elapsed >= cfg.time_budget)
+            or bool(cfg.patience and state.evals_since_best >= cfg.patience))
 
 
 def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch], loss_fn: LossFn,
@@ -307,7 +339,8 @@ def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, log: Log 
     atomic_write_json(project.run_config_file(run), cfg.to_dict())
     log(f"{run}: {cfg.model.arch} with {count_parameters(model):,} parameters on {device}, "
         f"{cfg.train.max_steps} steps of {cfg.train.tokens_per_step * cfg.model.max_seq_len:,} tokens")
-    return _run(project, run, cfg, model, tokenizer, prepared, TrainState(), None, device, log, progress)
+    return run_training(project, run, cfg, model, tokenizer, pretraining_plan(cfg, prepared, tokenizer),
+                        state=TrainState(), snapshot=None, device=device, progress=progress)
 
 
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
@@ -344,57 +377,83 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if state.step >= cfg.train.max_steps:
         raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
                           "pass a larger --max-steps to train further")
-    _truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
-    return _run(project, ckpt.run, cfg, model, tokenizer, prepared, state, snapshot, device, log, progress)
+    return run_training(project, ckpt.run, cfg, model, tokenizer, pretraining_plan(cfg, prepared, tokenizer),
+                        state=state, snapshot=snapshot, device=device, progress=progress)
 
 
-def _run(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer,
-         prepared: prepare.PreparedData, state: TrainState, snapshot: checkpoint.TrainerSnapshot | None,
-         device: torch.device, log: Log, progress: Callable[[Progress], None] | None) -> TrainResult:
+@dataclass
+class RunPlan:
+    """What a run trains on and how it is scored, besides the model: all that differs between
+    pretraining GPT or BERT, finetuning a classifier, or instruction tuning."""
+
+    batches: Any  # endless training batches, with state_dict() / load_state_dict() for exact resume
+    val_batches: list[Batch]
+    loss_fn: LossFn
+    metrics_fn: MetricsFn
+    tokens_per_batch: int
+    task: str = "lm"
+    meta: dict[str, Any] = field(default_factory=dict)  # more checkpoint metadata (labels, base, data)
+    adapters_only: bool = False  # LoRA: checkpoints hold the trainable parameters only
+    keep_best: bool = False  # keep checkpoints/<run>/best by train.best_metric; it is the result
+
+
+def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer, plan: RunPlan,
+                 *, state: TrainState, snapshot: checkpoint.TrainerSnapshot | None, device: torch.device,
+                 progress: Callable[[Progress], None] | None) -> TrainResult:
+    """Run the loop for PLAN with checkpoints in PROJECT; restore SNAPSHOT first when resuming."""
     tcfg = cfg.train
-    batches, val_batches, loss_fn, metrics_fn = pretraining_data(cfg, prepared, tokenizer)
     optimizer = make_optimizer(model, tcfg)
     if snapshot is not None:
         optimizer.load_state_dict(snapshot.optimizer)
-        batches.load_state_dict(snapshot.sampler)
+        plan.batches.load_state_dict(snapshot.sampler)
         _set_rng_state(snapshot.rng)
     train_model = torch.compile(model) if tcfg.compile else model
 
-    def save(st: TrainState, metrics: dict[str, float]) -> Path:
-        path = project.checkpoint_dir(run, st.step)
+    def write(path: Path, st: TrainState, metrics: dict[str, float]) -> Path:
         trainer = checkpoint.TrainerSnapshot(dataclasses.asdict(st), optimizer.state_dict(), _rng_state(),
-                                             batches.state_dict())
-        checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=st.step,
-                        metrics=metrics, data=_data_identity(prepared), trainer=trainer)
+                                             plan.batches.state_dict())
+        checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=st.step, metrics=metrics,
+                        trainer=trainer, task=plan.task, extra=plan.meta, adapters_only=plan.adapters_only)
+        return path
+
+    def save(st: TrainState, metrics: dict[str, float]) -> Path:
+        path = write(project.checkpoint_dir(run, st.step), st, metrics)
         checkpoint.set_latest(project, path)
         checkpoint.prune(project, run, tcfg.keep_checkpoints)
         return path
 
     outcome = train_loop(
-        train_model, batches, loss_fn, tcfg, state=state, optimizer=optimizer,
-        tokens_per_batch=tcfg.batch_size * cfg.model.max_seq_len,
-        validate=lambda: validate(train_model, val_batches, metrics_fn, device, tcfg.precision),
-        save=save, metrics_file=project.metrics_file(run), device=device, progress=progress)
-    return TrainResult(run, state, outcome, count_parameters(model))
+        train_model, plan.batches, plan.loss_fn, tcfg, state=state, optimizer=optimizer,
+        tokens_per_batch=plan.tokens_per_batch,
+        validate=lambda: validate(train_model, plan.val_batches, plan.metrics_fn, device, tcfg.precision),
+        save=save, metrics_file=project.metrics_file(run), device=device, progress=progress,
+        save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None)
+    best = project.best_checkpoint_dir(run)
+    if plan.keep_best and outcome.stopped_by is None and best.is_dir():  # also when a resumed session found none
+        outcome = dataclasses.replace(outcome, best_checkpoint=best)
+        checkpoint.set_latest(project, best)  # a finished run's result is its best model
+    return TrainResult(run, state, outcome, count_parameters(model), tcfg.best_metric if plan.keep_best else None)
 
 
-def pretraining_data(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: Tokenizer
-                     ) -> tuple[Iterator[Batch], list[Batch], LossFn, MetricsFn]:
-    """What pretraining means for cfg.model.arch: train batches, fixed validation batches, the loss
-    and the validation metrics. GPT: next-token prediction on random windows. BERT: masked-LM +
-    next-sentence prediction on sentence pairs."""
+def pretraining_plan(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: Tokenizer) -> RunPlan:
+    """What pretraining means for cfg.model.arch. GPT: next-token prediction on random windows.
+    BERT: masked-LM + next-sentence prediction on sentence pairs."""
     tcfg, seq_len = cfg.train, cfg.model.max_seq_len
+    identity = {"data": _data_identity(prepared)}
     if cfg.model.arch == "bert":
         train = data.BertPairs(prepared.train.array(), seq_len, tcfg.batch_size, tcfg.seed, tokenizer,
                                cfg.data.mask_prob)
         # The val pairs and masks are drawn once, from a generator of their own.
         val = data.BertPairs(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.seed + 1, tokenizer,
                              cfg.data.mask_prob).fixed_batches(tcfg.eval_batches)
-        return train, val, objectives.mlm_nsp_loss, objectives.mlm_nsp_metrics
+        return RunPlan(train, val, objectives.mlm_nsp_loss, objectives.mlm_nsp_metrics, tcfg.batch_size * seq_len,
+                       meta=identity)
     train_windows = data.LMWindows(prepared.train.array(), seq_len, tcfg.batch_size, seed=tcfg.seed)
     val = data.eval_batches(prepared.val.array(), seq_len, tcfg.batch_size, tcfg.eval_batches)
-    return train_windows, val, objectives.causal_lm_loss, objectives.causal_lm_metrics
+    return RunPlan(train_windows, val, objectives.causal_lm_loss, objectives.causal_lm_metrics,
+                   tcfg.batch_size * seq_len, meta=identity)
 
 
 def _data_identity(prepared: prepare.PreparedData) -> dict[str, object]:
@@ -416,7 +475,7 @@ def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after STEP (written before a crash, and about to be redone)."""
     if not path.exists():
         return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,30 @@ def tiny_bert_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Pr
     shutil.copytree(tiny_project.data_dir, project.data_dir)
     train.pretrain(project, [], tiny_bert_config())
     return project
+
+
+STYLE_LABELS = ["shout", "speak", "whisper"]
+
+
+def _write_style_task(path: Path, lines: list[str]) -> None:
+    """A task any small model can learn: a line in capitals (shout), lower case (whisper), or as written."""
+    styles = {"shout": str.upper, "speak": str, "whisper": str.lower}
+    with path.open("w", encoding="utf-8") as f:
+        for i, line in enumerate(lines):
+            label = STYLE_LABELS[i % 3]
+            f.write(json.dumps({"text": styles[label](line), "label": label}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory: pytest.TempPathFactory, sample_text: str) -> dict[str, Path]:
+    """Finetuning data from the sample text: a style classification task (train, val) and
+    prompt/completion pairs that all share one reply (instruct)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    lines = [line for line in sample_text.splitlines() if len(line) > 25]
+    random.Random(0).shuffle(lines)
+    files = {"train": folder / "train.jsonl", "val": folder / "val.jsonl", "instruct": folder / "speeches.jsonl"}
+    _write_style_task(files["train"], lines[:480])
+    _write_style_task(files["val"], lines[480:570])
+    files["instruct"].write_text("".join(json.dumps({"prompt": line + "\n", "completion": "Amen to that, my lord."})
+                                         + "\n" for line in lines[:300]))
+    return files

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from tests.cli.conftest import assert_user_error, lmkit
 
@@ -37,17 +36,3 @@ def test_generate_errors(tmp_path, ckpt_project) -> None:
     assert_user_error(lmkit("generate", "-c", tmp_path, "hi"), "is not an lmkit checkpoint")
     assert lmkit("generate", "-p", ckpt_project, "hi", "--top-p", "1.5").exit_code == 2
     assert lmkit("generate", "-p", ckpt_project, "hi", "--device", "tpu").exit_code == 2
-
-
-def test_a_checkpoint_for_another_task_is_refused(ckpt_project, tmp_path) -> None:
-    import shutil
-
-    other = tmp_path / "classifier"
-    shutil.copytree(Path(ckpt_project) / "checkpoints" / "run1", other)
-    step = sorted(other.iterdir())[-1]
-    meta = json.loads((step / "config.json").read_text())
-    (step / "config.json").write_text(json.dumps({**meta, "task": "classify"}))
-    assert_user_error(lmkit("generate", "-c", step, "hi"),
-                      "is a 'classify' checkpoint; 'lmkit generate' needs one whose task is 'lm'")
-    assert_user_error(lmkit("eval", "-c", step, Path(ckpt_project) / "lmkit.toml"),
-                      "'lmkit eval' needs one whose task is 'lm'")

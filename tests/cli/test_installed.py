@@ -104,3 +104,25 @@ def test_fill_mask_through_the_installed_command(tmp_path, small_corpus) -> None
     sh(f"lmkit pretrain {small_corpus} -p bert --arch bert {TINY} --max-steps 5", tmp_path)
     out = sh('echo "Good [MASK], my lord." | lmkit generate -p bert --top-k 2', tmp_path).stdout.splitlines()
     assert out[0].startswith("Good ") and out[1].startswith("  [MASK] 1: ") and out[1].count("%") == 2
+
+
+def test_finetune_eval_generate_and_merge_through_the_installed_command(tmp_path, ckpt_project, task_files) -> None:
+    train, val = task_files["train"], task_files["val"]
+    quick = "--max-steps 8 --set train.eval_interval=4 --set train.batch_size=8"
+    out = sh(f"lmkit finetune {train} --from {ckpt_project} --val {val} -p ft --lora-rank 4 --merge {quick}",
+             tmp_path)
+    assert "trainable parameters" in out.stderr and "merged the adapters into" in out.stderr
+    assert out.stdout.splitlines()[-1].startswith("best val_accuracy")
+    report = json.loads(sh(f"lmkit eval -p ft {val} --json --predictions preds.jsonl", tmp_path).stdout)
+    assert report["task"] == "classify" and report["examples"] == 90 and 0 <= report["macro_f1"] <= 1
+    predictions = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert len(predictions) == 90 and {p["predicted"] for p in predictions} <= {"shout", "speak", "whisper"}
+    table = sh(f"lmkit eval -p ft {val}", tmp_path).stdout
+    assert "precision  recall" in table and "confusion (rows: true, columns: predicted)" in table
+    lines = sh('printf "MY LORD, MY LORD\\nmy lord, my lord\\n" | lmkit generate -p ft', tmp_path).stdout
+    assert [line.split("\t")[0] in {"shout", "speak", "whisper"} for line in lines.splitlines()] == [True, True]
+    assert all(0 < float(line.split("\t")[1]) <= 1 for line in lines.splitlines())
+    adapters = tmp_path / "ft" / "checkpoints" / "run1" / "best"
+    sh(f"lmkit merge {adapters} -o merged2", tmp_path)
+    again = json.loads(sh(f"lmkit eval -c merged2 {val} --json", tmp_path).stdout)
+    assert again["accuracy"] == report["accuracy"]

@@ -1,0 +1,96 @@
+"""Does pretraining transfer? Finetune on the sample genre task (comedy / tragedy / history,
+train/val/test split by play) from: a pretrained BERT, the same BERT shape from scratch, a
+pretrained GPT, and LoRA (rank 8) on the pretrained BERT -- same budget for each, a sweep of
+learning rates, the best learning rate picked on validation, test accuracy and macro-F1 reported.
+
+It drives the installed `lmkit` command, as a user would:
+
+    python bench/transfer.py --bert BERT_PROJECT_OR_CKPT --gpt GPT_PROJECT_OR_CKPT -o /tmp/transfer
+
+Results go to OUT/results.jsonl (one line per run; finished runs are skipped when rerun) and a
+markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "sample_data"
+SETUPS = {  # name -> (base flag, extra finetune arguments)
+    "bert-pretrained": ("bert", []),
+    "bert-scratch": ("bert", ["--scratch"]),
+    "gpt-pretrained": ("gpt", []),
+    "bert-lora8": ("bert", ["--lora-rank", "8"]),
+}
+
+
+def lmkit(*args: str) -> dict:
+    done = subprocess.run(["lmkit", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"lmkit {' '.join(args)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def run_one(name: str, lr: float, base: str, extra: list[str], out: Path, steps: int, batch: int) -> dict:
+    project = out / f"{name}-lr{lr:g}"
+    start = time.monotonic()
+    trained = lmkit("finetune", str(DATA / "genre_train.csv"), "--val", str(DATA / "genre_val.csv"),
+                    "--from", base, "-p", str(project), "--max-steps", str(steps), "--set", f"train.lr={lr}",
+                    "--set", f"train.min_lr={lr / 10}", "--set", f"train.batch_size={batch}", "-q", *extra)
+    seconds = time.monotonic() - start
+    test = lmkit("eval", "-p", str(project), str(DATA / "genre_test.csv"))
+    info = lmkit("info", trained["best_checkpoint"])
+    return {"setup": name, "lr": lr, "steps": steps, "batch": batch, "best_step": trained["best_step"],
+            "val_accuracy": trained["best"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+            "trainable": info["trainable_parameters"], "parameters": info["parameters"],
+            "seconds": round(seconds, 1)}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| setup | lr | best step | val acc | test acc | test macro-F1 | trainable | time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        share = f"{r['trainable']:,} ({r['trainable'] / r['parameters']:.1%})"
+        lines.append(f"| {r['setup']} | {r['lr']:g} | {r['best_step']} | {r['val_accuracy']:.3f} | "
+                     f"{r['test_accuracy']:.3f} | {r['test_macro_f1']:.3f} | {share} | {r['seconds']:.0f}s |")
+    lines += ["", "Picked on validation accuracy:", "",
+              "| setup | lr | test acc | test macro-F1 |", "|---|---|---|---|"]
+    for name in dict.fromkeys(r["setup"] for r in results):
+        best = max((r for r in results if r["setup"] == name), key=lambda r: r["val_accuracy"])
+        lines.append(f"| {name} | {best['lr']:g} | {best['test_accuracy']:.3f} | {best['test_macro_f1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bert", required=True, help="pretrained BERT: a project, run or checkpoint folder")
+    parser.add_argument("--gpt", required=True, help="pretrained GPT: a project, run or checkpoint folder")
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates")
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, from: " + ", ".join(SETUPS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.jsonl"
+    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    bases = {"bert": args.bert, "gpt": args.gpt}
+    for name in args.setups.split(","):
+        arch, extra = SETUPS[name]
+        for lr in (float(x) for x in args.lrs.split(",")):
+            if any(r["setup"] == name and r["lr"] == lr and r["steps"] == args.steps for r in results):
+                continue
+            result = run_one(name, lr, bases[arch], extra, args.out, args.steps, args.batch)
+            results.append(result)
+            with results_file.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(json.dumps(result), flush=True)
+    print(table([r for r in results if r["steps"] == args.steps]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, lm), fully or with LoRA."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli import display
+from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+
+
+class Task(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
+    classify = "classify"
+    instruct = "instruct"
+    lm = "lm"
+
+
+class LoraTargets(str, Enum):  # noqa: UP042
+    attn = "attn"
+    mlp = "mlp"
+    all = "all"
+
+
+def finetune(
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Argument(
+        show_default=False,
+        help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), text (lm).")] = None,
+    task: Annotated[Task, typer.Option(help="What to finetune for.")] = Task.classify,
+    base: Annotated[Optional[Path], typer.Option(
+        "--from", show_default=False,
+        help="Pretrained checkpoint, run or project (default: the project's latest).")] = None,
+    scratch: Annotated[bool, typer.Option(
+        "--scratch", help="Baseline: the --from checkpoint's shape and tokenizer, fresh weights.")] = False,
+    val: Annotated[Optional[Path], typer.Option(
+        show_default=False, help="Validation file (default: 10% of DATA held back, stratified by label).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(
+        min=0, show_default=False, help="Train LoRA adapters of this rank on a frozen model (0: all weights).")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(
+        min=0.0, show_default=False, help="LoRA updates are scaled by alpha / rank (default 16).")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.99, show_default=False, help="Dropout on the LoRA path (default 0).")] = None,
+    lora_targets: Annotated[Optional[LoraTargets], typer.Option(
+        show_default=False, help="Projections that get adapters: attn, mlp or all (default attn).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="With LoRA: also write a merged full checkpoint.")] = False,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", show_default=False, help="A TOML or JSON config file.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest finetuning run exactly.")] = False,
+    json_out: Json = False,
+    checkpoint: CheckpointOpt = None,
+    project: ProjectDir = None,
+    device: DeviceOpt = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+) -> None:
+    """Finetune a pretrained checkpoint on DATA (keeps the best checkpoint by validation)."""
+    from lmkit import checkpoint as ckpt_lib
+    from lmkit import config
+    from lmkit import finetune as ft
+    from lmkit import project as proj
+
+    opts = common(ctx, project, device, seed, quiet)
+    with user_errors():
+        p = proj.Project.open(opts.project)
+        with display.Display(opts.quiet) as shown:
+            if resume:
+                if data or base or val or set_ or config_file or scratch or lora_rank is not None:
+                    raise config.ConfigError("--resume continues a run with its saved data and config; "
+                                             "only --max-steps may change")
+                result = ft.resume(p, checkpoint, max_steps=max_steps, log=opts.say, progress=shown.training)
+            else:
+                if data is None:
+                    raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
+                flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
+                         "lora.targets": lora_targets.value if lora_targets else None, "train.max_steps": max_steps,
+                         "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
+                spec = ft.FinetuneSpec(task.value, str(data.resolve()),
+                                       str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
+                                       str(val.resolve()) if val else None, scratch)
+                result = ft.finetune(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
+                                     merge=merge, log=opts.say, progress=shown.training)
+    out = result.outcome
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in out.validation.items())
+        typer.echo(f"{result.run}: step {result.state.step}, {scores}")
+        if out.best_checkpoint:
+            typer.echo(f"best {result.best_metric} {result.state.best:.4f} at step {result.state.best_step}: "
+                       f"{out.best_checkpoint}")
+    if out.stopped_by is not None:
+        typer.echo(f"stopped by signal {out.stopped_by}; continue with: lmkit finetune --resume -p {p.root}", err=True)
+        raise typer.Exit(code=128 + out.stopped_by)

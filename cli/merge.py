@@ -1,0 +1,31 @@
+"""`lmkit merge`: fold LoRA adapters into their base weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import ProjectDir, common, user_errors
+
+
+def merge(
+    ctx: typer.Context,
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        show_default=False, help="An adapter checkpoint (default: the project's latest).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", show_default=False,
+        help="Where to write the merged checkpoint (default: beside it, named '-merged').")] = None,
+    project: ProjectDir = None,
+) -> None:
+    """Merge a LoRA checkpoint's adapters into a full checkpoint that needs no base."""
+    from lmkit import checkpoint as ckpt_lib
+    from lmkit import finetune as ft
+    from lmkit import project as proj
+
+    opts = common(ctx, project)
+    with user_errors():
+        source = ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False))
+        merged = ft.merge_checkpoint(source, out or source.with_name(source.name + "-merged"))
+    typer.echo(str(merged))

@@ -1,0 +1,189 @@
+"""Finetuning a pretrained checkpoint (transfer learning): sequence classification, instruction
+tuning on prompt/completion pairs, or more language-model training on new text -- with all
+weights trained, or with LoRA adapters on a frozen model. Every task runs on the shared loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmkit import checkpoint, corpus, lora, objectives, prepare, tasks
+from lmkit.config import ConfigError, RunConfig, TrainConfig, resolve
+from lmkit.device import pick_device
+from lmkit.errors import CheckpointError, DataError
+from lmkit.fileio import atomic_write_json
+from lmkit.models import build_model, count_parameters
+from lmkit.models.heads import SequenceClassifier
+from lmkit.project import Project
+from lmkit.tokenizer import Tokenizer
+from lmkit.train import (
+    Log,
+    Progress,
+    RunPlan,
+    TrainResult,
+    TrainState,
+    pretraining_plan,
+    run_training,
+    truncate_metrics,
+)
+
+Task = Literal["classify", "instruct", "lm"]
+TASKS: tuple[str, ...] = ("classify", "instruct", "lm")
+
+# Finetuning recipes (override any with --set train.*): short runs at a lower learning rate than
+# pretraining, validated often, keeping the best checkpoint by the task's own metric.
+FINETUNE_TRAIN: dict[str, dict[str, Any]] = {
+    "classify": {"batch_size": 32, "max_steps": 300, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 30,
+                 "weight_decay": 0.01, "eval_interval": 25, "log_interval": 5, "save_interval": 100_000,
+                 "best_metric": "val_accuracy"},
+    "instruct": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
+                 "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
+    "lm": {"max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50, "eval_interval": 50,
+           "log_interval": 10, "save_interval": 100_000},
+}
+VAL_FRACTION = 0.1  # held back for validation when no --val file is given
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """The inputs of a finetuning run; saved in its checkpoints so that --resume can rebuild it."""
+
+    task: Task
+    data: str
+    base: str  # the pretrained checkpoint folder
+    val: str | None = None
+    scratch: bool = False  # a baseline: the base's shape and tokenizer, but freshly initialised weights
+
+
+def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
+             flags: dict[str, Any] | None = None, merge: bool = False, log: Log = lambda _: None,
+             progress: Callable[[Progress], None] | None = None) -> TrainResult:
+    """Finetune the checkpoint SPEC.base on SPEC.data for SPEC.task in a new run of PROJECT.
+
+    Raises:
+        CheckpointError: the base checkpoint does not suit the task.
+        DataError, ConfigError: bad task data or settings.
+    """
+    base = checkpoint.Checkpoint(Path(spec.base)).require_task("lm", "finetune")
+    if spec.task == "instruct":
+        base.require_arch("gpt", "finetune --task instruct")
+    defaults = dataclasses.replace(base.config, train=TrainConfig(**FINETUNE_TRAIN[spec.task]))
+    cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
+    if dataclasses.replace(cfg.model, dropout=base.config.model.dropout) != base.config.model:
+        raise ConfigError("a finetune keeps the pretrained model's shape; only model.dropout may change")
+    if spec.scratch and cfg.lora.rank:
+        raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
+                          "would learn next to nothing, so leave out --lora-rank")
+    tokenizer = base.tokenizer()
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device) if spec.scratch else base.model(device, model_config=cfg.model)
+    plan = _plan(project, spec, cfg, tokenizer)
+    if spec.task == "classify":
+        model = SequenceClassifier(model, len(plan.meta["labels"])).to(device)
+    if cfg.lora.rank:
+        lora.add_adapters(model, cfg.lora)
+        plan.adapters_only = True
+        plan.meta["base"] = {"path": str(base.path.resolve()), "weights": checkpoint.weights_fingerprint(base.path)}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run = project.new_run_name()
+    project.run_dir(run).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    start = f"a fresh {cfg.model.arch} shaped like {base.path}" if spec.scratch else str(base.path)
+    log(f"{run}: finetuning {start} for {spec.task}; trainable parameters {trainable:,} of "
+        f"{count_parameters(model):,} ({trainable / count_parameters(model):.2%}) on {device}")
+    result = run_training(project, run, cfg, model, tokenizer, plan, state=TrainState(), snapshot=None,
+                          device=device, progress=progress)
+    if merge and cfg.lora.rank and result.outcome.stopped_by is None:
+        merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
+                                  project.checkpoints_dir / run / "merged")
+        checkpoint.set_latest(project, merged)
+        log(f"merged the adapters into {merged}")
+    return result
+
+
+def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
+           progress: Callable[[Progress], None] | None = None, log: Log = lambda _: None) -> TrainResult:
+    """Continue an interrupted finetuning run (default: the project's latest checkpoint) exactly."""
+    ckpt = checkpoint.Checkpoint(checkpoint.resolve(checkpoint_path, project))
+    snapshot = ckpt.trainer()
+    if "finetune" not in ckpt.meta or snapshot is None:
+        raise CheckpointError(f"{ckpt.path} is not a resumable finetuning checkpoint")
+    spec = FinetuneSpec(**ckpt.meta["finetune"])
+    cfg = ckpt.config
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+    state = TrainState(**snapshot.state)
+    if state.step >= cfg.train.max_steps:
+        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
+                          "pass a larger --max-steps to train further")
+    device = pick_device(cfg.train.device)
+    model = ckpt.model(device)
+    tokenizer = ckpt.tokenizer()
+    plan = _plan(project, spec, cfg, tokenizer)
+    if plan.meta.get("data") != ckpt.meta.get("data"):
+        raise DataError(f"the finetuning data of {ckpt.run} changed since it started, so it cannot resume exactly")
+    if cfg.lora.rank:
+        plan.adapters_only, plan.meta["base"] = True, ckpt.meta["base"]
+    truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
+    return run_training(project, ckpt.run, cfg, model, tokenizer, plan, state=state, snapshot=snapshot,
+                        device=device, progress=progress)
+
+
+def merge_checkpoint(adapter_path: Path, out: Path) -> Path:
+    """Write a full checkpoint at OUT with the LoRA adapters of ADAPTER_PATH folded into the weights;
+    it gives the same outputs and needs neither the base checkpoint nor LoRA code."""
+    ckpt = checkpoint.Checkpoint(adapter_path)
+    if ckpt.meta.get("weights") != "adapters":
+        raise CheckpointError(f"{adapter_path} holds full weights already; there is nothing to merge")
+    model = lora.merge_adapters(ckpt.model())
+    extra = {k: ckpt.meta[k] for k in ("labels", "data", "finetune") if k in ckpt.meta}
+    checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run, step=ckpt.step,
+                    metrics=ckpt.meta.get("metrics"), task=ckpt.task, extra={**extra, "merged_from": str(adapter_path)})
+    return out
+
+
+def _plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
+    """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data."""
+    tcfg, max_len, arch = cfg.train, cfg.model.max_seq_len, cfg.model.arch
+    files = [Path(spec.data)] + ([Path(spec.val)] if spec.val else [])
+    meta: dict[str, Any] = {"finetune": dataclasses.asdict(spec), "data": {"sources": corpus.fingerprint(
+        corpus.check_files(files))}}
+    if spec.task == "lm":
+        prepared = prepare.prepare(project, files[:1], tokenizer, cfg.data, dataset="finetune")
+        plan = pretraining_plan(cfg, prepared, tokenizer)
+        plan.meta, plan.keep_best = meta, True
+        return plan
+    if spec.task == "classify":
+        examples = tasks.read_labelled(files[0])
+        train, val = ((examples, tasks.read_labelled(files[1])) if spec.val
+                      else tasks.stratified_split(examples, VAL_FRACTION, tcfg.seed))
+        labels = tasks.label_set(train)
+        collate = tasks.collate_labelled(tokenizer.pad_id)
+        rows = tasks.encode_labelled(train, tokenizer, labels, arch, max_len)
+        val_rows = tasks.encode_labelled(val, tokenizer, labels, arch, max_len)
+        loss_fn, metrics_fn = objectives.classify_loss, objectives.classify_metrics
+        meta["labels"] = labels
+    else:
+        pairs = tasks.read_prompt_completions(files[0])
+        val_pairs = tasks.read_prompt_completions(files[1]) if spec.val else None
+        if val_pairs is None:  # every tenth pair, in file order
+            pairs, val_pairs = [p for i, p in enumerate(pairs) if i % 10], pairs[::10]
+        if not pairs or not val_pairs:
+            raise DataError(f"{spec.data}: too few pairs to hold some back for validation; pass --val FILE")
+        collate = tasks.collate_prompt_completions(tokenizer.pad_id)
+        rows = tasks.encode_prompt_completions(pairs, tokenizer, max_len)
+        val_rows = tasks.encode_prompt_completions(val_pairs, tokenizer, max_len)
+        loss_fn, metrics_fn = objectives.causal_lm_loss, objectives.causal_lm_metrics
+    mean_len = sum(len(r[0]) for r in rows) / len(rows)
+    return RunPlan(tasks.EpochBatches(rows, tcfg.batch_size, tcfg.seed, collate),
+                   tasks.fixed_batches(val_rows, tcfg.batch_size, collate), loss_fn, metrics_fn,
+                   int(tcfg.batch_size * mean_len), task=spec.task if spec.task == "classify" else "lm",
+                   meta=meta, keep_best=True)

@@ -1,0 +1,49 @@
+"""`lmkit finetune`, `lmkit merge`, and eval/generate on classifiers, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.conftest import assert_user_error, lmkit
+
+QUICK = ["--max-steps", "6", "--set", "train.eval_interval=3", "--set", "train.batch_size=8", "--quiet"]
+
+
+def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_bert_project, task_files,
+                                                              tmp_path) -> None:
+    base = Path(ckpt_project)
+    project = tmp_path / "ft"
+    train, val = task_files["train"], task_files["val"]
+    assert_user_error(lmkit("finetune", tmp_path / "missing.csv", "--from", base, "-p", project),
+                      "missing.csv does not exist")
+    assert_user_error(lmkit("finetune", train, "--task", "instruct", "--from", base, "-p", project),
+                      "train.jsonl:1: missing field 'prompt' (found: text, label)")
+    assert_user_error(lmkit("finetune", task_files["instruct"], "--task", "instruct", "--from",
+                            tiny_bert_project.root, "-p", project), "needs a gpt one")
+    assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--scratch", "--lora-rank", "4"),
+                      "leave out --lora-rank")
+    assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--set", "model.d_model=96"),
+                      "keeps the pretrained model's shape")
+    assert_user_error(lmkit("finetune", "--resume", train, "-p", project), "only --max-steps may change")
+    assert_user_error(lmkit("eval", "-p", base, "--task", "classify", val),
+                      "is a checkpoint for task 'lm'; 'lmkit eval --task classify' needs one for task 'classify'")
+
+    trained = lmkit("finetune", train, "--from", base, "--val", val, "-p", project, *QUICK, "--json")
+    assert trained.exit_code == 0, trained.output
+    report = json.loads(trained.output)
+    assert report["best_metric"] == "val_accuracy" and report["best_checkpoint"].endswith("run1/best")
+    assert_user_error(lmkit("finetune", train, "-p", project), "'lmkit finetune' needs one for task 'lm'")
+    assert_user_error(lmkit("eval", "-p", project, "--task", "lm", val), "needs one for task 'lm'")
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("text,label\nSome text,sonnet\n")
+    assert_user_error(lmkit("eval", "-p", project, unknown), "label 'sonnet' is not one of the classifier's labels")
+    assert_user_error(lmkit("merge", "-p", project, "-o", tmp_path / "m"), "holds full weights already")
+
+
+def test_scratch_starts_from_fresh_weights(ckpt_project, task_files, tmp_path) -> None:
+    args = [task_files["train"], "--from", ckpt_project, "--val", task_files["val"], *QUICK, "--json"]
+    pretrained = json.loads(lmkit("finetune", *args, "-p", tmp_path / "a").output)
+    scratch = lmkit("finetune", *args, "--scratch", "-p", tmp_path / "b")
+    assert scratch.exit_code == 0, scratch.output
+    assert json.loads(scratch.output)["train_loss"] != pretrained["train_loss"]
