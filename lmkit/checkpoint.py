@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -94,8 +95,6 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
 
 def weights_fingerprint(path: Path) -> str:
     """sha256 (16 hex digits) of a checkpoint's model.safetensors."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path / "model.safetensors", "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -26,6 +26,8 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--set", "model.d_model=96"),
                       "keeps the pretrained model's shape")
     assert_user_error(lmkit("finetune", "--resume", train, "-p", project), "only --max-steps may change")
+    assert_user_error(lmkit("finetune", val, "--task", "lm", "--val", val, "--from", base, "-p", project),
+                      "leave out --val")
     assert_user_error(lmkit("eval", "-p", base, "--task", "classify", val),
                       "is a checkpoint for task 'lm'; 'lmkit eval --task classify' needs one for task 'classify'")
 
