@@ -82,6 +82,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
     if dataclasses.replace(cfg.model, dropout=base.config.model.dropout) != base.config.model:
         raise ConfigError("a finetune keeps the pretrained model's shape; only model.dropout may change")
+    if merge and not cfg.lora.rank:
+        raise ConfigError("--merge folds LoRA adapters into the weights; it needs --lora-rank")
     if spec.scratch and cfg.lora.rank:
         raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
                           "would learn next to nothing, so leave out --lora-rank")

@@ -23,6 +23,7 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
                             tiny_bert_project.root, "-p", project), "needs a gpt one")
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--scratch", "--lora-rank", "4"),
                       "leave out --lora-rank")
+    assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--merge"), "it needs --lora-rank")
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--set", "model.d_model=96"),
                       "keeps the pretrained model's shape")
     assert_user_error(lmkit("finetune", "--resume", train, "-p", project), "only --max-steps may change")
