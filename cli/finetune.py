@@ -10,7 +10,20 @@ from typing import Annotated, Optional
 import typer
 
 from cli import display
-from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+from cli.options import (
+    CheckpointOpt,
+    ConfigFile,
+    DeviceOpt,
+    Json,
+    MaxSteps,
+    ProjectDir,
+    Quiet,
+    Seed,
+    Sets,
+    common,
+    exit_if_interrupted,
+    user_errors,
+)
 
 
 class Task(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
@@ -47,11 +60,9 @@ def finetune(
     lora_targets: Annotated[Optional[LoraTargets], typer.Option(
         show_default=False, help="Projections that get adapters: attn, mlp or all (default attn).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="With LoRA: also write a merged full checkpoint.")] = False,
-    config_file: Annotated[Optional[Path], typer.Option(
-        "--config", show_default=False, help="A TOML or JSON config file.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")] = None,
+    config_file: ConfigFile = None,
+    set_: Sets = None,
+    max_steps: MaxSteps = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest finetuning run exactly.")] = False,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
@@ -95,6 +106,4 @@ def finetune(
         if out.best_checkpoint:
             typer.echo(f"best {result.best_metric} {result.state.best:.4f} at step {result.state.best_step}: "
                        f"{out.best_checkpoint}")
-    if out.stopped_by is not None:
-        typer.echo(f"stopped by signal {out.stopped_by}; continue with: lmkit finetune --resume -p {p.root}", err=True)
-        raise typer.Exit(code=128 + out.stopped_by)
+    exit_if_interrupted(out.stopped_by, "finetune", p.root)

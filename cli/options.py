@@ -34,6 +34,11 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", show_default=False,
     help="A checkpoint folder, run folder or project (default: the project's latest checkpoint).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", show_default=False, help="A TOML config file, or a run's saved config.json.")]
+Sets = Annotated[Optional[list[str]], typer.Option(
+    "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")]
+MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,13 @@ def user_errors() -> Iterator[None]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(code=141) from None
+
+
+def exit_if_interrupted(stopped_by: int | None, command: str, project_root: Path) -> None:
+    """After a training command: a run stopped by a signal says how to resume (even with --quiet,
+    since it did not finish) and exits 128 + the signal number, as shells do."""
+    if stopped_by is not None:
+        typer.echo(f"stopped by signal {stopped_by}; continue with: lmkit {command} --resume -p {project_root}",
+                   err=True)
+        raise typer.Exit(code=128 + stopped_by)
+

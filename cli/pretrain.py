@@ -9,7 +9,19 @@ from typing import Annotated, Optional
 import typer
 
 from cli import display
-from cli.options import DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+from cli.options import (
+    ConfigFile,
+    DeviceOpt,
+    Json,
+    MaxSteps,
+    ProjectDir,
+    Quiet,
+    Seed,
+    Sets,
+    common,
+    exit_if_interrupted,
+    user_errors,
+)
 
 
 def pretrain(
@@ -20,11 +32,9 @@ def pretrain(
         show_default=False, help="gpt (causal LM) or bert (masked LM + next sentence) (default: gpt).")] = None,
     preset: Annotated[Optional[str], typer.Option(
         show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
-    config_file: Annotated[Optional[Path], typer.Option(
-        "--config", show_default=False, help="A TOML (or saved JSON) config file, over lmkit.toml.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", show_default=False, help="Override one setting, e.g. --set model.n_layer=4 (repeatable).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")] = None,
+    config_file: ConfigFile = None,
+    set_: Sets = None,
+    max_steps: MaxSteps = None,
     time_budget: Annotated[Optional[str], typer.Option(
         show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
@@ -62,6 +72,4 @@ def pretrain(
         val = f", val loss {out.val_loss:.4f}" if out.val_loss is not None else ""
         typer.echo(f"{out.checkpoint}: step {result.state.step}, train loss {out.train_loss:.4f}{val}, "
                    f"{display.duration(result.state.elapsed)}, {out.tokens_per_sec:,.0f} tokens/s")
-    if out.stopped_by is not None:  # shown even with --quiet: the run did not finish
-        typer.echo(f"stopped by signal {out.stopped_by}; continue with: lmkit pretrain --resume -p {p.root}", err=True)
-        raise typer.Exit(code=128 + out.stopped_by)
+    exit_if_interrupted(out.stopped_by, "pretrain", p.root)
