@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 from pathlib import Path
@@ -20,6 +19,7 @@ from lmkit.evaluate import evaluate_classifier
 from lmkit.project import Project
 from tests.conftest import SAMPLE_HELDOUT
 from tests.conftest import STYLE_LABELS as LABELS
+from tests.test_train import losses
 
 QUICK = {"train.max_steps": 40, "train.eval_interval": 10, "train.batch_size": 16, "train.warmup_steps": 5,
          "train.log_interval": 1, "train.lr": 2e-3}
@@ -124,11 +124,6 @@ def test_adapters_refuse_a_base_that_changed_or_went(tiny_project, task_files, t
     shutil.rmtree(base.latest_checkpoint())
     with pytest.raises(CheckpointError, match="which is gone"):
         Checkpoint(result.outcome.best_checkpoint).model()
-
-
-def losses(project: Project, run_name: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in project.metrics_file(run_name).read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records]
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
