@@ -74,7 +74,7 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
         "run": run,
         "step": step,
         "parameters": count_parameters(model),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
         "weights": "adapters" if adapters_only else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                       "file": "tokenizer.model"},

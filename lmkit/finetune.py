@@ -98,7 +98,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         lora.add_adapters(model, cfg.lora)
         plan.adapters_only = True
         plan.meta["base"] = {"path": str(base.path.resolve()), "weights": checkpoint.weights_fingerprint(base.path)}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_parameters(model, trainable_only=True)
     run = project.new_run_name()
     project.run_dir(run).mkdir(parents=True, exist_ok=True)
     atomic_write_json(project.run_config_file(run), cfg.to_dict())

@@ -17,6 +17,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MODELS[cfg.arch](cfg)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights count once)."""
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Distinct parameters (tied weights count once); with TRAINABLE_ONLY, those not frozen (LoRA)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
