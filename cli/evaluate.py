@@ -1,35 +1,59 @@
-"""`lmkit eval`: score a checkpoint on a file: a language model on text, a classifier on labelled examples."""
+"""`lmkit eval`: score a checkpoint on a file: a language model on text, a classifier on labelled
+examples, an encoder-decoder on source/target pairs."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, common, user_errors
+from cli.options import (
+    Beam,
+    CheckpointOpt,
+    DeviceOpt,
+    Json,
+    LengthPenalty,
+    MaxNewTokens,
+    NoRepeatNgram,
+    ProjectDir,
+    Quiet,
+    RepetitionPenalty,
+    common,
+    user_errors,
+)
 
 
 def evaluate(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(show_default=False, help="Text (lm) or labelled examples (classify).")],
+    file: Annotated[Path, typer.Argument(
+        show_default=False, help="Text (lm), labelled examples (classify) or source/target pairs (seq2seq).")],
     task: Annotated[Optional[str], typer.Option(
-        show_default=False, help="lm or classify (default: the checkpoint's own task, which it must match).")] = None,
+        show_default=False,
+        help="lm, classify or seq2seq (default: the checkpoint's own task, which it must match).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False, help="Sequences per forward pass (default: 8; seq2seq: 64 sources).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(
-        show_default=False, help="classify: write each example's prediction to this JSONL file.")] = None,
+        show_default=False, help="classify, seq2seq: write each example's prediction to this JSONL file.")] = None,
+    beam: Beam = 1,
+    length_penalty: LengthPenalty = 1.0,
+    no_repeat_ngram_size: NoRepeatNgram = 0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    max_new_tokens: MaxNewTokens = 200,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
     device: DeviceOpt = None,
     quiet: Quiet = False,
 ) -> None:
-    """Score a checkpoint on FILE: perplexity and bits per byte, MLM/NSP accuracy, or classification."""
+    """Score a checkpoint on FILE: perplexity and bits per byte, MLM/NSP accuracy, classification, or
+    BLEU/chrF/exact match of decoded outputs (greedy, or --beam N)."""
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import corpus, tasks
+    from lmkit import config, corpus, tasks
     from lmkit import device as dev
     from lmkit import evaluate as ev
     from lmkit import project as proj
@@ -37,21 +61,36 @@ def evaluate(
     opts = common(ctx, project, device, quiet=quiet)
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        ckpt.require_task(task or ckpt.task, "eval" + (f" --task {task}" if task else ""))
+        seq2seq = ckpt.config.model.arch == "seq2seq"  # pretrained (denoising) or finetuned, it maps text to text
+        if seq2seq and task not in (None, "seq2seq"):
+            raise ckpt_lib.CheckpointError(f"{ckpt.path} is a seq2seq checkpoint: it is scored on source/target "
+                                           "pairs (--task seq2seq)")
+        if not seq2seq:
+            ckpt.require_task(task or ckpt.task, "eval" + (f" --task {task}" if task else ""))
         where = dev.pick_device(opts.device)
-        if ckpt.task == "classify":
+        if seq2seq:
+            pairs = tasks.read_source_targets(file)
+            sampler = config.SampleConfig(max_new_tokens=max_new_tokens, greedy=True, beam=beam,
+                                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                          repetition_penalty=repetition_penalty)
+            result, outputs = ev.evaluate_seq2seq(ckpt.model(where), ckpt.tokenizer(), pairs, sampler, where,
+                                                  batch_size or 64)
+            if predictions:
+                _write_lines(predictions, ({"source": p.source, "target": p.target, "output": o}
+                                           for p, o in zip(pairs, outputs)))
+        elif ckpt.task == "classify":
             examples = tasks.read_labelled(file)
             result, preds = ev.evaluate_classifier(ckpt.model(where), ckpt.tokenizer(), examples, ckpt.labels,
-                                                   where, batch_size)
+                                                   where, batch_size or 8)
             if predictions:
-                _write_predictions(predictions, examples, preds)
+                _write_lines(predictions, (pred.record(example) for example, pred in zip(examples, preds)))
         else:
             text = corpus.read_text(file)
             model, tokenizer = ckpt.model(where), ckpt.tokenizer()
             if ckpt.config.model.arch == "bert":
-                result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size)
+                result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size or 8)
             else:
-                result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size)
+                result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size or 8)
     report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, "task": ckpt.task,
               **result.to_dict()}
     typer.echo(json.dumps(report) if json_out else _text(report))
@@ -75,9 +114,10 @@ def _text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_predictions(path: Path, examples: list[Any], preds: list[Any]) -> None:
+def _write_lines(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line, written atomically."""
     from lmkit.fileio import atomic_file
 
     with atomic_file(path, "w") as f:
-        for example, pred in zip(examples, preds):
-            f.write(json.dumps(pred.record(example)) + "\n")
+        for record in records:
+            f.write(json.dumps(record) + "\n")

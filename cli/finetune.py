@@ -1,4 +1,5 @@
-"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, lm), fully or with LoRA."""
+"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, seq2seq, lm), fully or
+with LoRA."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from cli.options import (
 class Task(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
     classify = "classify"
     instruct = "instruct"
+    seq2seq = "seq2seq"
     lm = "lm"
 
 
@@ -42,7 +44,8 @@ def finetune(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(
         show_default=False,
-        help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), text (lm).")] = None,
+        help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), TSV source<TAB>target "
+        "or JSONL source/target (seq2seq), text (lm).")] = None,
     task: Annotated[Task, typer.Option(help="What to finetune for.")] = Task.classify,
     base: Annotated[Optional[Path], typer.Option(
         "--from", show_default=False,

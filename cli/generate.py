@@ -1,5 +1,5 @@
-"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), fill in [MASK]s
-with a BERT, or label each line with a finetuned classifier."""
+"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), rewrite each line
+with an encoder-decoder, fill in [MASK]s with a BERT, or label each line with a classifier."""
 
 from __future__ import annotations
 
@@ -11,23 +11,50 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.options import CheckpointOpt, DeviceOpt, Json, ProjectDir, Quiet, Seed, common, user_errors
+from cli.options import (
+    Beam,
+    CheckpointOpt,
+    DeviceOpt,
+    Json,
+    LengthPenalty,
+    MaxNewTokens,
+    NoRepeatNgram,
+    ProjectDir,
+    Quiet,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    common,
+    user_errors,
+)
 
 
 def generate(
     ctx: typer.Context,
     prompts: Annotated[Optional[list[str]], typer.Argument(
-        show_default=False, help="Prompts to continue (default: one per line of stdin).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to add per sample.")] = 200,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 means greedy.")] = 0.8,
+        show_default=False, help="Prompts to continue, or sources to rewrite (default: one per line of stdin).")
+    ] = None,
+    max_new_tokens: MaxNewTokens = 200,
+    temperature: Annotated[Optional[float], typer.Option(
+        min=0.0, show_default=False,
+        help="Sampling temperature; 0 means greedy (default: 0.8; seq2seq models decode greedily).")] = None,
     top_k: Annotated[int, typer.Option(
         min=0, help="Sample from the k likeliest tokens only (0: all); with --fill-mask, candidates shown (0: 5).",
     )] = 0,
     top_p: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")] = 0.95,
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")] = False,
-    num_samples: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
-    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="Print the prompt before its continuation.")] = True,
+    num_samples: Annotated[int, typer.Option(
+        "--num-return-sequences", "--num-samples", min=1,
+        help="Outputs per input: samples, or the best hypotheses of a beam search.")] = 1,
+    beam: Beam = 1,
+    length_penalty: LengthPenalty = 1.0,
+    no_repeat_ngram_size: NoRepeatNgram = 0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    stop: Stop = None,
+    echo: Annotated[Optional[bool], typer.Option(
+        "--echo/--no-echo", show_default=False,
+        help="Print the prompt before its continuation (default: yes for GPT, no for seq2seq).")] = None,
     fill_mask: Annotated[bool, typer.Option(
         "--fill-mask", help="Predict each [MASK] in the text (bert checkpoints do this by default).")] = False,
     json_out: Json = False,
@@ -37,7 +64,8 @@ def generate(
     seed: Seed = None,
     quiet: Quiet = False,
 ) -> None:
-    """Continue each prompt with the project's latest (or a chosen) checkpoint."""
+    """Continue each prompt (GPT), rewrite each line (seq2seq), fill in [MASK]s (BERT) or label each line
+    (classifier) with the project's latest (or a chosen) checkpoint."""
     from lmkit import checkpoint as ckpt_lib
     from lmkit import config
     from lmkit import device as dev
@@ -53,22 +81,33 @@ def generate(
             chunk = 1 if not prompts and sys.stdin.isatty() else 64  # typed lines get an answer each
             _classify(ckpt.model(where), ckpt.tokenizer(), ckpt.labels, texts, where, json_out, chunk)
             return
-        ckpt.require_task("lm", "generate")
-        if fill_mask or ckpt.config.model.arch == "bert":
-            ckpt.require_arch("bert", "generate --fill-mask")
+        arch = ckpt.config.model.arch
+        if fill_mask or arch == "bert":
+            ckpt.require_task("lm", "generate --fill-mask").require_arch("bert", "generate --fill-mask")
             model, tokenizer = ckpt.model(where), ckpt.tokenizer()
             for text in texts:
                 _print_fill(gen.fill_mask(model, tokenizer, text, top_k or 5, where), json_out)
             return
-        sampler = config.SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed)
-        _sample(gen, ckpt.model(where), ckpt.tokenizer(), texts, sampler, where, echo, json_out)
+        if arch != "seq2seq":
+            ckpt.require_task("lm", "generate")
+        default_temperature = 0.0 if arch == "seq2seq" else 0.8
+        sampler = config.SampleConfig(
+            max_new_tokens=max_new_tokens, temperature=default_temperature if temperature is None else temperature,
+            top_k=top_k, top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam,
+            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
+        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        if arch == "seq2seq":
+            chunk = 1 if not prompts and sys.stdin.isatty() else 64
+            _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
+        else:
+            _sample(gen, model, tokenizer, texts, sampler, where, echo is not False, json_out)
 
 
 def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sampler: Any, where: Any, echo: bool,
             json_out: bool) -> None:
     """Print samples: streamed as they are decoded (one sample, text), or whole (several, or JSON)."""
-    stream = sampler.num_samples == 1 and not json_out
+    stream = sampler.num_samples == 1 and sampler.beam == 1 and not json_out
     for prompt in prompts:
         if stream and echo:
             sys.stdout.write(prompt)
@@ -80,6 +119,22 @@ def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sample
             sys.stdout.write("\n")
         else:
             sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
+        sys.stdout.flush()
+
+
+def _rewrite(gen: Any, model: Any, tokenizer: Any, sources: Iterable[str], sampler: Any, where: Any, echo: bool,
+             json_out: bool, chunk_size: int) -> None:
+    """Print each source's output(s), a line each (after `source<TAB>` with --echo; a newline inside an
+    output is written as \\n so that lines stay aligned with the input), or a JSON object per source."""
+    lines = iter(sources)
+    while chunk := list(itertools.islice(lines, chunk_size)):
+        for completion in gen.translate(model, tokenizer, chunk, sampler, where):
+            if json_out:
+                sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
+                continue
+            for s in completion.samples:
+                text = s.text.replace("\n", "\\n")
+                sys.stdout.write((f"{completion.prompt}\t" if echo else "") + text + "\n")
         sys.stdout.flush()
 
 

@@ -40,6 +40,18 @@ Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")]
 MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
 
+# Decoding, shared by generate and eval (seq2seq).
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to add per output.")]
+Beam = Annotated[int, typer.Option("--beam", min=1, help="Beam search of this width (1: no beam search).")]
+LengthPenalty = Annotated[float, typer.Option(
+    help="Beam search ranks by log-prob / length ** this (0: raw log-prob; > 0 favours longer outputs).")]
+NoRepeatNgram = Annotated[int, typer.Option(
+    "--no-repeat-ngram-size", min=0, help="Never produce an n-gram of this size twice (0: off).")]
+RepetitionPenalty = Annotated[float, typer.Option(
+    min=0.01, help="Above 1 discourages tokens already in the text (CTRL's penalty; 1: off).")]
+Stop = Annotated[Optional[list[str]], typer.Option(
+    "--stop", show_default=False, help="End an output where this string appears, leaving it out (repeatable).")]
+
 
 @dataclass(frozen=True)
 class Common:

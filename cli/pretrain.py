@@ -29,7 +29,8 @@ def pretrain(
     corpora: Annotated[Optional[list[Path]], typer.Argument(
         show_default=False, help="Text files (.txt, .jsonl, .gz) (default: the project's prepared data).")] = None,
     arch: Annotated[Optional[str], typer.Option(
-        show_default=False, help="gpt (causal LM) or bert (masked LM + next sentence) (default: gpt).")] = None,
+        show_default=False, help="gpt (causal LM), bert (masked LM + next sentence) or seq2seq (encoder-decoder, "
+        "denoising) (default: gpt).")] = None,
     preset: Annotated[Optional[str], typer.Option(
         show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
     config_file: ConfigFile = None,

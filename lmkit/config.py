@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from lmkit.errors import ConfigError
 
-Arch = Literal["gpt", "bert"]
+Arch = Literal["gpt", "bert", "seq2seq"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 
 
@@ -52,7 +52,9 @@ class DataConfig:
 
     val_fraction: float = 0.05
     text_field: str = "text"  # the field holding the text in JSONL corpora
-    mask_prob: float = 0.15  # masked-LM (bert): share of tokens chosen for prediction
+    # bert: share of tokens chosen for masked-LM prediction; seq2seq: share of tokens hidden in
+    # masked spans for denoising (its presets set 0.3, as BART)
+    mask_prob: float = 0.15
 
     def __post_init__(self) -> None:
         _check(0.0 < self.val_fraction <= 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5]")
@@ -66,7 +68,7 @@ class ModelConfig:
     arch: Arch = "gpt"
     vocab_size: int = 1024  # always overwritten with the tokenizer's real size
     d_model: int = 128
-    n_layer: int = 4
+    n_layer: int = 4  # seq2seq: layers of the encoder, and as many again in the decoder
     n_head: int = 4
     d_ff: int = 0  # 0 means 4 * d_model
     max_seq_len: int = 64
@@ -181,15 +183,20 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How `generate` picks tokens. Only lmkit.generate reads these."""
+    """How `generate` picks tokens. Only lmkit.generate and lmkit.search read these."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 0  # 0 disables top-k filtering
     top_p: float = 1.0  # 1.0 disables nucleus filtering
     greedy: bool = False
-    num_samples: int = 1
+    num_samples: int = 1  # sequences returned per input (with beam search: the best ones, <= beam)
     seed: int | None = None  # None draws a fresh seed; the one used is reported
+    beam: int = 1  # > 1: beam search of this width (deterministic; sampling settings do not apply)
+    length_penalty: float = 1.0  # beam search ranks by log-prob / length ** this; 0 compares raw sums
+    no_repeat_ngram_size: int = 0  # > 0: never produce an n-gram of this size twice
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's penalty)
+    stop: tuple[str, ...] = ()  # end a sequence when its text contains one of these (left out)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
@@ -197,6 +204,12 @@ class SampleConfig:
         _check(self.top_k >= 0, "top_k must be >= 0")
         _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         _check(self.num_samples >= 1, "num_samples must be at least 1")
+        _check(self.beam >= 1, "beam must be at least 1")
+        _check(self.beam == 1 or self.num_samples <= self.beam,
+               f"beam search returns at most beam={self.beam} sequences; asked for {self.num_samples}")
+        _check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0")
+        _check(self.repetition_penalty > 0, "repetition_penalty must be > 0")
+        _check(all(self.stop), "stop strings must not be empty")
 
     @property
     def is_greedy(self) -> bool:
@@ -252,6 +265,29 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             "tokenizer": {"vocab_size": 4096},
             "model": {"d_model": 256, "n_layer": 6, "n_head": 8, "max_seq_len": 256, "dropout": 0.1, **_BERT_MODEL},
             "train": {"batch_size": 32, "max_steps": 10000, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 500,
+                      "eval_interval": 500, "save_interval": 1000},
+        },
+    },
+    # Encoder-decoder, pre-LayerNorm like GPT, pretrained by text infilling (BART): 30% of the tokens
+    # hidden in spans. n_layer is per stack: the default's 3 + 3 layers cost about what GPT's 4 do
+    # per token, as the decoder's cross attention is an extra sublayer.
+    "seq2seq": {
+        "tiny": {
+            "data": {"mask_prob": 0.3},
+            "model": {"d_model": 64, "n_layer": 2, "n_head": 4, "max_seq_len": 64},
+            "train": {"batch_size": 16, "max_steps": 150, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
+                      "eval_interval": 50, "eval_batches": 4, "save_interval": 1000, "log_interval": 10},
+        },
+        "default": {
+            "data": {"mask_prob": 0.3},
+            "model": {"d_model": 128, "n_layer": 3, "n_head": 4, "max_seq_len": 64},
+            "train": {"batch_size": 32, "max_steps": 2000, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 100},
+        },
+        "small": {
+            "tokenizer": {"vocab_size": 4096},
+            "data": {"mask_prob": 0.3},
+            "model": {"d_model": 256, "n_layer": 6, "n_head": 8, "max_seq_len": 128, "dropout": 0.1},
+            "train": {"batch_size": 32, "max_steps": 10000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 300,
                       "eval_interval": 500, "save_interval": 1000},
         },
     },

@@ -1,4 +1,5 @@
-"""Token files -> training batches: random windows for GPT, sentence pairs with masks for BERT.
+"""Token files -> training batches: random windows for GPT, sentence pairs with masks for BERT,
+noised and clean text for the encoder-decoder.
 
 Every sampler draws from a generator of its own whose state is saved in every checkpoint: a
 resumed run draws exactly the batches the uninterrupted run would have drawn.
@@ -23,29 +24,46 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch
     return rows[:, :-1], rows[:, 1:]
 
 
-class LMWindows:
-    """Endless random (inputs, targets) windows of SEQ_LEN tokens from a token array."""
+class SeededSampler:
+    """An endless batch sampler drawing from a generator of its own, whose state is its position."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
-        if len(tokens) < seq_len + 1:
-            raise DataError(f"the train split has {len(tokens)} tokens, fewer than max_seq_len + 1 = {seq_len + 1}; "
-                            "add text or lower model.max_seq_len")
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+    def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        high = len(self.tokens) - self.seq_len  # last start that still has a target for every input
-        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).numpy()
-        return _windows(self.tokens, starts, self.seq_len)
+        raise NotImplementedError
+
+    def _randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, (1,), generator=self.generator))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+    def fixed_batches(self, n_batches: int) -> list[Batch]:
+        """N_BATCHES batches drawn now and kept: the same validation set at every evaluation."""
+        return [next(self) for _ in range(n_batches)]
+
+
+class LMWindows(SeededSampler):
+    """Endless random (inputs, targets) windows of SEQ_LEN tokens from a token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"the train split has {len(tokens)} tokens, fewer than max_seq_len + 1 = {seq_len + 1}; "
+                            "add text or lower model.max_seq_len")
+        super().__init__(seed)
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+
+    def __next__(self) -> Batch:
+        high = len(self.tokens) - self.seq_len  # last start that still has a target for every input
+        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).numpy()
+        return _windows(self.tokens, starts, self.seq_len)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[Batch]:
@@ -61,7 +79,19 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
     return [_windows(tokens, starts[i:i + batch_size], length) for i in range(0, n_windows, batch_size)]
 
 
-class BertPairs:
+def _lines(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(the tokens without end-of-document tokens, as int64; the position where each line starts).
+    Lines end after a newline or end-of-document token."""
+    tokens = np.asarray(tokens)
+    ends = np.flatnonzero((tokens == tokenizer.newline_id) | (tokens == tokenizer.eos_id)) + 1
+    keep = tokens != tokenizer.eos_id
+    kept = tokens[keep].astype(np.int64)
+    shift = np.cumsum(~keep)  # positions move left by the number of dropped tokens before them
+    ends = ends - shift[ends - 1]
+    return kept, np.unique(np.concatenate([[0], ends[ends < len(kept)]]))
+
+
+class BertPairs(SeededSampler):
     """Endless BERT pretraining batches from a token array, sampled as BERT did it.
 
     Each example is `[CLS] A [SEP] B [SEP]`, padded to SEQ_LEN: A is a run of whole lines (a
@@ -78,22 +108,12 @@ class BertPairs:
                  mask_prob: float = 0.15) -> None:
         if seq_len < 8:
             raise DataError(f"max_seq_len={seq_len} is too short for sentence pairs; use at least 8")
-        # Lines end after a newline or end-of-document token; the end-of-document tokens are dropped.
-        tokens = np.asarray(tokens)
-        ends = np.flatnonzero((tokens == tokenizer.newline_id) | (tokens == tokenizer.eos_id)) + 1
-        keep = tokens != tokenizer.eos_id
-        self.tokens = tokens[keep].astype(np.int64)
-        shift = np.cumsum(~keep)  # positions move left by the number of dropped tokens before them
-        ends = ends - shift[ends - 1]
-        self.line_starts = np.unique(np.concatenate([[0], ends[ends < len(self.tokens)]]))
+        super().__init__(seed)
+        self.tokens, self.line_starts = _lines(tokens, tokenizer)
         self.max_pair = min(seq_len - 3, len(self.tokens))  # tokens of A + B: room for [CLS] and two [SEP]
         if self.max_pair < 2:
             raise DataError(f"{len(self.tokens)} tokens are too few for sentence pairs; add text")
         self.seq_len, self.batch_size, self.tokenizer, self.mask_prob = seq_len, batch_size, tokenizer, mask_prob
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self
 
     def __next__(self) -> Batch:
         rows = [self._pair() for _ in range(self.batch_size)]
@@ -109,9 +129,6 @@ class BertPairs:
         pad = ids != tok.pad_id
         masked, labels = self._mask(ids)
         return masked, types, pad, labels, nsp
-
-    def _randint(self, low: int, high: int) -> int:
-        return int(torch.randint(low, high, (1,), generator=self.generator))
 
     def _pair(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(A, B, label) with len(A) + len(B) <= seq_len - 3; label 0 when B follows A."""
@@ -155,12 +172,79 @@ class BertPairs:
         masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
         return masked, labels
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
+def seq2seq_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Batch:
+    """(source ids, target ids) pairs -> (source (B, S), source pad mask (B, S), decoder inputs
+    (B, T), targets (B, T)), padded on the right. The decoder reads EOS + target and predicts
+    target + EOS: EOS is both its start token and its stop token. Targets are IGNORE at padding."""
+    src_len = max(len(src) for src, _ in pairs)
+    tgt_len = max(len(tgt) for _, tgt in pairs) + 1
+    src = torch.full((len(pairs), src_len), pad_id)
+    tgt_in = torch.full((len(pairs), tgt_len), pad_id)
+    targets = torch.full((len(pairs), tgt_len), IGNORE)
+    for i, (s, t) in enumerate(pairs):
+        src[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        tgt_in[i, :len(t) + 1] = torch.tensor([eos_id, *t], dtype=torch.int64)
+        targets[i, :len(t) + 1] = torch.tensor([*t, eos_id], dtype=torch.int64)
+    src_pad = torch.arange(src_len)[None, :] < torch.tensor([len(s) for s, _ in pairs])[:, None]
+    return src, src_pad, tgt_in, targets
 
-    def fixed_batches(self, n_batches: int) -> list[Batch]:
-        """N_BATCHES batches drawn now and kept: the same validation set at every evaluation."""
-        return [next(self) for _ in range(n_batches)]
+
+class DenoisingSpans(SeededSampler):
+    """Endless encoder-decoder pretraining batches: BART's text infilling.
+
+    Each example is a run of whole lines (a line longer than the context is cut). Half the time it
+    is as long as the context allows, half the time shorter, so that short inputs such as single
+    lines are common too. NOISE of its tokens are hidden in spans whose lengths average MEAN_SPAN
+    tokens; each span becomes ONE [MASK] in the source, so the model must also infer how much is
+    missing. The target is the whole clean text: the decoder learns to copy what it sees through
+    cross attention and to write what it does not -- the skills a rewriting task needs.
+
+    Batches: as seq2seq_batch.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, tokenizer: Tokenizer,
+                 noise: float = 0.3, mean_span: float = 3.0) -> None:
+        super().__init__(seed)
+        self.tokens, self.line_starts = _lines(tokens, tokenizer)
+        self.max_len = min(seq_len - 1, len(self.tokens))  # decoder input: EOS + text fits seq_len
+        if self.max_len < 2:
+            raise DataError(f"{len(self.tokens)} tokens are too few for denoising examples; add text")
+        self.batch_size, self.tokenizer, self.noise, self.mean_span = batch_size, tokenizer, noise, mean_span
+
+    def __next__(self) -> Batch:
+        texts = [self._text() for _ in range(self.batch_size)]
+        pairs = [(self._corrupt(text), text.tolist()) for text in texts]
+        return seq2seq_batch(pairs, self.tokenizer.pad_id, self.tokenizer.eos_id)
+
+    def _text(self) -> np.ndarray:
+        """Whole lines from a random line start, at most max_len tokens."""
+        budget = self.max_len if torch.rand((), generator=self.generator) < 0.5 else self._randint(2, self.max_len + 1)
+        start = min(int(self.line_starts[self._randint(0, len(self.line_starts))]), len(self.tokens) - budget)
+        end = start + budget
+        boundary = int(self.line_starts[np.searchsorted(self.line_starts, end, side="right") - 1])
+        return self.tokens[start:boundary if boundary - start >= 2 else end]  # >= 2: one kept, one hidden
+
+    def _corrupt(self, text: np.ndarray) -> list[int]:
+        """TEXT with about NOISE of its tokens in spans, each span replaced by one [MASK].
+
+        As T5's random_spans_noise_mask: the hidden and the kept tokens are each cut into n_spans
+        runs of random lengths, which then alternate, starting with either (a coin flip), so that
+        a text may begin or end with a [MASK]."""
+        length = len(text)
+        n_noise = min(max(1, round(length * self.noise)), length - 1)
+        n_spans = max(1, min(round(n_noise / self.mean_span), n_noise, length - n_noise))
+        runs = [(keep, False) for keep in self._partition(length - n_noise, n_spans)]
+        hidden = [(hide, True) for hide in self._partition(n_noise, n_spans)]
+        order = zip(hidden, runs) if torch.rand((), generator=self.generator) < 0.5 else zip(runs, hidden)
+        source, pos = [], 0
+        for run_length, is_hidden in (run for pair in order for run in pair):
+            source += [self.tokenizer.mask_id] if is_hidden else text[pos:pos + run_length].tolist()
+            pos += run_length
+        return source
+
+    def _partition(self, total: int, parts: int) -> list[int]:
+        """TOTAL cut into PARTS positive lengths at random."""
+        cuts = (torch.randperm(total - 1, generator=self.generator)[:parts - 1] + 1).sort().values.tolist()
+        bounds = [0, *cuts, total]
+        return [b - a for a, b in zip(bounds, bounds[1:])]

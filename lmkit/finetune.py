@@ -1,6 +1,7 @@
 """Finetuning a pretrained checkpoint (transfer learning): sequence classification, instruction
-tuning on prompt/completion pairs, or more language-model training on new text -- with all
-weights trained, or with LoRA adapters on a frozen model. Every task runs on the shared loop.
+tuning on prompt/completion pairs, source -> target rewriting with the encoder-decoder, or more
+language-model training on new text -- with all weights trained, or with LoRA adapters on a
+frozen model. Every task runs on the shared loop.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from lmkit.train import (
     truncate_metrics,
 )
 
-Task = Literal["classify", "instruct", "lm"]
-TASKS: tuple[str, ...] = ("classify", "instruct", "lm")
+Task = Literal["classify", "instruct", "lm", "seq2seq"]
+TASKS: tuple[str, ...] = ("classify", "instruct", "lm", "seq2seq")
+ARCHS_FOR_TASK = {"classify": ("gpt", "bert"), "instruct": ("gpt",), "seq2seq": ("seq2seq",)}
 
 # Finetuning recipes (override any with --set train.*): short runs at a lower learning rate than
 # pretraining, validated often, keeping the best checkpoint by the task's own metric.
@@ -44,12 +46,14 @@ FINETUNE_TRAIN: dict[str, dict[str, Any]] = {
                  "best_metric": "val_accuracy"},
     "instruct": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
                  "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
+    "seq2seq": {"batch_size": 32, "max_steps": 1500, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
+                "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "save_interval": 100_000},
     "lm": {"max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50, "eval_interval": 50,
            "log_interval": 10, "save_interval": 100_000},
 }
 # Small labelled sets overfit fast (a passage's character names identify its play): finetune with
 # dropout, as BERT did, even where pretraining had none. Only dropout may differ from the base model.
-FINETUNE_DROPOUT: dict[str, float | None] = {"classify": 0.1, "instruct": 0.1, "lm": None}
+FINETUNE_DROPOUT: dict[str, float | None] = {"classify": 0.1, "instruct": 0.1, "seq2seq": 0.1, "lm": None}
 VAL_FRACTION = 0.1  # held back for validation when no --val file is given
 
 
@@ -73,9 +77,12 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         CheckpointError: the base checkpoint does not suit the task.
         DataError, ConfigError: bad task data or settings.
     """
-    base = checkpoint.Checkpoint(Path(spec.base)).require_task("lm", "finetune")
-    if spec.task == "instruct":
-        base.require_arch("gpt", "finetune --task instruct")
+    base = checkpoint.Checkpoint(Path(spec.base))
+    if base.config.model.arch not in ARCHS_FOR_TASK.get(spec.task, (base.config.model.arch,)):
+        raise CheckpointError(f"{base.path} is a {base.config.model.arch} checkpoint; 'lmkit finetune --task "
+                              f"{spec.task}' needs a {' or '.join(ARCHS_FOR_TASK[spec.task])} one")
+    if base.task != "lm" and not (spec.task == "seq2seq" == base.task):  # a seq2seq model may learn more pairs
+        base.require_task("lm", "finetune")
     dropout = FINETUNE_DROPOUT[spec.task]
     model_defaults = base.config.model if dropout is None else dataclasses.replace(base.config.model, dropout=dropout)
     defaults = dataclasses.replace(base.config, model=model_defaults, train=TrainConfig(**FINETUNE_TRAIN[spec.task]))
@@ -91,7 +98,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device) if spec.scratch else base.model(device, model_config=cfg.model)
-    plan = _plan(project, spec, cfg, tokenizer)
+    plan = task_plan(project, spec, cfg, tokenizer)
     if spec.task == "classify":
         model = SequenceClassifier(model, len(plan.meta["labels"])).to(device)
     if cfg.lora.rank:
@@ -133,7 +140,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     device = pick_device(cfg.train.device)
     model = ckpt.model(device)
     tokenizer = ckpt.tokenizer()
-    plan = _plan(project, spec, cfg, tokenizer)
+    plan = task_plan(project, spec, cfg, tokenizer)
     if plan.meta.get("data") != ckpt.meta.get("data"):
         raise DataError(f"the finetuning data of {ckpt.run} changed since it started, so it cannot resume exactly")
     if cfg.lora.rank:
@@ -157,7 +164,7 @@ def merge_checkpoint(adapter_path: Path, out: Path) -> Path:
     return out
 
 
-def _plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
+def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
     """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data."""
     tcfg, max_len, arch = cfg.train, cfg.model.max_seq_len, cfg.model.arch
     files = [Path(spec.data)] + ([Path(spec.val)] if spec.val else [])
@@ -181,13 +188,14 @@ def _plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Token
         val_rows = tasks.encode_labelled(val, tokenizer, labels, arch, max_len)
         loss_fn, metrics_fn = objectives.classify_loss, objectives.classify_metrics
         meta["labels"] = labels
+    elif spec.task == "seq2seq":
+        pairs, val_pairs = _pairs_and_val(tasks.read_source_targets, spec)
+        collate = tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id)
+        rows = tasks.encode_source_targets(pairs, tokenizer, max_len)
+        val_rows = tasks.encode_source_targets(val_pairs, tokenizer, max_len)
+        loss_fn, metrics_fn = objectives.seq2seq_loss, objectives.seq2seq_metrics
     else:
-        pairs = tasks.read_prompt_completions(files[0])
-        val_pairs = tasks.read_prompt_completions(files[1]) if spec.val else None
-        if val_pairs is None:  # every tenth pair, in file order
-            pairs, val_pairs = [p for i, p in enumerate(pairs) if i % 10], pairs[::10]
-        if not pairs or not val_pairs:
-            raise DataError(f"{spec.data}: too few pairs to hold some back for validation; pass --val FILE")
+        pairs, val_pairs = _pairs_and_val(tasks.read_prompt_completions, spec)
         collate = tasks.collate_prompt_completions(tokenizer.pad_id)
         rows = tasks.encode_prompt_completions(pairs, tokenizer, max_len)
         val_rows = tasks.encode_prompt_completions(val_pairs, tokenizer, max_len)
@@ -195,5 +203,17 @@ def _plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Token
     mean_len = sum(len(r[0]) for r in rows) / len(rows)
     return RunPlan(tasks.EpochBatches(rows, tcfg.batch_size, tcfg.seed, collate),
                    tasks.fixed_batches(val_rows, tcfg.batch_size, collate), loss_fn, metrics_fn,
-                   int(tcfg.batch_size * mean_len), task=spec.task if spec.task == "classify" else "lm",
+                   int(tcfg.batch_size * mean_len), task=spec.task if spec.task != "instruct" else "lm",
                    meta=meta, keep_best=True)
+
+
+def _pairs_and_val(read: Callable[[Path], list], spec: FinetuneSpec) -> tuple[list, list]:
+    """(training pairs, validation pairs) read from SPEC.data and SPEC.val, or every tenth pair of
+    SPEC.data (in file order) held back when there is no SPEC.val."""
+    pairs = read(Path(spec.data))
+    if spec.val:
+        return pairs, read(Path(spec.val))
+    train, val = [p for i, p in enumerate(pairs) if i % 10], pairs[::10]
+    if not train or not val:
+        raise DataError(f"{spec.data}: too few pairs to hold some back for validation; pass --val FILE")
+    return train, val

@@ -1,79 +1,145 @@
-"""Sampling text from a causal language model: greedy, temperature, top-k and top-p, with a KV
-cache so each new token costs one position of compute, not a pass over the whole text; and
-filling in [MASK]s with a masked language model.
+"""Producing text with a trained model: GPT continues a prompt, the encoder-decoder rewrites a
+source text, BERT fills in [MASK]s.
 
-Only this module knows how tokens are picked; `lmkit generate`, evaluation samples and mid-run
-samples all call it.
+GPT and the encoder-decoder are driven through steppers that keep a KV cache, so each new token
+costs one position of compute, not a pass over the whole text; lmkit.search decides which tokens
+(sampling, greedy or beam search). `lmkit generate`, `lmkit eval` and evaluation samples all call
+this module.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lmkit import search
 from lmkit.config import SampleConfig
 from lmkit.device import autocast, uses_bf16
 from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
+
+MASK_TEXT = "[MASK]"  # in an input text: the mask token, for BERT's fill-mask and the denoiser
 
 
 @dataclass
 class Sample:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" when the model ended the text itself
+    finish_reason: str = "length"  # "eos" when the model ended the text itself, "stop" at a stop string
+    score: float | None = None  # beam search: log-probability / length ** length_penalty
 
 
 @dataclass
 class Completion:
-    prompt: str
+    prompt: str  # the GPT prompt, or the encoder-decoder's source
     seed: int
     samples: list[Sample]
 
     def to_dict(self) -> dict[str, object]:
         return {"prompt": self.prompt, "seed": self.seed,
-                "completions": [{"text": s.text, "tokens": len(s.tokens), "finish_reason": s.finish_reason}
-                                for s in self.samples]}
+                "completions": [{"text": s.text, "tokens": len(s.tokens), "finish_reason": s.finish_reason,
+                                 **({"score": s.score} if s.score is not None else {})} for s in self.samples]}
 
 
-def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token id for each row of LOGITS (B, V) -> (B,)."""
-    if cfg.is_greedy:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs > cfg.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+class CausalStepper:
+    """GPT rows continuing one prompt. When the context reaches max_seq_len the cache is rebuilt
+    from the last half of it (learned positions cannot go further)."""
+
+    limit = None
+
+    def __init__(self, model: nn.Module, prompt: list[int], rows: int, device: torch.device) -> None:
+        self.model, self.window, self.rows = model, model.config.max_seq_len, rows
+        self.dtype = torch.bfloat16 if uses_bf16(device, "auto") else torch.float32
+        self.context = torch.tensor(prompt, device=device)[-self.window:].expand(rows, -1)  # (N, T)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.cache = self.model.new_cache(self.rows, self.context.device, self.dtype)
+        self._logits = self.model(self.context, cache=self.cache)[0][:, -1]  # (N, V)
+
+    def logits(self) -> torch.Tensor:
+        return self._logits
+
+    def advance(self, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> None:
+        if parents is not None:
+            self.context = self.context[parents]
+            for layer in self.cache:
+                layer.reorder(parents)
+        self.context = torch.cat([self.context, tokens[:, None]], dim=1)
+        if self.cache[0].length == self.window:
+            self.context = self.context[:, -(self.window // 2):]
+            self._restart()
+        else:
+            self._logits = self.model(tokens[:, None], cache=self.cache)[0][:, -1]  # (N, 1) -> (N, V)
 
 
-class _TextStream:
-    """Turns one sample's ids into text pieces as soon as they decode to whole characters."""
+class Seq2SeqStepper:
+    """Encoder-decoder rows: each source encoded once, REPEAT decoder rows per source."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.pending = tokenizer, []
+    def __init__(self, model: nn.Module, src: torch.Tensor, src_pad: torch.Tensor, repeat: int, eos_id: int) -> None:
+        dtype = torch.bfloat16 if uses_bf16(src.device, "auto") else torch.float32
+        self.model, self.limit = model, model.config.max_seq_len
+        self.state = model.start_decoding(src, src_pad, repeat, dtype)
+        start = torch.full((src.size(0) * repeat, 1), eos_id, device=src.device)  # EOS starts every target
+        self._logits = model.decode(start, self.state)[:, -1]  # (N, V)
 
-    def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence of byte pieces: wait for the rest
-            return ""
-        self.pending = []
-        return text
+    def logits(self) -> torch.Tensor:
+        return self._logits
 
-    def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending), []
-        return text
+    def advance(self, tokens: torch.Tensor, parents: torch.Tensor | None = None) -> None:
+        if parents is not None:
+            self.state.reorder(parents)
+        self._logits = self.model.decode(tokens[:, None], self.state)[:, -1]
+
+
+class _Texts:
+    """Decoded text of each row, with stop strings cut off; streams what can no longer change."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], on_text: Callable[[int, str], None] | None):
+        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.holdback = max((len(s) for s in stop), default=1) - 1  # might be the start of a stop string
+        self.emitted: dict[int, int] = {}
+
+    def final(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+    def stopped(self, row: int, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens)
+        return any(s in text for s in self.stop)
+
+    def stream(self, row: int, tokens: list[int]) -> None:
+        text = self.final(tokens).rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its bytes
+        self._emit(row, text[:len(text) - self.holdback])
+
+    def finish(self, row: int, text: str) -> None:
+        self._emit(row, text)
+
+    def _emit(self, row: int, text: str) -> None:
+        done = self.emitted.get(row, 0)
+        if self.on_text and len(text) > done:
+            self.on_text(row, text[done:])
+            self.emitted[row] = len(text)
+
+
+def _search(stepper: search.Stepper, n_inputs: int, cfg: SampleConfig, tokenizer: Tokenizer,
+            generator: torch.Generator, texts: _Texts, prefixes: list[list[int]] | None) -> list[list[Sample]]:
+    """Run the search cfg asks for; the samples of each input."""
+    stopped = texts.stopped if cfg.stop else None
+    if cfg.beam > 1:
+        found = search.beam_search(stepper, n_inputs, cfg, tokenizer.eos_id, prefixes=prefixes, stopped=stopped)
+        return [[Sample(texts.final(h.tokens), h.tokens, h.finish_reason, h.score) for h in hyps] for hyps in found]
+    rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, tokenizer.eos_id, prefixes=prefixes,
+                         generator=generator, stopped=stopped, on_token=texts.stream if texts.on_text else None)
+    samples = [Sample(texts.final(h.tokens), h.tokens, h.finish_reason) for h in rows]
+    for row, s in enumerate(samples):
+        texts.finish(row, s.text)
+    return [samples[i:i + cfg.num_samples] for i in range(0, len(samples), cfg.num_samples)]
 
 
 @torch.no_grad()
@@ -85,62 +151,51 @@ def generate(
     device: torch.device,
     on_text: Callable[[int, str], None] | None = None,
 ) -> Completion:
-    """Continue PROMPT cfg.num_samples times (in one batch) until EOS or cfg.max_new_tokens.
+    """Continue PROMPT with a GPT cfg.num_samples times (in one batch), or return the best
+    cfg.num_samples of a beam search, until EOS, a stop string or cfg.max_new_tokens.
 
     The prompt is preceded by EOS, the separator between documents in training data, so a prompt
-    reads as the start of a text. When the context reaches the model's max_seq_len, the cache is
-    rebuilt from the last half of it (learned positions cannot go further).
+    reads as the start of a text.
 
     Args:
-        on_text: called with (sample index, new text) as soon as text can be decoded, for streaming.
+        on_text: called with (sample index, new text) as soon as text is final, for streaming
+            (sampling only; a beam search knows its result at the end).
     """
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
-    window = model.config.max_seq_len
-    batch = cfg.num_samples
-    cache_dtype = torch.bfloat16 if uses_bf16(device, "auto") else torch.float32
-    context = torch.tensor([tokenizer.eos_id, *tokenizer.encode(prompt)], device=device)[-window:]
-    context = context.expand(batch, -1)  # (B, T)
-    samples = [Sample() for _ in range(batch)]
-    streams = [_TextStream(tokenizer) for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    rows = cfg.beam if cfg.beam > 1 else cfg.num_samples
     with autocast(device):
-        cache = model.new_cache(batch, device, cache_dtype)
-        logits, _ = model(context, cache=cache)
-        for _ in range(cfg.max_new_tokens):
-            next_ids = sample_next(logits[:, -1], cfg, generator)  # (B,)
-            next_ids = next_ids.masked_fill(finished, tokenizer.eos_id)
-            for i, token in enumerate(next_ids.tolist()):
-                if finished[i]:
-                    continue
-                if token == tokenizer.eos_id:
-                    samples[i].finish_reason = "eos"
-                    continue
-                samples[i].tokens.append(token)
-                piece = streams[i].push(token)
-                samples[i].text += piece
-                if piece and on_text:
-                    on_text(i, piece)
-            finished |= next_ids == tokenizer.eos_id
-            if finished.all():
-                break
-            context = torch.cat([context, next_ids[:, None]], dim=1)
-            if cache[0].length == window:
-                context = context[:, -(window // 2):]
-                cache = model.new_cache(batch, device, cache_dtype)
-                logits, _ = model(context, cache=cache)
-            else:
-                logits, _ = model(next_ids[:, None], cache=cache)  # (B, 1) -> (B, 1, V)
-    for i, stream in enumerate(streams):
-        tail = stream.flush()
-        samples[i].text += tail
-        if tail and on_text:
-            on_text(i, tail)
-    return Completion(prompt, seed, samples)
+        stepper = CausalStepper(model, prompt_ids, rows, device)
+        samples = _search(stepper, 1, cfg, tokenizer, generator, _Texts(tokenizer, cfg.stop, on_text),
+                          [prompt_ids] * rows)
+    return Completion(prompt, seed, samples[0])
 
 
-MASK_TEXT = "[MASK]"
+@torch.no_grad()
+def translate(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[str], cfg: SampleConfig,
+              device: torch.device, on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Rewrite each of SOURCES with an encoder-decoder, all in one batch: cfg.num_samples samples,
+    or the best of a beam search. A source longer than the model's context is cut to fit. Each
+    [MASK] in a source is the mask token, which a denoising (pretrained) model fills in.
+
+    Args:
+        on_text: as for generate(), with the row index (source i, sample j: i * num_samples + j).
+    """
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    encoded = [encode_masked(tokenizer, text)[0][:model.config.max_seq_len] for text in sources]
+    length = max(1, *map(len, encoded))
+    src = torch.full((len(encoded), length), tokenizer.pad_id)
+    for i, ids in enumerate(encoded):
+        src[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    src_pad = torch.arange(length)[None, :] < torch.tensor([max(1, len(ids)) for ids in encoded])[:, None]
+    repeat = cfg.beam if cfg.beam > 1 else cfg.num_samples
+    with autocast(device):
+        stepper = Seq2SeqStepper(model, src.to(device), src_pad.to(device), repeat, tokenizer.eos_id)
+        samples = _search(stepper, len(encoded), cfg, tokenizer, generator, _Texts(tokenizer, cfg.stop, on_text),
+                          None)
+    return [Completion(text, seed, found) for text, found in zip(sources, samples)]
 
 
 @dataclass
@@ -174,6 +229,20 @@ class FillMaskResult:
                           for m in self.masks]}
 
 
+def encode_masked(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """TEXT's ids with each [MASK] as the mask token; and, per mask, whether a space preceded it.
+
+    The tokenizer joins a space to the word after it, so "the [MASK]" stands for "the" + " word":
+    the space before a mask goes into the masked token rather than being a token of its own.
+    """
+    parts = text.split(MASK_TEXT)
+    spaces = [part.endswith(" ") for part in parts[:-1]]
+    ids: list[int] = []
+    for part, space in zip(parts[:-1], spaces):
+        ids += [*tokenizer.encode(part[:-1] if space else part), tokenizer.mask_id]
+    return ids + tokenizer.encode(parts[-1]), spaces
+
+
 @torch.no_grad()
 def fill_mask(model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int, device: torch.device) -> FillMaskResult:
     """Predict each [MASK] in TEXT with a masked-LM (BERT), as one sentence: [CLS] text [SEP].
@@ -181,17 +250,11 @@ def fill_mask(model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int, dev
     Raises:
         DataError: TEXT has no [MASK], or is longer than the model's context.
     """
-    parts = text.split(MASK_TEXT)
-    if len(parts) == 1:
+    if MASK_TEXT not in text:
         raise DataError(f"no {MASK_TEXT} in {text[:60]!r}: a bert checkpoint fills in masks; write {MASK_TEXT} "
                         "where a word is missing")
-    # The tokenizer joins a space to the word after it, so "the [MASK]" stands for "the" + " word":
-    # the space before a mask goes into the masked token rather than being a token of its own.
-    spaces = [part.endswith(" ") for part in parts[:-1]]
-    ids = [tokenizer.cls_id]
-    for part, space in zip(parts[:-1], spaces):
-        ids += [*tokenizer.encode(part[:-1] if space else part), tokenizer.mask_id]
-    ids += [*tokenizer.encode(parts[-1]), tokenizer.sep_id]
+    masked, spaces = encode_masked(tokenizer, text)
+    ids = [tokenizer.cls_id, *masked, tokenizer.sep_id]
     if len(ids) > model.config.max_seq_len:
         raise DataError(f"{text[:60]!r} is {len(ids)} tokens; the model reads at most {model.config.max_seq_len}")
     idx = torch.tensor([ids], device=device)  # (1, T)

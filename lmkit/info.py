@@ -12,6 +12,8 @@ from lmkit.models import OBJECTIVES
 from lmkit.prepare import SPLITS, TokenFile
 from lmkit.project import Project
 
+TASK_OBJECTIVES = {"classify": ["classification"], "seq2seq": ["source -> target (teacher forced)"]}
+
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = ckpt_lib.Checkpoint(path)
@@ -25,7 +27,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "checkpoint": str(ckpt.path),
         "arch": meta["arch"],
         "task": ckpt.task,
-        "objectives": ["classification"] if ckpt.task == "classify" else OBJECTIVES.get(meta["arch"], []),
+        "objectives": TASK_OBJECTIVES.get(ckpt.task, OBJECTIVES.get(meta["arch"], [])),
         "layers": meta["config"]["model"]["n_layer"],
         "heads": meta["config"]["model"]["n_head"],
         "run": ckpt.run,

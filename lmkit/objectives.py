@@ -69,6 +69,24 @@ def mlm_nsp_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, flo
             "val_nsp_accuracy": nsp_hits / pairs}
 
 
+def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Encoder-decoder: batch = (source, source pad mask, decoder inputs, targets), as data.seq2seq_batch."""
+    return model(*batch)[1]
+
+
+@torch.no_grad()
+def seq2seq_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    """Mean loss per target token, and the share of target tokens predicted exactly (teacher forced)."""
+    nats = hits = count = 0.0
+    for src, src_pad, tgt_in, targets in batches:
+        logits, _ = model(src, src_pad, tgt_in)
+        scored = targets != IGNORE
+        nats += next_token_loss(logits, targets, reduction="sum").item()
+        hits += (logits.argmax(-1)[scored] == targets[scored]).sum().item()
+        count += scored.sum().item()
+    return {"val_loss": nats / count, "val_token_accuracy": hits / count}
+
+
 def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sequence classification: batch = (ids, token types, pad mask, labels (B,))."""
     return model(*batch)[1]

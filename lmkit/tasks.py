@@ -1,5 +1,6 @@
-"""Finetuning datasets: labelled texts for classification and prompt/completion pairs for
-instruction tuning, read with clear errors, tokenized, split and batched.
+"""Finetuning datasets: labelled texts for classification, prompt/completion pairs for
+instruction tuning, source/target pairs for the encoder-decoder -- read with clear errors,
+tokenized, split and batched.
 
 Task files are small enough to hold in memory (unlike pretraining corpora, which stream).
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmkit import corpus
+from lmkit import corpus, data
 from lmkit.errors import DataError
 from lmkit.objectives import IGNORE, Batch
 from lmkit.tokenizer import Tokenizer
@@ -33,6 +34,12 @@ class LabelledText:
 class PromptCompletion:
     prompt: str
     completion: str
+
+
+@dataclass(frozen=True)
+class SourceTarget:
+    source: str
+    target: str
 
 
 def read_labelled(path: Path) -> list[LabelledText]:
@@ -64,6 +71,27 @@ def read_prompt_completions(path: Path) -> list[PromptCompletion]:
     if not examples:
         raise DataError(f"{path} has no examples")
     return examples
+
+
+def read_source_targets(path: Path) -> list[SourceTarget]:
+    """TSV lines `source<TAB>target` (no header), or JSONL {"source": ..., "target": ...}."""
+    text = corpus.read_text(path)
+    if corpus.is_jsonl(path):
+        pairs = [SourceTarget(**_record(path, n, line, ("source", "target"), ()))
+                 for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    else:
+        pairs = []
+        for n, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            source, tab, target = line.rstrip("\r").partition("\t")
+            if not tab or "\t" in target:
+                raise DataError(f"{path}:{n}: expected source<TAB>target (one tab), or use JSONL "
+                                "{\"source\": ..., \"target\": ...}")
+            pairs.append(SourceTarget(source, target))
+    if not pairs:
+        raise DataError(f"{path} has no pairs")
+    return pairs
 
 
 def _record(path: Path, line_no: int, line: str, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
@@ -188,6 +216,20 @@ def encode_prompt_completions(examples: Sequence[PromptCompletion], tokenizer: T
         prompt = prompt[-(max_len - len(completion)):]
         encoded.append((prompt + completion, len(prompt)))
     return encoded
+
+
+def encode_source_targets(pairs: Sequence[SourceTarget], tokenizer: Tokenizer,
+                          max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) per pair, cut to fit: the encoder reads MAX_LEN tokens, the decoder
+    EOS + target, so a target keeps MAX_LEN - 1."""
+    return [(tokenizer.encode(p.source)[:max_len], tokenizer.encode(p.target)[:max_len - 1]) for p in pairs]
+
+
+def collate_source_targets(pad_id: int, eos_id: int):  # noqa: ANN201
+    """Rows -> the batches of data.seq2seq_batch."""
+    def collate(rows: Sequence[tuple[list[int], list[int]]]) -> Batch:
+        return data.seq2seq_batch(list(rows), pad_id, eos_id)
+    return collate
 
 
 # --- batching -----------------------------------------------------------------------------------

@@ -439,9 +439,18 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
 
 def pretraining_plan(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: Tokenizer) -> RunPlan:
     """What pretraining means for cfg.model.arch. GPT: next-token prediction on random windows.
-    BERT: masked-LM + next-sentence prediction on sentence pairs."""
+    BERT: masked-LM + next-sentence prediction on sentence pairs. seq2seq: text infilling."""
     tcfg, seq_len = cfg.train, cfg.model.max_seq_len
     identity = {"data": _data_identity(prepared)}
+    if cfg.model.arch == "seq2seq":
+        def spans(split: prepare.TokenFile, seed: int) -> data.DenoisingSpans:
+            return data.DenoisingSpans(split.array(), seq_len, tcfg.batch_size, seed, tokenizer, cfg.data.mask_prob)
+
+        val_batches = spans(prepared.val, tcfg.seed + 1).fixed_batches(tcfg.eval_batches)
+        # Texts vary in length: count the target tokens of an average (validation) batch.
+        target_tokens = sum(int((b[3] != objectives.IGNORE).sum()) for b in val_batches) // len(val_batches)
+        return RunPlan(spans(prepared.train, tcfg.seed), val_batches, objectives.seq2seq_loss,
+                       objectives.seq2seq_metrics, target_tokens, meta=identity)
     if cfg.model.arch == "bert":
         train = data.BertPairs(prepared.train.array(), seq_len, tcfg.batch_size, tcfg.seed, tokenizer,
                                cfg.data.mask_prob)

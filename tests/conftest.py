@@ -68,15 +68,36 @@ def tiny_bert_config(**train_overrides: object) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
 
 
+def _sibling_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project, name: str) -> Project:
+    """A new project sharing the tiny project's tokenizer and prepared data."""
+    import shutil
+
+    project = Project.open(tmp_path_factory.mktemp(name))
+    shutil.copytree(tiny_project.tokenizer_dir, project.tokenizer_dir)
+    shutil.copytree(tiny_project.data_dir, project.data_dir)
+    return project
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project) -> Project:
     """The tiny project's tokenizer and data, with a short BERT run."""
-    import shutil
-
-    project = Project.open(tmp_path_factory.mktemp("tiny_bert"))
-    shutil.copytree(tiny_project.tokenizer_dir, project.tokenizer_dir)
-    shutil.copytree(tiny_project.data_dir, project.data_dir)
+    project = _sibling_project(tmp_path_factory, tiny_project, "tiny_bert")
     train.pretrain(project, [], tiny_bert_config())
+    return project
+
+
+def tiny_seq2seq_config(**train_overrides: object) -> RunConfig:
+    cfg = config.resolve(flags={"arch": "seq2seq", "preset": "tiny", "model.max_seq_len": 32,
+                                "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
+                                "train.batch_size": 8, "train.warmup_steps": 5})
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project) -> Project:
+    """The tiny project's tokenizer and data, with a short encoder-decoder (denoising) run."""
+    project = _sibling_project(tmp_path_factory, tiny_project, "tiny_seq2seq")
+    train.pretrain(project, [], tiny_seq2seq_config())
     return project
 
 

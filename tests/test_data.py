@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,35 @@ def test_is_next_pairs_are_continuous_text(train_tokens, tokenizer) -> None:
             joined = a.tolist() + b.tolist()
             starts = [i for i in range(len(stream)) if stream[i:i + len(joined)] == joined]
             assert starts, "A followed by B must occur in the text"
+
+
+def test_denoising_examples_hide_spans_of_the_clean_target(train_tokens, tokenizer) -> None:
+    sampler = data.DenoisingSpans(train_tokens, 32, 64, 0, tokenizer, noise=0.3)
+    src, src_pad, tgt_in, targets = next(sampler)
+    hidden = total = 0
+    for i in range(64):
+        source = src[i][src_pad[i]].tolist()
+        text = targets[i][targets[i] != IGNORE].tolist()
+        assert text[-1] == tokenizer.eos_id and tgt_in[i, 0] == tokenizer.eos_id
+        assert tgt_in[i, 1:len(text)].tolist() == text[:-1]  # decoder input: the target shifted right
+        assert len(text) <= 32 and tokenizer.mask_id in source
+        # The source is the text with some runs replaced by one [MASK] each: its kept pieces appear
+        # in the text in order, and nothing else does.
+        position = 0
+        pieces = [list(g) for is_mask, g in itertools.groupby(source, lambda t: t == tokenizer.mask_id) if not is_mask]
+        for piece in pieces:
+            found = next(j for j in range(position, len(text)) if text[j:j + len(piece)] == piece)
+            position = found + len(piece)
+        kept = sum(map(len, pieces))
+        hidden += len(text) - 1 - kept
+        total += len(text) - 1
+    assert 0.25 < hidden / total < 0.35
+
+
+def test_denoising_sampler_resumes(train_tokens, tokenizer) -> None:
+    sampler = data.DenoisingSpans(train_tokens, 32, 4, 0, tokenizer)
+    next(sampler)
+    state = sampler.state_dict()
+    second = next(sampler)
+    sampler.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(next(sampler), second))

@@ -19,7 +19,7 @@ from lmkit.evaluate import evaluate_classifier
 from lmkit.project import Project
 from tests.conftest import SAMPLE_HELDOUT
 from tests.conftest import STYLE_LABELS as LABELS
-from tests.test_train import losses
+from tests.test_train import losses, signal_at
 
 QUICK = {"train.max_steps": 40, "train.eval_interval": 10, "train.batch_size": 16, "train.warmup_steps": 5,
          "train.log_interval": 1, "train.lr": 2e-3}
@@ -133,13 +133,9 @@ def test_an_interrupted_finetune_resumes_exactly(lora_rank, tiny_project, task_f
     straight = Project.open(tmp_path / "a")
     done = run(straight, tiny_project, "classify", task_files["train"], task_files["val"], **flags)
 
-    def ctrl_c_at_step_13(report) -> None:
-        if report.step == 13:
-            signal.raise_signal(signal.SIGINT)
-
     stopped = Project.open(tmp_path / "b")
     first = run(stopped, tiny_project, "classify", task_files["train"], task_files["val"],
-                progress=ctrl_c_at_step_13, **flags)
+                progress=signal_at(13, signal.SIGINT), **flags)
     assert first.outcome.stopped_by == signal.SIGINT and first.state.step == 13
     second = ft.resume(stopped)
     assert second.state.step == 24 and losses(stopped, "run1") == losses(straight, "run1")

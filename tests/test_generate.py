@@ -8,8 +8,9 @@ from torch import nn
 
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import ModelConfig, SampleConfig
-from lmkit.generate import generate, sample_next
+from lmkit.generate import generate
 from lmkit.models.gpt import GPT
+from lmkit.search import sample_next
 
 CPU = torch.device("cpu")
 
@@ -101,3 +102,42 @@ def test_generation_stops_at_eos(trained) -> None:
     assert out.samples[0].finish_reason == "eos"
     assert out.to_dict()["completions"][0] == {"text": tokenizer.decode([10, 11, 12]), "tokens": 3,
                                                "finish_reason": "eos"}
+
+
+def _logprob(model, ids: list[int], n_new: int) -> float:
+    """Sum of log-probabilities of the last N_NEW of IDS, by one full pass."""
+    logits, _ = model(torch.tensor([ids[:-1]]))
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    positions = torch.arange(len(ids) - 1 - n_new, len(ids) - 1)
+    return logp[positions, torch.tensor(ids[-n_new:])].sum().item()
+
+
+@torch.no_grad()
+def test_gpt_beam_search_ranks_hypotheses_and_beats_greedy(trained) -> None:
+    model, tokenizer = trained
+    prompt = "Ham.\nTo be, or not"
+    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    cfg = SampleConfig(max_new_tokens=8, length_penalty=0.0, greedy=True)
+    greedy = generate(model, tokenizer, prompt, cfg, CPU).samples[0]
+    beam = generate(model, tokenizer, prompt, dataclasses.replace(cfg, beam=4, num_samples=3), CPU).samples
+    assert len(beam) == 3 and [s.score for s in beam] == sorted((s.score for s in beam), reverse=True)
+    for s in beam:  # each score is the hypothesis' own log-probability (length penalty 0)
+        ending = [tokenizer.eos_id] if s.finish_reason == "eos" else []
+        n_new = len(s.tokens) + len(ending)
+        assert s.score == pytest.approx(_logprob(model, prompt_ids + s.tokens + ending, n_new), abs=1e-3)
+    ending = [tokenizer.eos_id] if greedy.finish_reason == "eos" else []
+    greedy_score = _logprob(model, prompt_ids + greedy.tokens + ending, len(greedy.tokens) + len(ending))
+    assert beam[0].score >= greedy_score - 1e-4
+
+
+def test_stop_strings_end_the_text_and_are_left_out(trained) -> None:
+    model, tokenizer = trained
+    cfg = SampleConfig(greedy=True, max_new_tokens=40)
+    free = generate(model, tokenizer, "Ham.\n", cfg, CPU).samples[0].text
+    stop = free[5:7]
+    assert len(stop) == 2 and stop in free
+    streamed: list[str] = []
+    out = generate(model, tokenizer, "Ham.\n", dataclasses.replace(cfg, stop=(stop,)), CPU,
+                   on_text=lambda i, text: streamed.append(text)).samples[0]
+    assert out.text == free[:free.index(stop)] and out.finish_reason == "stop"
+    assert "".join(streamed) == out.text  # nothing of the stop string was streamed before it was seen

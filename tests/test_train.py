@@ -27,6 +27,14 @@ def fresh_copy(tiny_project: Project, tmp_path) -> Project:
     return project
 
 
+def signal_at(step: int, signum: int = signal.SIGTERM):  # noqa: ANN201
+    """A progress callback that sends SIGNUM to this process when training reaches STEP."""
+    def progress(report: train.Progress) -> None:
+        if report.step == step:
+            signal.raise_signal(signum)
+    return progress
+
+
 def losses(project: Project, run: str) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in project.metrics_file(run).read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records]
@@ -49,12 +57,7 @@ def test_interrupt_then_resume_gives_exactly_the_uninterrupted_losses(tiny_proje
     train.pretrain(straight, [], cfg)
 
     interrupted = fresh_copy(tiny_project, tmp_path / "b")
-
-    def ctrl_c_at_step_13(report: train.Progress) -> None:
-        if report.step == 13:
-            signal.raise_signal(signal.SIGINT)
-
-    first = train.pretrain(interrupted, [], cfg, progress=ctrl_c_at_step_13)
+    first = train.pretrain(interrupted, [], cfg, progress=signal_at(13, signal.SIGINT))
     assert first.outcome.stopped_by == signal.SIGINT and first.state.step == 13
     assert interrupted.latest_checkpoint().name == "step-000013"
     second = train.resume(interrupted)

@@ -11,7 +11,7 @@ from lmkit import evaluate, train
 from lmkit.checkpoint import Checkpoint
 from lmkit.project import Project
 from tests.conftest import tiny_bert_config
-from tests.test_train import fresh_copy, losses
+from tests.test_train import fresh_copy, losses, signal_at
 
 
 def test_bert_resume_is_exact(tiny_project: Project, tmp_path) -> None:
@@ -20,12 +20,7 @@ def test_bert_resume_is_exact(tiny_project: Project, tmp_path) -> None:
     straight = fresh_copy(tiny_project, tmp_path / "a")
     train.pretrain(straight, [], cfg)
     stopped = fresh_copy(tiny_project, tmp_path / "b")
-
-    def stop_at_7(report: train.Progress) -> None:
-        if report.step == 7:
-            signal.raise_signal(signal.SIGTERM)
-
-    first = train.pretrain(stopped, [], cfg, progress=stop_at_7)
+    first = train.pretrain(stopped, [], cfg, progress=signal_at(7))
     assert first.outcome.stopped_by == signal.SIGTERM
     train.resume(stopped)
     assert losses(stopped, "run1") == losses(straight, "run1")

@@ -7,9 +7,11 @@ from torch import nn
 from lmkit.config import ModelConfig
 from lmkit.models.bert import BERT
 from lmkit.models.gpt import GPT
+from lmkit.models.seq2seq import Seq2Seq
 
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT}
-OBJECTIVES: dict[str, list[str]] = {"gpt": ["causal-lm"], "bert": ["masked-lm", "next-sentence"]}
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT, "seq2seq": Seq2Seq}
+OBJECTIVES: dict[str, list[str]] = {"gpt": ["causal-lm"], "bert": ["masked-lm", "next-sentence"],
+                                   "seq2seq": ["denoising (text infilling)"]}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

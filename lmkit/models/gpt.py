@@ -16,17 +16,21 @@ from lmkit.models.layers import MLP, Attention, KVCache, init_weights
 
 
 class Block(nn.Module):
-    """x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)); (B, T, C) in and out."""
+    """x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)); (B, T, C) in and out.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Causal in GPT; bidirectional (causal=False, with a padding mask) in the seq2seq encoder.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True, dropout=cfg.dropout, bias=cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, causal=causal, dropout=cfg.dropout, bias=cfg.bias)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg.d_model, cfg.ff_dim, activation=cfg.activation, dropout=cfg.dropout, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache, pad_mask=pad_mask)
         return x + self.mlp(self.ln_2(x))
 
 

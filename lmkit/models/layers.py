@@ -38,6 +38,11 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row rows[i] as row i (beam search: each surviving beam continues one parent beam)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
 
 class Attention(nn.Module):
     """Multi-head attention through torch's scaled_dot_product_attention.
@@ -59,17 +64,27 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross attention: keys and values (B, H, S, D) of an encoder output CONTEXT (B, S, C).
+        They do not change while a decoder generates, so decoding computes them once per input."""
+        B, S, C = context.shape
+        k, v = self.c_attn(context).split(C, dim=2)  # (B, S, 2C) -> 2 x (B, S, C)
+        H, D = self.n_head, C // self.n_head
+        return k.view(B, S, H, D).transpose(1, 2), v.view(B, S, H, D).transpose(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,
         *,
-        context: torch.Tensor | None = None,
+        context: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         pad_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Attend from x (B, T, C) to itself, or to CONTEXT (B, S, C) when cross.
+        """Attend from x (B, T, C) to itself, or to CONTEXT when cross.
 
         Args:
+            context: cross attention only: the encoder output (B, S, C), or its keys and values
+                from context_kv().
             pad_mask: (B, S) bool, True at real key positions. A query that can see no key at all
                 would give NaN, so pad on the right for causal models.
             cache: keys/values of earlier positions (self-attention only); the new ones are added.
@@ -81,13 +96,13 @@ class Attention(nn.Module):
         H, D = self.n_head, C // self.n_head
         if self.cross:
             assert context is not None, "cross attention needs a context"
-            q = self.q_attn(x)  # (B, T, C)
-            k, v = self.c_attn(context).split(C, dim=2)  # (B, S, 2C) -> 2 x (B, S, C)
+            q = self.q_attn(x).view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+            k, v = context if isinstance(context, tuple) else self.context_kv(context)  # (B, H, S, D)
         else:
             q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
-        k = k.view(B, -1, H, D).transpose(1, 2)  # (B, S, C) -> (B, H, S, D)
-        v = v.view(B, -1, H, D).transpose(1, 2)  # (B, S, C) -> (B, H, S, D)
+            q = q.view(B, T, H, D).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+            k = k.view(B, T, H, D).transpose(1, 2)
+            v = v.view(B, T, H, D).transpose(1, 2)
         past = 0
         if cache is not None:
             past = cache.length

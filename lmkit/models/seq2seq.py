@@ -1,0 +1,134 @@
+"""The encoder-decoder Transformer (seed §3.1): an encoder reads the source, a decoder writes the
+target one token at a time, attending to its own past (masked self-attention) and to the encoder's
+output (cross attention).
+
+Pre-LayerNorm blocks as in GPT (the 2017 Transformer put the norms after each sublayer; before
+them, it trains stably without a long warmup, as T5 and most later models found); learned
+positions, one table per side; one token embedding shared by the encoder, the decoder and the
+output layer (tied), as in the original and in T5/BART.
+
+Decoding computes the encoder output and each layer's cross-attention keys/values once per input
+(DecoderState), and keeps the decoder's self-attention keys/values in a preallocated KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmkit import objectives
+from lmkit.config import ModelConfig
+from lmkit.models.gpt import Block as EncoderBlock
+from lmkit.models.layers import MLP, Attention, KVCache, init_weights
+
+
+class DecoderBlock(nn.Module):
+    """x -> x + attn(ln_1(x)) -> x + cross_attn(ln_2(x), memory) -> x + mlp(ln_3(x)); (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, causal=True, dropout=cfg.dropout, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_head, causal=False, cross=True, dropout=cfg.dropout,
+                                    bias=cfg.bias)
+        self.ln_3 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.ff_dim, activation=cfg.activation, dropout=cfg.dropout, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                src_pad: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache)
+        x = x + self.cross_attn(self.ln_2(x), context=memory, pad_mask=src_pad)
+        return x + self.mlp(self.ln_3(x))
+
+
+@dataclass
+class DecoderState:
+    """What decoding keeps per input row: the source padding mask (N, S), every layer's
+    cross-attention keys/values (N, H, S, D), and the self-attention KV caches."""
+
+    src_pad: torch.Tensor
+    memory_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cache: list[KVCache]
+
+    @property
+    def length(self) -> int:
+        """Decoder positions written so far."""
+        return self.cache[0].length
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues row rows[i] (beam search). Beams of one input share its source, and
+        beams only ever continue beams of their own input, so only the self-attention caches move."""
+        for layer in self.cache:
+            layer.reorder(rows)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared: encoder, decoder, output layer
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleDict(dict(
+            wpe=nn.Embedding(cfg.max_seq_len, cfg.d_model),
+            h=nn.ModuleList(EncoderBlock(cfg, causal=False) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias),
+        ))
+        self.decoder = nn.ModuleDict(dict(
+            wpe=nn.Embedding(cfg.max_seq_len, cfg.d_model),
+            h=nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        init_weights(self, 2 * cfg.n_layer)  # both stacks write into residual streams
+
+    def _embed(self, idx: torch.Tensor, wpe: nn.Embedding, past: int = 0) -> torch.Tensor:
+        T = idx.size(1)
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        return self.drop(self.wte(idx) + wpe(pos))  # (B, T, C)
+
+    def encode(self, src: torch.Tensor, src_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Source ids (B, S), padding mask (B, S) True at real tokens -> encoder output (B, S, C)."""
+        x = self._embed(src, self.encoder.wpe)
+        for block in self.encoder.h:
+            x = block(x, pad_mask=src_pad)
+        return self.encoder.ln_f(x)
+
+    def decode(self, idx: torch.Tensor, memory: torch.Tensor | DecoderState,
+               src_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for decoder inputs IDX (B, T), given the encoder output MEMORY (B, S, C)
+        (training: all positions at once), or a DecoderState (decoding: IDX continues its cache)."""
+        past = memory.length if isinstance(memory, DecoderState) else 0
+        x = self._embed(idx, self.decoder.wpe, past)
+        for i, block in enumerate(self.decoder.h):
+            if isinstance(memory, DecoderState):
+                x = block(x, memory.memory_kv[i], memory.src_pad, memory.cache[i])
+            else:
+                x = block(x, memory, src_pad)
+        return self.lm_head(self.decoder.ln_f(x))  # (B, T, C) -> (B, T, V)
+
+    def forward(self, src: torch.Tensor, src_pad: torch.Tensor, tgt_in: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing: logits (B, T, V) for decoder inputs TGT_IN (B, T) (the target shifted
+        right behind a start token); with TARGETS (B, T) also their mean cross-entropy."""
+        logits = self.decode(tgt_in, self.encode(src, src_pad), src_pad)
+        loss = objectives.next_token_loss(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def start_decoding(self, src: torch.Tensor, src_pad: torch.Tensor, repeat: int = 1,
+                       dtype: torch.dtype = torch.float32) -> DecoderState:
+        """Encode SRC (B, S) once and set up decoding for B * REPEAT rows (REPEAT beams or samples
+        per input, consecutive)."""
+        memory = self.encode(src, src_pad).repeat_interleave(repeat, dim=0)  # (B * R, S, C)
+        src_pad = src_pad.repeat_interleave(repeat, dim=0)
+        cfg, rows = self.config, memory.size(0)
+        memory_kv = [tuple(t.to(dtype) for t in block.cross_attn.context_kv(memory)) for block in self.decoder.h]
+        cache = [KVCache(rows, cfg.n_head, cfg.d_model // cfg.n_head, cfg.max_seq_len, src.device, dtype)
+                 for _ in range(cfg.n_layer)]
+        return DecoderState(src_pad, memory_kv, cache)
