@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import evaluate, finetune, generate, info, merge, pretrain, tokenize
+from cli import distill, evaluate, finetune, generate, info, merge, pretrain, tokenize
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ app.add_typer(tokenize.app, name="tokenize")
 app.command()(pretrain.pretrain)
 app.command()(finetune.finetune)
 app.command()(merge.merge)
+app.command()(distill.distill)
 app.command()(generate.generate)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)

@@ -157,6 +157,26 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: the student's loss is soft_weight * T^2 * D(teacher || student at
+    temperature T) + hard_weight * (its own task loss) + cosine_weight * (1 - cos(hidden states))."""
+
+    temperature: float = 2.0
+    kl: Literal["forward", "reverse", "jsd"] = "forward"  # KL(teacher||student) (Hinton), the reverse (MiniLLM), or JSD
+    jsd_beta: float = 0.5  # jsd: the teacher's weight in the mixture both are compared with
+    soft_weight: float = 1.0
+    hard_weight: float = 0.5  # alpha: next token, masked token or class label
+    cosine_weight: float = 0.0  # DistilBERT's loss on the final hidden states; needs equal widths
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+        _check(0.0 < self.jsd_beta < 1.0, f"distill.jsd_beta={self.jsd_beta} must be in (0, 1)")
+        for name in ("soft_weight", "hard_weight", "cosine_weight"):
+            _check(getattr(self, name) >= 0, f"distill.{name}={getattr(self, name)} must be >= 0")
+        _check(self.soft_weight + self.hard_weight + self.cosine_weight > 0, "every distill weight is 0: no loss")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; saved as JSON before step 0 and beside every checkpoint."""
 
@@ -166,6 +186,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -222,6 +243,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "lora": LoraConfig,
+    "distill": DistillConfig,
 }
 TOP_LEVEL_KEYS = ("arch", "preset")
 

@@ -1,0 +1,363 @@
+"""Knowledge distillation: a small student learns to match a large, frozen teacher.
+
+The student's loss (weights in DistillConfig):
+  soft    T^2 * D(teacher || student) on the output distributions at temperature T (Hinton et
+          al. 2015; T^2 keeps its gradients on the scale of the hard loss as T changes). D is the
+          forward KL, the reverse KL (MiniLLM: the student covers the teacher's main modes rather
+          than all of them), or the generalised Jensen-Shannon divergence.
+  hard    the student's own task loss: next token (GPT, seq2seq), masked token (BERT), label.
+  cosine  1 - cos(student hidden, teacher hidden) on the final hidden states (DistilBERT), when
+          the widths match.
+
+Every model kind: GPT on a corpus (token-level), BERT (DistilBERT's triple loss: soft MLM + hard
+MLM + cosine), classifiers (class logits), and the encoder-decoder (decoder tokens). The teacher
+runs in eval mode under no_grad, its logits computed on the fly for each batch; nothing is cached.
+A student of the teacher's width starts from the teacher's embeddings and a subset of its layers
+(DistilBERT: every other one); of another width, from random weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkit import checkpoint, corpus, objectives, prepare
+from lmkit.config import PRESETS, DistillConfig, ModelConfig, RunConfig, resolve
+from lmkit.device import autocast, pick_device
+from lmkit.errors import CheckpointError, ConfigError, DataError
+from lmkit.fileio import atomic_write_json
+from lmkit.finetune import FinetuneSpec, task_plan
+from lmkit.models import build_model, count_parameters
+from lmkit.models.heads import SequenceClassifier
+from lmkit.objectives import IGNORE, Batch
+from lmkit.project import Project
+from lmkit.train import Log, Progress, RunPlan, TrainResult, TrainState, pretraining_plan, run_training, validate
+
+# Loss weights per kind of model, before --set distill.*: DistilBERT's 5 : 2 : 1 for BERT (soft
+# MLM, hard MLM, cosine); elsewhere the soft targets lead and the hard labels keep the student honest.
+DISTILL_DEFAULTS: dict[str, dict[str, float]] = {
+    "gpt": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
+    "bert": {"soft_weight": 5.0, "hard_weight": 2.0, "cosine_weight": 1.0},
+    "classify": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
+    "seq2seq": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
+}
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str = "forward",
+                     beta: float = 0.5) -> torch.Tensor:
+    """T^2 * D(teacher || student) between the softened distributions of logits (N, K), averaged
+    over the N rows. kind: "forward" KL(p_t || p_s), "reverse" KL(p_s || p_t), or "jsd":
+    beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if kind == "forward":
+        divergence = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif kind == "reverse":
+        divergence = (log_s.exp() * (log_s - log_t)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(beta)),
+                                             log_s + torch.log(torch.tensor(1 - beta))]), dim=0)
+        divergence = (beta * (log_t.exp() * (log_t - log_m)).sum(-1)
+                      + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1))
+    else:
+        raise ValueError(f"unknown divergence {kind!r}")
+    return divergence.mean() * temperature ** 2
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(student_i, teacher_i) over rows of hidden states (N, C)."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+@dataclass
+class Outputs:
+    """What distillation compares, for the N positions (or examples) that are predicted."""
+
+    logits: torch.Tensor  # (N, K)
+    labels: torch.Tensor  # (N,), IGNORE where there is no label
+    hidden: torch.Tensor | None  # (M, C) final hidden states of the real tokens (or examples)
+
+
+def outputs(model: nn.Module, batch: Batch, kind: str) -> Outputs:
+    """Run MODEL on BATCH (laid out as lmkit.data / lmkit.tasks make them for KIND)."""
+    if kind == "gpt":
+        inputs, targets = batch
+        hidden = model.hidden_states(inputs)  # (B, T, C)
+        scored = targets != IGNORE
+        return Outputs(model.lm_head(hidden[scored]), targets[scored], hidden[scored])
+    if kind == "bert":
+        ids, types, pad, mlm_labels, _ = batch
+        hidden = model.hidden_states(ids, types, pad)
+        chosen = mlm_labels != IGNORE
+        return Outputs(model.mlm_logits(hidden[chosen]), mlm_labels[chosen], hidden[pad])
+    if kind == "classify":
+        ids, types, pad, labels = batch
+        summary = model.summary(ids, types, pad)  # (B, C)
+        return Outputs(model.head(model.dropout(summary)), labels, summary)
+    src, src_pad, tgt_in, targets = batch  # seq2seq
+    scored = targets != IGNORE
+    return Outputs(model(src, src_pad, tgt_in)[0][scored], targets[scored], None)
+
+
+@dataclass
+class DistillLoss:
+    """loss_fn(student, batch) for the training loop; the teacher rides along, frozen."""
+
+    teacher: nn.Module
+    cfg: DistillConfig
+    kind: str
+    cosine: bool  # widths match and cosine_weight > 0
+
+    def __call__(self, student: nn.Module, batch: Batch) -> torch.Tensor:
+        s = outputs(student, batch, self.kind)
+        with torch.no_grad():
+            t = outputs(self.teacher, batch, self.kind)
+        loss = torch.zeros((), device=s.logits.device)
+        if self.cfg.soft_weight:
+            soft = soft_target_loss(s.logits, t.logits, self.cfg.temperature, self.cfg.kl, self.cfg.jsd_beta)
+            loss = loss + self.cfg.soft_weight * soft
+        if self.cfg.hard_weight and (s.labels != IGNORE).any():
+            loss = loss + self.cfg.hard_weight * objectives.classification_loss(s.logits, s.labels)
+        if self.cosine:
+            loss = loss + self.cfg.cosine_weight * cosine_loss(s.hidden, t.hidden)
+        return loss
+
+
+# --- the student --------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"(^|\.)(h|layers)\.(\d+)\.")  # GPT/seq2seq stacks are .h.N., BERT's .layers.N.
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int]) -> int:
+    """Copy into STUDENT (same width) the teacher's weights: layer i of each stack from teacher
+    layer layers[i], everything outside the stacks (embeddings, norms, heads) as is. Returns the
+    number of tensors copied."""
+    source = teacher.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            match = _LAYER.search(name)
+            origin = name
+            if match:
+                index = int(match.group(3))
+                origin = name[:match.start(3)] + str(layers[index]) + name[match.end(3):]
+            if origin in source and source[origin].shape == tensor.shape:
+                tensor.copy_(source[origin])
+                copied += 1
+    return copied
+
+
+def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
+    """Which teacher layers a shallower student starts from: 0, 2, 4, ... for half the depth."""
+    return [round(i * n_teacher / n_student) for i in range(n_student)]
+
+
+def student_config(teacher: ModelConfig, preset: str | None, layers: list[int] | None) -> ModelConfig:
+    """The teacher's model config with a preset's shape (if given) and len(LAYERS) layers (if given)."""
+    cfg = teacher
+    if preset:
+        if preset not in PRESETS[teacher.arch]:
+            raise ConfigError(f"unknown preset {preset!r} for arch {teacher.arch}; "
+                              f"choose one of: {', '.join(PRESETS[teacher.arch])}")
+        shape = {k: v for k, v in PRESETS[teacher.arch][preset].get("model", {}).items() if k != "max_seq_len"}
+        cfg = dataclasses.replace(cfg, **shape)
+    if layers is not None:
+        if not layers or any(not 0 <= i < teacher.n_layer for i in layers):
+            raise ConfigError(f"--student-layers must name teacher layers 0..{teacher.n_layer - 1}; got {layers}")
+        cfg = dataclasses.replace(cfg, n_layer=len(layers))
+    return cfg
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillSpec:
+    data: str
+    teacher: str  # checkpoint folder
+    val: str | None = None
+    student: str | None = None  # a checkpoint to start the student from, instead of the teacher's layers
+    layers: tuple[int, ...] | None = None  # teacher layers the student starts from
+    preset: str | None = None  # the student's shape
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Teacher vs student after distillation, measured in the same run on the same validation data."""
+
+    teacher_parameters: int
+    student_parameters: int
+    teacher_mb: float  # model.safetensors on disk
+    student_mb: float
+    teacher_speed: float  # inference throughput on the validation batches (unit below)
+    student_speed: float
+    speed_unit: str  # "tokens/s" or "examples/s"
+    metric: str  # the quality measure compared
+    teacher_quality: float
+    student_quality: float
+
+    @property
+    def retention(self) -> float:
+        """Student quality as % of the teacher's: accuracy ratio, or teacher loss / student loss."""
+        if self.metric.endswith("loss"):
+            return 100 * self.teacher_quality / self.student_quality
+        return 100 * self.student_quality / self.teacher_quality
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "retention": round(self.retention, 2),
+                "parameter_ratio": round(self.student_parameters / self.teacher_parameters, 4),
+                "speedup": round(self.student_speed / self.teacher_speed, 3)}
+
+
+def kind_of(ckpt: checkpoint.Checkpoint) -> str:
+    if ckpt.task == "classify":
+        return "classify"
+    if ckpt.task not in ("lm", "seq2seq") or ckpt.meta.get("finetune", {}).get("task") == "instruct":
+        raise CheckpointError(f"{ckpt.path} is a checkpoint for task {ckpt.task!r}, which lmkit cannot distill yet")
+    return ckpt.config.model.arch
+
+
+def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
+            flags: dict[str, Any] | None = None, log: Log = lambda _: None,
+            progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
+    """Train a student on SPEC.data to match the teacher SPEC.teacher; a new run in PROJECT.
+
+    Raises:
+        CheckpointError: the teacher cannot be distilled, or a --student's tokenizer differs.
+        DataError, ConfigError: bad data or settings.
+    """
+    teacher_ckpt = checkpoint.Checkpoint(Path(spec.teacher))
+    kind = kind_of(teacher_ckpt)
+    tokenizer = teacher_ckpt.tokenizer()
+    start_ckpt = checkpoint.Checkpoint(Path(spec.student)) if spec.student else None
+    if start_ckpt and start_ckpt.tokenizer_fingerprint != teacher_ckpt.tokenizer_fingerprint:
+        raise CheckpointError(f"the student {start_ckpt.path} uses tokenizer {start_ckpt.tokenizer_fingerprint} but "
+                              f"the teacher {teacher_ckpt.path} uses {teacher_ckpt.tokenizer_fingerprint}; "
+                              "distillation compares their outputs token by token, so they must share one")
+    if start_ckpt and kind_of(start_ckpt) != kind:
+        raise CheckpointError(f"the student {start_ckpt.path} is a {kind_of(start_ckpt)} model; the teacher is {kind}")
+
+    layers = list(spec.layers) if spec.layers is not None else None
+    base_model = start_ckpt.config.model if start_ckpt else student_config(teacher_ckpt.config.model, spec.preset,
+                                                                           layers)
+    # The teacher's own recipe (steps, batch, learning rate): same steps and data, smaller model.
+    defaults = dataclasses.replace(teacher_ckpt.config, model=base_model,
+                                   distill=DistillConfig(**DISTILL_DEFAULTS[kind]))
+    cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
+    if cfg.model.max_seq_len > teacher_ckpt.config.model.max_seq_len:
+        raise ConfigError(f"the student's max_seq_len {cfg.model.max_seq_len} exceeds the teacher's "
+                          f"{teacher_ckpt.config.model.max_seq_len}: the teacher could not read its inputs")
+    if layers is not None and len(layers) != cfg.model.n_layer:
+        raise ConfigError(f"--student-layers names {len(layers)} layers but model.n_layer is {cfg.model.n_layer}")
+
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
+    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer)
+    if start_ckpt:
+        student = start_ckpt.model(device, model_config=cfg.model)
+        origin = f"from {start_ckpt.path}"
+    else:
+        student = build_model(cfg.model)
+        if kind == "classify":
+            student = SequenceClassifier(student, len(teacher_ckpt.labels))
+        student = student.to(device)
+        same_width = (cfg.model.d_model, cfg.model.n_head, cfg.model.ff_dim) == (
+            teacher_ckpt.config.model.d_model, teacher_ckpt.config.model.n_head, teacher_ckpt.config.model.ff_dim)
+        if same_width:
+            chosen = layers or evenly_spaced(cfg.model.n_layer, teacher_ckpt.config.model.n_layer)
+            init_from_teacher(student, teacher, chosen)
+            origin = f"from the teacher's embeddings and layers {chosen}"
+        else:
+            origin = "from random weights (its width differs from the teacher's)"
+    cosine = cfg.distill.cosine_weight > 0 and cfg.model.d_model == teacher_ckpt.config.model.d_model
+    if cfg.distill.cosine_weight > 0 and not cosine:
+        log("cosine loss off: the student's width differs from the teacher's")
+    if cosine and kind == "seq2seq":
+        cosine = False
+        log("cosine loss off: not defined for the encoder-decoder")
+    plan.loss_fn = DistillLoss(teacher, cfg.distill, kind, cosine)
+    plan.meta["distill"] = {**dataclasses.asdict(spec), "layers": list(spec.layers) if spec.layers else None,
+                            "teacher_weights": checkpoint.weights_fingerprint(teacher_ckpt.path)}
+
+    run = project.new_run_name()
+    project.run_dir(run).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    log(f"{run}: distilling {teacher_ckpt.path} ({count_parameters(teacher):,} parameters) into a "
+        f"{cfg.model.n_layer}-layer, {cfg.model.d_model}-wide student ({count_parameters(student):,}) {origin}; "
+        f"T={cfg.distill.temperature:g}, {cfg.distill.kl} KL, weights soft {cfg.distill.soft_weight:g} / hard "
+        f"{cfg.distill.hard_weight:g} / cosine {cfg.distill.cosine_weight if cosine else 0:g}")
+    result = run_training(project, run, cfg, student, tokenizer, plan, state=TrainState(), snapshot=None,
+                          device=device, progress=progress)
+    final = result.outcome.best_checkpoint or result.outcome.checkpoint
+    best_student = checkpoint.Checkpoint(final).model(device)
+    return result, summarize(teacher, best_student, teacher_ckpt.path, final, plan, kind, cfg, device)
+
+
+def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teacher: checkpoint.Checkpoint,
+          tokenizer: Any) -> RunPlan:
+    """Batches and validation as for training the teacher's task on SPEC.data: pretraining batches
+    from a corpus for a pretrained teacher, the task's examples for a finetuned one."""
+    if teacher.task == "lm":
+        if spec.val:
+            raise ConfigError("distilling a language model holds back part of DATA for validation "
+                              "(--set data.val_fraction=...); leave out --val")
+        files = corpus.check_files([Path(spec.data)])
+        prepared = prepare.prepare(project, files, tokenizer, cfg.data, dataset="distill")
+        plan = pretraining_plan(cfg, prepared, tokenizer)
+        plan.keep_best = True
+        return plan
+    task = "classify" if kind == "classify" else "seq2seq"
+    plan = task_plan(project, FinetuneSpec(task, spec.data, spec.teacher, spec.val), cfg, tokenizer)
+    if task == "classify" and plan.meta["labels"] != teacher.labels:
+        raise DataError(f"{spec.data} has labels {plan.meta['labels']}; the teacher classifies into {teacher.labels}")
+    plan.meta.pop("finetune", None)
+    return plan
+
+
+@torch.no_grad()
+def summarize(teacher: nn.Module, student: nn.Module, teacher_path: Path, student_path: Path, plan: RunPlan,
+              kind: str, cfg: RunConfig, device: torch.device) -> Summary:
+    """Sizes, same-run inference speed (median of 3 passes over the validation batches) and
+    validation quality of teacher and student."""
+    batches = [tuple(t.to(device) for t in b) for b in plan.val_batches]
+    metric = "val_accuracy" if kind == "classify" else "val_mlm_accuracy" if kind == "bert" else "val_loss"
+    quality = [validate(m, plan.val_batches, plan.metrics_fn, device, cfg.train.precision)[metric]
+               for m in (teacher, student)]
+    if kind == "classify":
+        units, unit = sum(b[0].size(0) for b in batches), "examples/s"
+    else:
+        units, unit = sum(int((b[-1] != IGNORE).sum()) if kind == "seq2seq" else b[0].numel() for b in batches), \
+            "tokens/s"
+    speeds = [units / _median_seconds(lambda m=m: [outputs(m, b, kind) for b in batches], device) for m in
+              (teacher, student)]
+
+    def megabytes(path: Path) -> float:
+        return round((path / "model.safetensors").stat().st_size / 1e6, 3)
+
+    return Summary(count_parameters(teacher), count_parameters(student), megabytes(teacher_path),
+                   megabytes(student_path), round(speeds[0], 1), round(speeds[1], 1), unit, metric, quality[0],
+                   quality[1])
+
+
+def _median_seconds(work: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    times = []
+    with autocast(device):
+        work()  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
