@@ -6,6 +6,7 @@ None of these import torch, so they start fast and work in shell pipelines.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,7 +19,7 @@ app = typer.Typer(help="Train the project's tokenizer, encode and decode text, p
                   no_args_is_help=True)
 
 Corpora = Annotated[list[Path], typer.Argument(
-    show_default=False, help="Text files (.txt, .jsonl, optionally .gz).")]
+    show_default=False, help="Text files (.txt, .jsonl, optionally .gz), directories of them, or glob patterns.")]
 TextField = Annotated[Optional[str], typer.Option(
     "--text-field", show_default=False, help="Field holding the text in JSONL files (default: text).")]
 InputFile = Annotated[str, typer.Argument(help="Input file, or - for stdin.")]
@@ -53,7 +54,8 @@ def train(
             raise config.ConfigError(f"{p.root} already has a tokenizer ({existing.fingerprint}); pass --force to "
                                      "replace it (its prepared data and checkpoints will no longer match)")
         training.init_project(p)
-        trained = tok.train_tokenizer(corpus.iter_documents(corpora, cfg.data.text_field), p.tokenizer_model,
+        files = corpus.corpus_files(corpora)
+        trained = tok.train_tokenizer(corpus.iter_documents(files, cfg.data.text_field), p.tokenizer_model,
                                       cfg.tokenizer)
         typer.echo(f"{p.tokenizer_model}: {trained.vocab_size} pieces, fingerprint {trained.fingerprint}")
 
@@ -103,10 +105,13 @@ def prepare(
     val_fraction: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.5, show_default=False, help="Share of the text kept for validation (default: 0.05).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even if the files are up to date.")] = False,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Encoding processes (1: this one, with sentencepiece's threads).")] = 1,
     project: ProjectDir = None,
     quiet: Quiet = False,
 ) -> None:
-    """Encode CORPORA into the project's train/val token files (streaming; skipped when up to date)."""
+    """Encode CORPORA (files, directories, globs; .txt, .jsonl, .gz) into the project's train/val token
+    files (streaming; skipped when up to date)."""
     from lmkit import config
     from lmkit import prepare as prep
     from lmkit import project as proj
@@ -116,12 +121,19 @@ def prepare(
         p = proj.Project.open(opts.project)
         cfg = config.resolve(project_file=p.config_file,
                              flags={"data.text_field": text_field, "data.val_fraction": val_fraction})
+        start = time.perf_counter()
         with display.Display(opts.quiet) as shown:
             prepared = prep.prepare(p, corpora, _project_tokenizer(opts.project), cfg.data, force=force,
-                                    progress=shown.encoding)
+                                    progress=shown.encoding, workers=workers)
+        seconds = time.perf_counter() - start
         state = "up to date" if prepared.reused else "written"
         for split in (prepared.train, prepared.val):
             typer.echo(f"{split.path}: {split.tokens:,} tokens, {split.meta['bytes']:,} bytes ({state})")
+        if not prepared.reused:
+            total = prepared.train.meta["bytes"] + prepared.val.meta["bytes"]
+            typer.echo(f"encoded {total / 1e6:,.1f} MB in {seconds:.1f} s: {total / 1e6 / seconds:,.1f} MB/s, "
+                       f"{(prepared.train.tokens + prepared.val.tokens) / seconds:,.0f} tokens/s ({workers} "
+                       f"worker{'s' if workers > 1 else ''})")
 
 
 def _project_tokenizer(root: Optional[Path]):  # -> lmkit.tokenizer.Tokenizer

@@ -21,6 +21,31 @@ MAX_LINE_CHARS = 1 << 20
 SNIFF_BYTES = 8192
 
 
+CORPUS_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".gz")  # what a directory of corpora contributes
+
+
+def corpus_files(paths: Sequence[Path | str]) -> list[Path]:
+    """Corpora as given on a command line, checked: files; directories (every .txt, .text, .md,
+    .jsonl and .gz file beneath, sorted); and glob patterns such as 'data/*.jsonl.gz' (sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
+                           and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{path} is a directory with no {', '.join(CORPUS_SUFFIXES)} files")
+            files += found
+        elif not path.exists() and any(c in str(path) for c in "*?["):
+            root = Path(path.anchor or ".")  # Path.glob takes patterns relative to a folder
+            found = sorted(root.glob(str(path.relative_to(path.anchor)) if path.anchor else str(path)))
+            if not found:
+                raise DataError(f"no file matches {path}")
+            files += [p for p in found if p.is_file()]
+        else:
+            files.append(path)
+    return check_files(files)
+
+
 def check_files(paths: Sequence[Path]) -> list[Path]:
     """Fail early, with one clear message, on anything that is not a readable non-empty text file."""
     if not paths:

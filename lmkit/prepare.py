@@ -1,16 +1,20 @@
 """Corpora -> train/val token files: raw little-endian ids, memory-mapped for training, each with a
 JSON sidecar (tokenizer fingerprint, token count, dtype, source fingerprints).
 
-Encoding streams: memory holds one batch of lines, never the corpus. The split is made of
+Encoding streams: memory holds a few batches of lines, never the corpus; with several workers,
+batches are encoded in worker processes and written in their original order. The split is made of
 blocks of whole lines: evenly spaced blocks (a val_fraction share) go to val, the rest to train,
 so validation text comes from all over the corpus, not only its end.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
-from collections.abc import Callable, Sequence
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +120,74 @@ class PreparedData:
     reused: bool  # True when the files were already up to date
 
 
+LineBatch = tuple[list[str], list[bool]]  # lines, and whether each is the last of its document
+
+
+def _line_batches(corpora: Sequence[Path], text_field: str) -> Iterator[LineBatch]:
+    """The corpora's lines in batches of _BATCH_LINES, streamed."""
+    batch: list[str] = []
+    ends: list[bool] = []  # ends[k]: line k is the last of its document (an EOS follows it)
+    for document in corpus.iter_documents(corpora, text_field):
+        has_lines = False
+        for line in document:
+            if len(batch) >= _BATCH_LINES:
+                yield batch, ends
+                batch, ends = [], []
+            batch.append(line)
+            ends.append(False)
+            has_lines = True
+        if has_lines:
+            ends[-1] = True  # the document's last line is always still in the batch
+    if batch:
+        yield batch, ends
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(model_bytes: bytes) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_bytes)
+
+
+def _encode_in_worker(lines: list[str]) -> list[list[int]]:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.encode_lines(lines, threads=1)
+
+
+class _Encoder:
+    """Encodes line batches in order: here, or in WORKERS processes that each load the tokenizer
+    once. At most 2 * WORKERS batches are in flight, so memory stays bounded on any corpus."""
+
+    def __init__(self, tokenizer: Tokenizer, workers: int) -> None:
+        self.tokenizer, self.workers = tokenizer, workers
+        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(tokenizer.model_bytes,))
+                     if workers > 1 else None)
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, batches: Iterator[LineBatch]) -> Iterator[tuple[LineBatch, list[list[int]]]]:
+        if self.pool is None:
+            for batch in batches:
+                yield batch, self.tokenizer.encode_lines(batch[0])
+            return
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append((batch, self.pool.submit(_encode_in_worker, batch[0])))
+            if len(pending) >= 2 * self.workers:
+                batch, future = pending.popleft()
+                yield batch, future.result()
+        while pending:
+            batch, future = pending.popleft()
+            yield batch, future.result()
+
+
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
@@ -137,17 +209,19 @@ def prepare(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     dataset: str = "",
+    workers: int = 1,
 ) -> PreparedData:
     """Tokenize CORPORA into the project's train/val files, unless they are already up to date.
 
     Args:
         progress: called with (bytes read, total bytes) as encoding advances.
+        workers: encoding processes; 1 encodes here (sentencepiece spreads each batch over threads).
         dataset: "" for the pretraining data; another name keeps its files apart (data/NAME/).
 
     Raises:
         DataError: unreadable input, or a corpus too small to give both splits any tokens.
     """
-    corpora = corpus.check_files(corpora)
+    corpora = corpus.corpus_files(corpora)
     recipe = {"tokenizer": tokenizer.fingerprint, "sources": corpus.fingerprint(corpora),
               "val_fraction": cfg.val_fraction, "text_field": cfg.text_field}
     existing = load_prepared(project, tokenizer, dataset)
@@ -159,30 +233,14 @@ def prepare(
     block_bytes = int(min(max(total_bytes * cfg.val_fraction / 20, 1024), 1 << 20))
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     files = {split: project.tokens_file(split, dataset) for split in SPLITS}
-    with atomic_file(files["train"]) as train_out, atomic_file(files["val"]) as val_out:
+    with atomic_file(files["train"]) as train_out, atomic_file(files["val"]) as val_out, \
+            _Encoder(tokenizer, workers) as encoder:
         router = _BlockRouter({"train": train_out, "val": val_out}, dtype, block_bytes, cfg.val_fraction)
-        batch: list[str] = []
-        ends: list[bool] = []  # ends[k]: line k is the last of its document (an EOS follows it)
-
-        def flush() -> None:
-            for line, ids, doc_end in zip(batch, tokenizer.encode_lines(batch), ends):
+        for (lines, ends), encoded in encoder.map(_line_batches(corpora, cfg.text_field)):
+            for line, ids, doc_end in zip(lines, encoded, ends):
                 router.add(ids + [tokenizer.eos_id] if doc_end else ids, len(line.encode("utf-8")))
-            batch.clear()
-            ends.clear()
             if progress:
                 progress(router.read_bytes, total_bytes)
-
-        for document in corpus.iter_documents(corpora, cfg.text_field):
-            has_lines = False
-            for line in document:
-                if len(batch) >= _BATCH_LINES:
-                    flush()
-                batch.append(line)
-                ends.append(False)
-                has_lines = True
-            if has_lines:
-                ends[-1] = True  # the document's last line is always still in the batch
-        flush()
         router.close()
         if router.tokens["train"] < 2 or router.tokens["val"] < 2:  # raising here discards both files
             raise DataError(f"the corpus is too small to split into train and val "

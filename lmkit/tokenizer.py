@@ -132,10 +132,11 @@ class Tokenizer:
 
         return [i for ids in self.encode_lines(split_lines(text)) for i in ids]
 
-    def encode_lines(self, lines: list[str]) -> list[list[int]]:
-        """Encode a batch of lines in parallel. A line may end with "\\n" and holds no other newline."""
+    def encode_lines(self, lines: list[str], threads: int | None = None) -> list[list[int]]:
+        """Encode a batch of lines on THREADS threads (default: one per core). A line may end with
+        "\\n" and holds no other newline."""
         bodies = [line[:-1] if line.endswith("\n") else line for line in lines]
-        encoded = self.sp.encode(bodies, num_threads=_threads())
+        encoded = self.sp.encode(bodies, num_threads=threads or _threads())
         for k, body in enumerate(bodies):
             if _META_MARK in body:
                 encoded[k] = self._encode_with_meta_marks(body)

@@ -82,3 +82,43 @@ def test_prepare_streams_with_bounded_memory(tmp_path, tokenizer, sample_text, m
     tracemalloc.stop()
     assert prepared.train.tokens + prepared.val.tokens > 500_000
     assert peak < path.stat().st_size / 1.5, f"peak {peak / 1e6:.2f} MB for {path.stat().st_size / 1e6:.1f} MB"
+
+
+def test_files_jsonl_gz_directories_and_globs_give_the_tokens_of_their_documents(tmp_path, tokenizer,
+                                                                                sample_text) -> None:
+    import gzip
+    import json
+
+    folder = tmp_path / "corpus"
+    (folder / "more").mkdir(parents=True)
+    docs = [sample_text[:8_000], sample_text[8_000:12_000], sample_text[12_000:15_000], sample_text[15_000:30_000]]
+    (folder / "a.txt").write_text(docs[0])
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:3]))
+    with gzip.open(folder / "more" / "c.txt.gz", "wt") as f:
+        f.write(docs[3])
+    (folder / "notes.bin").write_bytes(b"\x00\x01")  # not a corpus suffix: left out of a directory
+    expected = [t for d in docs for t in [*tokenizer.encode(d), tokenizer.eos_id]]
+
+    def tokens(inputs, workers=1) -> list[int]:
+        project = Project.open(tmp_path / f"p{len(list(tmp_path.iterdir()))}")
+        prepared = prepare(project, inputs, tokenizer, DataConfig(val_fraction=0.1), workers=workers)
+        return sorted(prepared.train.array().tolist() + prepared.val.array().tolist())
+
+    assert tokens([folder]) == sorted(expected)
+    assert tokens([folder / "a.txt", str(folder / "*.jsonl"), folder / "more"]) == sorted(expected)
+
+
+def test_worker_processes_write_the_same_files_as_one(tmp_path, tokenizer, sample_text) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text(sample_text[:200_000])
+    one = prepare(Project.open(tmp_path / "one"), [path], tokenizer, DataConfig())
+    two = prepare(Project.open(tmp_path / "two"), [path], tokenizer, DataConfig(), workers=2)
+    assert np.array_equal(one.train.array(), two.train.array()) and np.array_equal(one.val.array(), two.val.array())
+
+
+def test_a_glob_or_directory_without_corpora_is_a_clear_error(tmp_path, tokenizer) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a directory with no .txt"):
+        prepare(Project.open(tmp_path / "p"), [tmp_path / "empty"], tokenizer, DataConfig())
+    with pytest.raises(DataError, match="no file matches"):
+        prepare(Project.open(tmp_path / "p"), [tmp_path / "*.nothing"], tokenizer, DataConfig())
