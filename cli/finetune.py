@@ -16,13 +16,17 @@ from cli.options import (
     ConfigFile,
     DeviceOpt,
     Json,
+    Keep,
     MaxSteps,
+    Nproc,
     ProjectDir,
     Quiet,
     Seed,
     Sets,
     common,
     exit_if_interrupted,
+    hand_off_to_torchrun,
+    is_main_process,
     user_errors,
 )
 
@@ -66,6 +70,8 @@ def finetune(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    nproc: Nproc = None,
+    keep: Keep = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest finetuning run exactly.")] = False,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
@@ -80,6 +86,7 @@ def finetune(
     from lmkit import finetune as ft
     from lmkit import project as proj
 
+    hand_off_to_torchrun(nproc)
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         p = proj.Project.open(opts.project)
@@ -94,6 +101,7 @@ def finetune(
                     raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
                 flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                          "lora.targets": lora_targets.value if lora_targets else None, "train.max_steps": max_steps,
+                         "train.keep_checkpoints": keep,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 spec = ft.FinetuneSpec(task.value, str(data.resolve()),
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
@@ -101,6 +109,8 @@ def finetune(
                 result = ft.finetune(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
                                      merge=merge, log=opts.say, progress=shown.training)
     out = result.outcome
+    if not is_main_process():  # the other ranks trained alongside rank 0, which reports
+        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
     else:

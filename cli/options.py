@@ -39,6 +39,12 @@ ConfigFile = Annotated[Optional[Path], typer.Option(
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")]
 MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
+Keep = Annotated[Optional[int], typer.Option(
+    "--keep", min=1, show_default=False,
+    help="Periodic checkpoints kept per run (default 2); the latest and the best are never deleted.")]
+Nproc = Annotated[Optional[int], typer.Option(
+    "--nproc", min=1, show_default=False,
+    help="Train on this many processes (data parallel): hands the command to torchrun.")]
 
 # Decoding, shared by generate and eval (seq2seq).
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to add per output.")]
@@ -68,6 +74,11 @@ class Common:
             typer.echo(message, err=True)
 
 
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: they train but print nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def common(ctx: typer.Context, project: Optional[Path] = None, device: Optional[Device] = None,
            seed: Optional[int] = None, quiet: bool = False) -> Common:
     top: Common | None = ctx.find_root().obj
@@ -75,8 +86,29 @@ def common(ctx: typer.Context, project: Optional[Path] = None, device: Optional[
         project=project or (top.project if top else None),
         device=(device or (Device(top.device) if top else Device.auto)).value,
         seed=seed if seed is not None else (top.seed if top else None),
-        quiet=quiet or bool(top and top.quiet),
+        quiet=quiet or bool(top and top.quiet) or not is_main_process(),
     )
+
+
+def hand_off_to_torchrun(nproc: Optional[int]) -> None:
+    """With --nproc N > 1 outside torchrun: run this same command under torch's launcher, one
+    process per rank (`python -m torch.distributed.run --standalone --nproc_per_node N -m lmkit
+    ...`), and exit with its status. Does nothing inside a torchrun launch or for one process."""
+    if not nproc or nproc == 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        args.append(arg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    raise typer.Exit(code=subprocess.call([*launcher, "-m", "lmkit", *args]))
 
 
 @contextlib.contextmanager

@@ -13,13 +13,17 @@ from cli.options import (
     ConfigFile,
     DeviceOpt,
     Json,
+    Keep,
     MaxSteps,
+    Nproc,
     ProjectDir,
     Quiet,
     Seed,
     Sets,
     common,
     exit_if_interrupted,
+    hand_off_to_torchrun,
+    is_main_process,
     user_errors,
 )
 
@@ -36,9 +40,13 @@ def pretrain(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    nproc: Nproc = None,
+    keep: Keep = None,
     time_budget: Annotated[Optional[str], typer.Option(
         show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
+    new_run: Annotated[bool, typer.Option(
+        "--new-run", help="Start a new run even when an interrupted run with the same config could continue.")] = False,
     json_out: Json = False,
     project: ProjectDir = None,
     device: DeviceOpt = None,
@@ -49,6 +57,7 @@ def pretrain(
     from lmkit import config, train
     from lmkit import project as proj
 
+    hand_off_to_torchrun(nproc)
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         p = proj.Project.open(opts.project)
@@ -62,11 +71,20 @@ def pretrain(
                                       progress=shown.training)
             else:
                 flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
+                         "train.keep_checkpoints": keep,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
-                result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=shown.training,
-                                        prepare_progress=shown.encoding)
+                interrupted = None if new_run else train.interrupted_run(p, cfg, list(corpora or []))
+                if interrupted:
+                    opts.say(f"continuing the interrupted run with the same config from {interrupted} "
+                             "(--new-run starts over)")
+                    result = train.resume(p, interrupted, log=opts.say, progress=shown.training)
+                else:
+                    result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=shown.training,
+                                            prepare_progress=shown.encoding)
     out = result.outcome
+    if not is_main_process():  # the other ranks trained alongside rank 0, which reports
+        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
     else:

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,37 @@ def resolve(path: Path | None, project: Project) -> Path:
     raise CheckpointError(f"{path} is not an lmkit checkpoint, run folder or project")
 
 
+def resumable(path: Path | None, project: Project, warn: Callable[[str], None]
+              ) -> tuple[Checkpoint, TrainerSnapshot]:
+    """The checkpoint to resume from and its training state: the one PATH means (see resolve),
+    or -- when that one is damaged (a crash or a full disk mid-write, a truncated copy) and PATH
+    did not name a checkpoint folder itself -- the newest older step of the same run that is whole,
+    with a warning.
+
+    Raises:
+        CheckpointError: no whole checkpoint to resume from.
+    """
+    first = resolve(path, project)
+    explicit = path is not None and (path / "config.json").is_file()
+    older = [] if explicit else [p for p in reversed(project.run_checkpoints(first.parent.name))
+                                 if p.resolve() != first.resolve()]
+    problem = None
+    for candidate in [first, *older]:
+        try:
+            ckpt = Checkpoint(candidate)
+            snapshot = ckpt.trainer()
+            if snapshot is None:
+                raise CheckpointError(f"{candidate} holds weights only and cannot be resumed")
+            load_file(candidate / "model.safetensors")  # every tensor is there and readable
+        except (CheckpointError, SafetensorError, OSError, ValueError, KeyError) as err:
+            problem = problem or f"{candidate}: {err}"
+            continue
+        if candidate != first:
+            warn(f"warning: {problem}; resuming from the previous good checkpoint {candidate}")
+        return ckpt, snapshot
+    raise CheckpointError(f"cannot resume: {problem}")
+
+
 class Checkpoint:
     """A checkpoint folder opened for reading. Construction checks config.json only."""
 
@@ -238,8 +270,11 @@ class Checkpoint:
         """The saved training state, or None for a weights-only checkpoint."""
         if not (self.path / "trainer.json").is_file():
             return None
-        meta = json.loads((self.path / "trainer.json").read_text(encoding="utf-8"))
-        return _unflatten_trainer(load_file(self.path / "trainer.safetensors"), meta)
+        try:
+            meta = json.loads((self.path / "trainer.json").read_text(encoding="utf-8"))
+            return _unflatten_trainer(load_file(self.path / "trainer.safetensors"), meta)
+        except (ValueError, KeyError, OSError, SafetensorError) as err:
+            raise CheckpointError(f"{self.path}: the training state is damaged ({err})") from None
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

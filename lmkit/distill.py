@@ -30,17 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit import checkpoint, corpus, objectives, prepare
+from lmkit import checkpoint, corpus, distributed, objectives, prepare
 from lmkit.config import PRESETS, DistillConfig, ModelConfig, RunConfig, resolve
 from lmkit.device import autocast, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
-from lmkit.fileio import atomic_write_json
 from lmkit.finetune import FinetuneSpec, task_plan
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.objectives import IGNORE, Batch
 from lmkit.project import Project
-from lmkit.train import Log, Progress, RunPlan, TrainResult, TrainState, pretraining_plan, run_training, validate
+from lmkit.train import (
+    Log,
+    Progress,
+    RunPlan,
+    TrainResult,
+    TrainState,
+    pretraining_plan,
+    run_training,
+    start_run,
+    validate,
+)
 
 # Loss weights per kind of model, before --set distill.*: DistilBERT's 5 : 2 : 1 for BERT (soft
 # MLM, hard MLM, cosine); elsewhere the soft targets lead and the hard labels keep the student honest.
@@ -260,6 +269,9 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     if layers is not None and len(layers) != cfg.model.n_layer:
         raise ConfigError(f"--student-layers names {len(layers)} layers but model.n_layer is {cfg.model.n_layer}")
 
+    if distributed.from_env().enabled:
+        raise ConfigError("lmkit distill runs in one process for now (its loss reads the student's hidden "
+                          "states, which DistributedDataParallel does not see); start it without torchrun")
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
@@ -290,9 +302,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     plan.meta["distill"] = {**dataclasses.asdict(spec), "layers": list(spec.layers) if spec.layers else None,
                             "teacher_weights": checkpoint.weights_fingerprint(teacher_ckpt.path)}
 
-    run = project.new_run_name()
-    project.run_dir(run).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    run = start_run(project, cfg, distributed.World())
     log(f"{run}: distilling {teacher_ckpt.path} ({count_parameters(teacher):,} parameters) into a "
         f"{cfg.model.n_layer}-layer, {cfg.model.d_model}-wide student ({count_parameters(student):,}) {origin}; "
         f"T={cfg.distill.temperature:g}, {cfg.distill.kl} KL, weights soft {cfg.distill.soft_weight:g} / hard "

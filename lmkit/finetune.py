@@ -14,11 +14,10 @@ from typing import Any, Literal
 
 import torch
 
-from lmkit import checkpoint, corpus, lora, objectives, prepare, tasks
+from lmkit import checkpoint, corpus, distributed, lora, objectives, prepare, tasks
 from lmkit.config import ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
-from lmkit.fileio import atomic_write_json
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
@@ -31,6 +30,8 @@ from lmkit.train import (
     TrainState,
     pretraining_plan,
     run_training,
+    silent,
+    start_run,
     truncate_metrics,
 )
 
@@ -95,10 +96,12 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
                           "would learn next to nothing, so leave out --lora-rank")
     tokenizer = base.tokenizer()
-    device = pick_device(cfg.train.device)
+    world, device = distributed.setup(pick_device(cfg.train.device))
+    distributed.check_batch(cfg.train.batch_size, world)
+    log = log if world.is_main else silent
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device) if spec.scratch else base.model(device, model_config=cfg.model)
-    plan = task_plan(project, spec, cfg, tokenizer)
+    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer))
     if spec.task == "classify":
         model = SequenceClassifier(model, len(plan.meta["labels"])).to(device)
     if cfg.lora.rank:
@@ -106,15 +109,13 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         plan.adapters_only = True
         plan.meta["base"] = {"path": str(base.path.resolve()), "weights": checkpoint.weights_fingerprint(base.path)}
     trainable = count_parameters(model, trainable_only=True)
-    run = project.new_run_name()
-    project.run_dir(run).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    run = start_run(project, cfg, world)
     start = f"a fresh {cfg.model.arch} shaped like {base.path}" if spec.scratch else str(base.path)
     log(f"{run}: finetuning {start} for {spec.task}; trainable parameters {trainable:,} of "
         f"{count_parameters(model):,} ({trainable / count_parameters(model):.2%}) on {device}")
     result = run_training(project, run, cfg, model, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
-    if merge and cfg.lora.rank and result.outcome.stopped_by is None:
+    if merge and cfg.lora.rank and result.outcome.stopped_by is None and world.is_main:
         merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
                                   project.checkpoints_dir / run / "merged")
         checkpoint.set_latest(project, merged)
@@ -125,9 +126,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
            progress: Callable[[Progress], None] | None = None, log: Log = lambda _: None) -> TrainResult:
     """Continue an interrupted finetuning run (default: the project's latest checkpoint) exactly."""
-    ckpt = checkpoint.Checkpoint(checkpoint.resolve(checkpoint_path, project))
-    snapshot = ckpt.trainer()
-    if "finetune" not in ckpt.meta or snapshot is None:
+    ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
+    if "finetune" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path} is not a resumable finetuning checkpoint")
     spec = FinetuneSpec(**ckpt.meta["finetune"])
     cfg = ckpt.config
@@ -137,15 +137,17 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if state.step >= cfg.train.max_steps:
         raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
                           "pass a larger --max-steps to train further")
-    device = pick_device(cfg.train.device)
+    world, device = distributed.setup(pick_device(cfg.train.device))
+    log = log if world.is_main else silent
     model = ckpt.model(device)
     tokenizer = ckpt.tokenizer()
-    plan = task_plan(project, spec, cfg, tokenizer)
+    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer))
     if plan.meta.get("data") != ckpt.meta.get("data"):
         raise DataError(f"the finetuning data of {ckpt.run} changed since it started, so it cannot resume exactly")
     if cfg.lora.rank:
         plan.adapters_only, plan.meta["base"] = True, ckpt.meta["base"]
-    truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    if world.is_main:
+        truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
     return run_training(project, ckpt.run, cfg, model, tokenizer, plan, state=state, snapshot=snapshot,
                         device=device, progress=progress)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit import checkpoint, corpus, data, objectives, prepare
+from lmkit import checkpoint, corpus, data, distributed, objectives, prepare
 from lmkit.config import RunConfig, TrainConfig, render_template
 from lmkit.device import autocast, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
@@ -189,9 +190,10 @@ def train_loop(
     device: torch.device,
     progress: Callable[[Progress], None] | None = None,
     save_best: Callable[[TrainState, dict[str, float]], Path] | None = None,
+    world: distributed.World = distributed.World(),
 ) -> LoopOutcome:
     """Train until max_steps, the time budget, early stopping or a stop signal; save a checkpoint
-    at the end.
+    at the end. With several ranks (WORLD), they stop together and rank 0 alone writes.
 
     Args:
         batches: endless micro-batches (tuples of CPU tensors).
@@ -201,6 +203,8 @@ def train_loop(
         save_best: writes the run's best checkpoint, called when cfg.best_metric improves.
     """
     model.train()
+    if not world.is_main:
+        progress, metrics_file = None, Path(os.devnull)
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = tokens_per_batch * cfg.grad_accum
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
@@ -208,19 +212,21 @@ def train_loop(
     latest: dict[str, float] = {}  # train_loss and validation metrics as last measured
     best_path = None
     with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
-        while not _finished(state, cfg) and not stop["signal"]:
+        finished = _finished(state, cfg)
+        while not finished and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
             step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device)
             state.step += 1
             state.tokens_seen += tokens_per_step
             state.elapsed = elapsed_before + time.perf_counter() - start
             interval_tokens += tokens_per_step
-            finished = _finished(state, cfg)
+            finished, stop["signal"] = distributed.agree(world, _finished(state, cfg), stop["signal"])
             evaluating = state.step % cfg.eval_interval == 0 or finished
             if not (evaluating or finished or stop["signal"] or state.step % cfg.log_interval == 0):
                 continue
 
-            latest["train_loss"] = step_loss.item()  # the one host sync per log interval
+            # The one host sync per log interval (plus, with several ranks, the mean over them).
+            latest["train_loss"] = distributed.mean(world, step_loss).item()
             now = time.perf_counter()
             record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
                       "elapsed": round(state.elapsed, 3),
@@ -231,7 +237,7 @@ def train_loop(
                 latest.update(val_metrics)
                 if state.improved(val_metrics, cfg) and save_best:
                     best_path = save_best(state, dict(latest))
-                finished = _finished(state, cfg)
+                finished = finished or bool(cfg.patience and state.evals_since_best >= cfg.patience)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if progress:
@@ -263,12 +269,13 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=device)
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         batch = tuple(t.to(device, non_blocking=True) for t in next(batches))
-        with autocast(device, cfg.precision):
-            loss = loss_fn(model, batch)
-        # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
-        (loss / cfg.grad_accum).backward()
+        with distributed.no_sync(model, micro < cfg.grad_accum - 1):  # ranks sync on the last micro-batch
+            with autocast(device, cfg.precision):
+                loss = loss_fn(model, batch)
+            # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
+            (loss / cfg.grad_accum).backward()
         total += loss.detach()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -313,6 +320,19 @@ def ensure_data(project: Project, corpora: list[Path], tokenizer: Tokenizer, cfg
     return prepared
 
 
+def silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def start_run(project: Project, cfg: RunConfig, world: distributed.World) -> str:
+    """A new run in PROJECT, named by rank 0 (which writes its folder and config) for every rank."""
+    run = distributed.broadcast(world, project.new_run_name() if world.is_main else None)
+    if world.is_main:
+        project.run_dir(run).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    return run
+
+
 def init_project(project: Project) -> None:
     """First use of a project: leave an editable, fully commented lmkit.toml."""
     if not project.config_file.exists():
@@ -326,21 +346,47 @@ def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, log: Log 
 
     Trains the tokenizer and prepares the data first when the project lacks them.
     """
-    corpora = corpus.check_files(corpora) if corpora else []
-    init_project(project)
-    tokenizer = ensure_tokenizer(project, corpora, cfg, log)
-    prepared = ensure_data(project, corpora, tokenizer, cfg, log, prepare_progress)
+    corpora = corpus.corpus_files(corpora) if corpora else []
+    world, device = distributed.setup(pick_device(cfg.train.device))
+    distributed.check_batch(cfg.train.batch_size, world)
+    log = log if world.is_main else silent
+
+    def build_tokenizer() -> Tokenizer:
+        init_project(project)
+        return ensure_tokenizer(project, corpora, cfg, log)
+
+    tokenizer = distributed.main_first(world, build_tokenizer)
+    prepared = distributed.main_first(world, lambda: ensure_data(project, corpora, tokenizer, cfg, log,
+                                                                 prepare_progress))
     cfg = cfg.with_vocab_size(tokenizer.vocab_size)
-    device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
-    run = project.new_run_name()
-    project.run_dir(run).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(project.run_config_file(run), cfg.to_dict())
+    run = start_run(project, cfg, world)
     log(f"{run}: {cfg.model.arch} with {count_parameters(model):,} parameters on {device}, "
         f"{cfg.train.max_steps} steps of {cfg.train.tokens_per_step * cfg.model.max_seq_len:,} tokens")
     return run_training(project, run, cfg, model, tokenizer, pretraining_plan(cfg, prepared, tokenizer),
                         state=TrainState(), snapshot=None, device=device, progress=progress)
+
+
+def interrupted_run(project: Project, cfg: RunConfig, corpora: list[Path]) -> Path | None:
+    """The project's latest checkpoint when it is a pretraining run that stopped before its end
+    (Ctrl-C, SIGTERM, a crash after a periodic save) and was started with CFG on the same CORPORA:
+    running the same command again should continue that run rather than start another."""
+    try:
+        ckpt = checkpoint.Checkpoint(project.latest_checkpoint())
+        snapshot = ckpt.trainer()
+    except CheckpointError:
+        return None
+    if snapshot is None or ckpt.task != "lm" or {"finetune", "distill"} & set(ckpt.meta):
+        return None
+    if _finished(TrainState(**snapshot.state), ckpt.config.train):
+        return None
+    if ckpt.config != cfg.with_vocab_size(ckpt.config.model.vocab_size):
+        return None
+    sources = ckpt.meta.get("data", {}).get("sources")
+    if corpora and sources != corpus.fingerprint(corpus.corpus_files(corpora)):
+        return None
+    return ckpt.path
 
 
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
@@ -350,10 +396,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
 
     Only the run's length may change (MAX_STEPS, TIME_BUDGET); everything else comes from the checkpoint.
     """
-    ckpt = checkpoint.Checkpoint(checkpoint.resolve(checkpoint_path, project))
-    snapshot = ckpt.trainer()
-    if snapshot is None:
-        raise CheckpointError(f"{ckpt.path} holds weights only and cannot be resumed")
+    ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     train_cfg = ckpt.config.train
     if max_steps is not None:
         train_cfg = dataclasses.replace(train_cfg, max_steps=max_steps)
@@ -371,13 +414,15 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if ckpt.meta.get("data") and ckpt.meta["data"] != _data_identity(prepared):
         raise DataError(f"the data prepared in {project.root} changed since {ckpt.run} started, so it cannot resume "
                         "exactly; prepare the original corpus again, or start a new run")
-    device = pick_device(cfg.train.device)
+    world, device = distributed.setup(pick_device(cfg.train.device))
+    log = log if world.is_main else silent
     model = ckpt.model(device)
     state = TrainState(**snapshot.state)
     if state.step >= cfg.train.max_steps:
         raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
                           "pass a larger --max-steps to train further")
-    truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    if world.is_main:
+        truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
     return run_training(project, ckpt.run, cfg, model, tokenizer, pretraining_plan(cfg, prepared, tokenizer),
                         state=state, snapshot=snapshot, device=device, progress=progress)
@@ -409,9 +454,16 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         optimizer.load_state_dict(snapshot.optimizer)
         plan.batches.load_state_dict(snapshot.sampler)
         _set_rng_state(snapshot.rng)
-    train_model = torch.compile(model) if tcfg.compile else model
+    world = distributed.from_env()
+    train_model: nn.Module = model
+    if world.enabled:  # a classifier's backbone has pretraining heads that its loss never uses
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=plan.task == "classify")
+    if tcfg.compile:
+        train_model = torch.compile(train_model)
 
     def write(path: Path, st: TrainState, metrics: dict[str, float]) -> Path:
+        if not world.is_main:
+            return path
         trainer = checkpoint.TrainerSnapshot(dataclasses.asdict(st), optimizer.state_dict(), _rng_state(),
                                              plan.batches.state_dict())
         checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=st.step, metrics=metrics,
@@ -420,20 +472,32 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
 
     def save(st: TrainState, metrics: dict[str, float]) -> Path:
         path = write(project.checkpoint_dir(run, st.step), st, metrics)
-        checkpoint.set_latest(project, path)
-        checkpoint.prune(project, run, tcfg.keep_checkpoints)
+        if world.is_main:
+            checkpoint.set_latest(project, path)
+            checkpoint.prune(project, run, tcfg.keep_checkpoints)
         return path
 
+    # Each rank scores its share of the validation batches (all of them when there are fewer than
+    # ranks); the metrics are averaged over ranks. The unwrapped model: same weights, its own methods.
+    mine = plan.val_batches[world.rank::world.size] if len(plan.val_batches) >= world.size else plan.val_batches
+    scored = model if world.enabled else train_model
+
+    def validation() -> dict[str, float]:
+        metrics = validate(scored, mine, plan.metrics_fn, device, tcfg.precision)
+        return distributed.mean_metrics(world, metrics, len(mine))
+
     outcome = train_loop(
-        train_model, plan.batches, plan.loss_fn, tcfg, state=state, optimizer=optimizer,
-        tokens_per_batch=plan.tokens_per_batch,
-        validate=lambda: validate(train_model, plan.val_batches, plan.metrics_fn, device, tcfg.precision),
-        save=save, metrics_file=project.metrics_file(run), device=device, progress=progress,
-        save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None)
+        train_model, distributed.batches(plan.batches, world), plan.loss_fn, tcfg, state=state, optimizer=optimizer,
+        tokens_per_batch=plan.tokens_per_batch, validate=validation, save=save,
+        metrics_file=project.metrics_file(run), device=device, progress=progress,
+        save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
+        world=world)
+    distributed.finish(world)
     best = project.best_checkpoint_dir(run)
     if plan.keep_best and outcome.stopped_by is None and best.is_dir():  # also when a resumed session found none
         outcome = dataclasses.replace(outcome, best_checkpoint=best)
-        checkpoint.set_latest(project, best)  # a finished run's result is its best model
+        if world.is_main:
+            checkpoint.set_latest(project, best)  # a finished run's result is its best model
     return TrainResult(run, state, outcome, count_parameters(model), tcfg.best_metric if plan.keep_best else None)
 
 

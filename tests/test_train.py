@@ -13,6 +13,7 @@ import torch
 from lmkit import train
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import TrainConfig
+from lmkit.errors import CheckpointError
 from lmkit.models import build_model
 from lmkit.prepare import TokenFile
 from lmkit.project import Project
@@ -119,3 +120,27 @@ def test_runs_are_numbered_and_config_saved_before_training(tiny_project: Projec
     assert saved["model"]["vocab_size"] > 256 and saved["train"]["max_steps"] == 2
     assert project.latest_checkpoint() == project.checkpoint_dir("run2", 2)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer.safetensors", "config.json"])
+def test_resume_falls_back_to_the_previous_good_checkpoint(damaged, tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=12, save_interval=4, eval_interval=4))
+    newest = project.latest_checkpoint()
+    assert newest.name == "step-000012"
+    broken = newest / damaged
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut short
+    warnings: list[str] = []
+    result = train.resume(project, max_steps=14, log=warnings.append)
+    assert any("resuming from the previous good checkpoint" in w and w.count("step-000008") == 1
+               and "step-000012" in w for w in warnings), warnings
+    assert result.state.step == 14
+    assert [step for step, _ in losses(project, "run1")] == list(range(1, 15))
+
+
+def test_resume_without_a_good_checkpoint_is_a_clear_error(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=4))
+    (project.latest_checkpoint() / "trainer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot resume: .*the training state is damaged"):
+        train.resume(project, max_steps=8)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from tests.cli.conftest import TINY, assert_user_error, lmkit
 
@@ -59,3 +60,23 @@ def test_pretrain_user_errors(tmp_path, small_corpus) -> None:
     assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--device", "cuda", *TINY[:2]),
                       "device 'cuda' is not available")
     assert_user_error(lmkit("pretrain", small_corpus, "-p", empty), "is a file, not a directory")
+
+
+def test_the_same_command_continues_an_interrupted_run(tmp_path, small_corpus) -> None:
+    project = tmp_path / "p"
+    command = ["pretrain", small_corpus, "-p", project, *TINY, "--set", "train.save_interval=6", "--json"]
+    finished = lmkit(*command)
+    assert finished.exit_code == 0, finished.output
+    # A crash right after the periodic save at step 6: the step-12 checkpoint never got written.
+    shutil.rmtree(project / "checkpoints/run1/step-000012")
+    (project / "checkpoints/latest.json").write_text(json.dumps({"path": "run1/step-000006"}))
+    again = lmkit(*[a for a in command if a != "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "continuing the interrupted run with the same config" in again.stderr
+    report = json.loads(again.stdout)
+    assert report["run"] == "run1" and report["step"] == 12
+    assert report["train_loss"] == json.loads(finished.stdout)["train_loss"]  # as if it had never stopped
+    fresh = lmkit(*command, "--new-run")
+    assert json.loads(fresh.stdout)["run"] == "run2"
+    other = lmkit(*command, "--set", "train.lr=1e-3")  # another config: a new run
+    assert json.loads(other.stdout)["run"] == "run3"

@@ -1,0 +1,148 @@
+"""Data-parallel training on PyTorch's own engine.
+
+`torchrun --nproc_per_node=N -m lmkit pretrain ...` (or `--nproc N`, which hands off to torchrun)
+starts N processes; torchrun tells each its RANK, WORLD_SIZE and LOCAL_RANK. Each rank holds a
+copy of the model wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), which averages
+gradients across ranks in backward.
+
+Every rank draws the same global batch from the same seeded sampler and trains on its own slice
+of the rows, so `train.batch_size` is the global micro-batch whatever N is, the averaged gradient
+is the single-process one, and the sampler state in a checkpoint resumes any number of ranks.
+Rank 0 alone writes checkpoints, metrics and messages; creating the tokenizer, the prepared data
+and the run folder happens on rank 0 while the others wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lmkit.errors import ConfigError
+from lmkit.objectives import Batch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+
+def from_env() -> World:
+    """The ranks torchrun describes in the environment; one process when it did not start us."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group when running under torchrun; each GPU rank gets its own device."""
+    world = from_env()
+    if not world.enabled:
+        return world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ConfigError(f"distributed training runs on cpu (gloo) or cuda (NCCL), not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def check_batch(batch_size: int, world: World) -> None:
+    if batch_size % world.size:
+        raise ConfigError(f"train.batch_size={batch_size} is the global micro-batch and must divide among "
+                          f"{world.size} ranks")
+
+
+def shard(batch: Batch, world: World) -> Batch:
+    """This rank's rows of a global batch: a contiguous 1/size of every tensor's first dimension."""
+    if not world.enabled:
+        return batch
+    rows = batch[0].size(0) // world.size
+    return tuple(t[world.rank * rows:(world.rank + 1) * rows] for t in batch)
+
+
+def main_first(world: World, work: Callable[[], T]) -> T:
+    """Run WORK on rank 0, then on the others (which then find its files in place)."""
+    if not world.enabled:
+        return work()
+    if world.is_main:
+        result = work()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return work()
+
+
+def broadcast(world: World, value: T) -> T:
+    """Rank 0's VALUE, on every rank."""
+    if not world.enabled:
+        return value
+    box: list[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean(world: World, value: torch.Tensor) -> torch.Tensor:
+    """VALUE averaged over ranks."""
+    if not world.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world.size
+
+
+def agree(world: World, finished: bool, signum: int | None) -> tuple[bool, int | None]:
+    """(finished, stop signal) as the ranks decide together: a time budget runs out, or a signal
+    arrives, at slightly different moments on each rank, and all must stop after the same step."""
+    if not world.enabled:
+        return finished, signum
+    flags = torch.tensor([int(finished), signum or 0])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), int(flags[1]) or None
+
+
+def mean_metrics(world: World, metrics: dict[str, float], weight: int) -> dict[str, float]:
+    """Metrics measured on each rank's part of the validation batches, averaged with each rank's
+    number of batches as its weight."""
+    if not world.enabled:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([weight, *(metrics[k] * weight for k in keys)], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: (values[i + 1] / values[0]).item() for i, k in enumerate(keys)}
+
+
+def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP: skip the gradient all-reduce for micro-batches before the last of an accumulation."""
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def batches(source: Iterator[Batch], world: World) -> Iterator[Batch]:
+    """This rank's slice of each global batch from SOURCE."""
+    for batch in source:
+        yield shard(batch, world)
+
+
+def finish(world: World) -> None:
+    if world.enabled and dist.is_initialized():
+        dist.destroy_process_group()
