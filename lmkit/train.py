@@ -455,6 +455,9 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         plan.batches.load_state_dict(snapshot.sampler)
         _set_rng_state(snapshot.rng)
     world = distributed.from_env()
+    for module in model.modules():  # the backbone of a classifier too
+        if hasattr(module, "grad_checkpoint"):
+            module.grad_checkpoint = tcfg.grad_checkpoint
     train_model: nn.Module = model
     if world.enabled:  # a classifier's backbone has pretraining heads that its loss never uses
         train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=plan.task == "classify")

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmkit import objectives
 from lmkit.config import ModelConfig
-from lmkit.models.layers import MLP, Attention, init_weights
+from lmkit.models.layers import MLP, Attention, init_weights, run_block
 
 N_SEGMENTS = 2  # token types: sentence A and sentence B
 
@@ -61,6 +61,7 @@ class BERT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.grad_checkpoint = False  # set by the training loop from train.grad_checkpoint
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
@@ -78,7 +79,7 @@ class BERT(nn.Module):
             raise ValueError(f"sequence of {idx.size(1)} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embeddings(idx, torch.zeros_like(idx) if token_types is None else token_types)
         for block in self.layers:
-            x = block(x, pad_mask)
+            x = run_block(block, self.grad_checkpoint and self.training, x, pad_mask)
         return x
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

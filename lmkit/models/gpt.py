@@ -12,7 +12,7 @@ from torch import nn
 
 from lmkit import objectives
 from lmkit.config import ModelConfig
-from lmkit.models.layers import MLP, Attention, KVCache, init_weights
+from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
 
 
 class Block(nn.Module):
@@ -38,6 +38,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.grad_checkpoint = False  # set by the training loop from train.grad_checkpoint
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
             wpe=nn.Embedding(cfg.max_seq_len, cfg.d_model),
@@ -62,7 +63,7 @@ class GPT(nn.Module):
         pos = torch.arange(past, past + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache[i] if cache else None)
+            x = run_block(block, self.grad_checkpoint and self.training, x, cache[i] if cache else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

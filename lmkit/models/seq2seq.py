@@ -21,7 +21,7 @@ from torch import nn
 from lmkit import objectives
 from lmkit.config import ModelConfig
 from lmkit.models.gpt import Block as EncoderBlock
-from lmkit.models.layers import MLP, Attention, KVCache, init_weights
+from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
 
 
 class DecoderBlock(nn.Module):
@@ -69,6 +69,7 @@ class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.grad_checkpoint = False  # set by the training loop from train.grad_checkpoint
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared: encoder, decoder, output layer
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleDict(dict(
@@ -96,8 +97,9 @@ class Seq2Seq(nn.Module):
     def encode(self, src: torch.Tensor, src_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids (B, S), padding mask (B, S) True at real tokens -> encoder output (B, S, C)."""
         x = self._embed(src, self.encoder.wpe)
+        recompute = self.grad_checkpoint and self.training
         for block in self.encoder.h:
-            x = block(x, pad_mask=src_pad)
+            x = run_block(block, recompute, x, None, src_pad)
         return self.encoder.ln_f(x)
 
     def decode(self, idx: torch.Tensor, memory: torch.Tensor | DecoderState,
@@ -110,7 +112,7 @@ class Seq2Seq(nn.Module):
             if isinstance(memory, DecoderState):
                 x = block(x, memory.memory_kv[i], memory.src_pad, memory.cache[i])
             else:
-                x = block(x, memory, src_pad)
+                x = run_block(block, self.grad_checkpoint and self.training, x, memory, src_pad)
         return self.lm_head(self.decoder.ln_f(x))  # (B, T, C) -> (B, T, V)
 
     def forward(self, src: torch.Tensor, src_pad: torch.Tensor, tgt_in: torch.Tensor,
