@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from lmkit import distributed
+from lmkit.checkpoint import Checkpoint
 from lmkit.project import Project
 from tests.conftest import ROOT
 from tests.test_train import fresh_copy, losses
@@ -63,3 +64,28 @@ def test_a_batch_is_cut_into_equal_contiguous_slices() -> None:
 def _no_inherited_torchrun_env(monkeypatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+
+
+def test_sigterm_on_two_ranks_then_resume_equals_the_uninterrupted_run(tiny_project: Project, tmp_path) -> None:
+    import signal
+    import time
+
+    settings = [*SETTINGS, "--max-steps", "300", "--set", "train.eval_interval=100", "--set", "train.save_interval=20",
+                "--set", "model.dropout=0.1"]  # the later --max-steps wins
+    straight, stopped = fresh_copy(tiny_project, tmp_path / "a"), fresh_copy(tiny_project, tmp_path / "b")
+    assert _lmkit("pretrain", "-p", str(straight.root), "--nproc", "2", *settings).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "lmkit", "pretrain", "-p", str(stopped.root), "--nproc", "2",
+                                *settings], env=env, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = stopped.metrics_file("run1")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 30):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)  # Ctrl-C-like: the launcher and every rank get it
+    process.wait(timeout=120)
+    interrupted_at = Checkpoint(stopped.latest_checkpoint()).step
+    assert 0 < interrupted_at < 300
+    resumed = _lmkit("pretrain", "--resume", "-p", str(stopped.root), "--nproc", "2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(stopped, "run1") == losses(straight, "run1")  # bit for bit
