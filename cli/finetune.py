@@ -13,6 +13,7 @@ import typer
 from cli import display
 from cli.options import (
     CheckpointOpt,
+    Compile,
     ConfigFile,
     DeviceOpt,
     Json,
@@ -72,6 +73,7 @@ def finetune(
     max_steps: MaxSteps = None,
     nproc: Nproc = None,
     keep: Keep = None,
+    compile_model: Compile = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest finetuning run exactly.")] = False,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
@@ -101,7 +103,7 @@ def finetune(
                     raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
                 flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                          "lora.targets": lora_targets.value if lora_targets else None, "train.max_steps": max_steps,
-                         "train.keep_checkpoints": keep,
+                         "train.keep_checkpoints": keep, "train.compile": compile_model,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 spec = ft.FinetuneSpec(task.value, str(data.resolve()),
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),

@@ -39,6 +39,8 @@ ConfigFile = Annotated[Optional[Path], typer.Option(
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")]
 MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
+Compile = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", show_default=False, help="torch.compile the model for training (default: off).")]
 Keep = Annotated[Optional[int], typer.Option(
     "--keep", min=1, show_default=False,
     help="Periodic checkpoints kept per run (default 2); the latest and the best are never deleted.")]

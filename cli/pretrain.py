@@ -10,6 +10,7 @@ import typer
 
 from cli import display
 from cli.options import (
+    Compile,
     ConfigFile,
     DeviceOpt,
     Json,
@@ -42,6 +43,7 @@ def pretrain(
     max_steps: MaxSteps = None,
     nproc: Nproc = None,
     keep: Keep = None,
+    compile_model: Compile = None,
     time_budget: Annotated[Optional[str], typer.Option(
         show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
@@ -71,7 +73,7 @@ def pretrain(
                                       progress=shown.training)
             else:
                 flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
-                         "train.keep_checkpoints": keep,
+                         "train.keep_checkpoints": keep, "train.compile": compile_model,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
                 interrupted = None if new_run else train.interrupted_run(p, cfg, list(corpora or []))

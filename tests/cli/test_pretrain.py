@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from tests.cli.conftest import TINY, assert_user_error, lmkit
 
 
@@ -80,3 +82,11 @@ def test_the_same_command_continues_an_interrupted_run(tmp_path, small_corpus) -
     assert json.loads(fresh.stdout)["run"] == "run2"
     other = lmkit(*command, "--set", "train.lr=1e-3")  # another config: a new run
     assert json.loads(other.stdout)["run"] == "run3"
+
+
+@pytest.mark.slow  # torch.compile needs a C++ compiler and takes about a minute on 2 CPU cores
+def test_pretrain_with_torch_compile(tmp_path, small_corpus) -> None:
+    project = tmp_path / "p"
+    done = lmkit("pretrain", small_corpus, "-p", project, *TINY, "--max-steps", "2", "--compile")
+    assert done.exit_code == 0, done.output
+    assert json.loads((project / "runs/run1/config.json").read_text())["train"]["compile"] is True
