@@ -246,8 +246,8 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tas
     return Seq2SeqEvaluation(
         bleu=bleu.corpus_score(outputs, [targets]).score, chrf=chrf.corpus_score(outputs, [targets]).score,
         exact_match=sum(o == t for o, t in zip(outputs, targets)) / len(pairs), loss=loss,
-        copy_bleu=sacrebleu.metrics.BLEU().corpus_score(sources, [targets]).score,
-        copy_chrf=sacrebleu.metrics.CHRF().corpus_score(sources, [targets]).score,
+        copy_bleu=bleu.corpus_score(sources, [targets]).score,
+        copy_chrf=chrf.corpus_score(sources, [targets]).score,
         copy_exact_match=sum(s == t for s, t in zip(sources, targets)) / len(pairs), pairs=len(pairs),
         decoding=f"beam {cfg.beam}" if cfg.beam > 1 else "greedy" if cfg.is_greedy else "sampling",
         seconds=round(seconds, 2), bleu_signature=str(bleu.get_signature())), outputs
