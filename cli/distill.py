@@ -10,10 +10,13 @@ import typer
 
 from cli import display
 from cli.options import (
+    CheckpointOpt,
     ConfigFile,
     DeviceOpt,
     Json,
+    Keep,
     MaxSteps,
+    NewRun,
     ProjectDir,
     Quiet,
     Seed,
@@ -27,11 +30,11 @@ from lmkit.errors import ConfigError
 
 def distill(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Argument(
+    data: Annotated[Optional[Path], typer.Argument(
         show_default=False, help="What the teacher was trained on: a corpus (pretrained teacher), labelled "
-        "examples (classifier) or source/target pairs (seq2seq).")],
-    teacher: Annotated[Path, typer.Option(
-        "--teacher", show_default=False, help="The teacher: a checkpoint, run or project.")],
+        "examples (classifier) or source/target pairs (seq2seq).")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(
+        "--teacher", show_default=False, help="The teacher: a checkpoint, run or project.")] = None,
     student_layers: Annotated[Optional[str], typer.Option(
         show_default=False, help="Teacher layers the student starts from, e.g. 0,2,4 (default: every other "
         "one, DistilBERT style, when the student is as wide as the teacher).")] = None,
@@ -50,6 +53,10 @@ def distill(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    keep: Keep = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest distillation exactly.")] = False,
+    new_run: NewRun = False,
+    checkpoint: CheckpointOpt = None,
     json_out: Json = False,
     project: ProjectDir = None,
     device: DeviceOpt = None,
@@ -66,15 +73,28 @@ def distill(
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         p = proj.Project.open(opts.project)
-        layers = _layers(student_layers) if student_layers is not None else None
-        spec = dist.DistillSpec(str(data.resolve()), str(ckpt_lib.resolve(teacher, p).resolve()),
-                                str(val.resolve()) if val else None,
-                                str(ckpt_lib.resolve(student, p).resolve()) if student else None, layers, preset)
-        flags = {"distill.kl": kl, "distill.temperature": temperature, "train.max_steps": max_steps,
-                 "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
-        with display.Display(opts.quiet) as shown:
-            result, summary = dist.distill(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
-                                           log=opts.say, progress=shown.training)
+        if resume:
+            if (data or teacher or student_layers or preset or student or val or kl or temperature or config_file
+                    or set_ or keep):
+                raise ConfigError("--resume continues a distillation with its saved teacher, data and config; "
+                                  "only --max-steps may change")
+            with display.Display(opts.quiet) as shown:
+                result, summary = dist.resume(p, checkpoint, max_steps=max_steps, log=opts.say,
+                                              progress=shown.training)
+        else:
+            if data is None or teacher is None:
+                raise ConfigError("give the data and the teacher: lmkit distill DATA --teacher CHECKPOINT")
+            layers = _layers(student_layers) if student_layers is not None else None
+            spec = dist.DistillSpec(str(data.resolve()), str(ckpt_lib.resolve(teacher, p).resolve()),
+                                    str(val.resolve()) if val else None,
+                                    str(ckpt_lib.resolve(student, p).resolve()) if student else None, layers, preset)
+            flags = {"distill.kl": kl, "distill.temperature": temperature, "train.max_steps": max_steps,
+                     "train.keep_checkpoints": keep, "train.seed": opts.seed,
+                     "train.device": None if opts.device == "auto" else opts.device}
+            with display.Display(opts.quiet) as shown:
+                result, summary = dist.distill(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
+                                               continue_interrupted=not new_run, log=opts.say,
+                                               progress=shown.training)
     out = result.outcome
     report = {**result.to_dict(), "summary": summary.to_dict()}
     if json_out:

@@ -19,6 +19,7 @@ from cli.options import (
     Json,
     Keep,
     MaxSteps,
+    NewRun,
     Nproc,
     ProjectDir,
     Quiet,
@@ -75,6 +76,7 @@ def finetune(
     keep: Keep = None,
     compile_model: Compile = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest finetuning run exactly.")] = False,
+    new_run: NewRun = False,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
@@ -109,7 +111,8 @@ def finetune(
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
                                        str(val.resolve()) if val else None, scratch)
                 result = ft.finetune(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
-                                     merge=merge, log=opts.say, progress=shown.training)
+                                     merge=merge, continue_interrupted=not new_run, log=opts.say,
+                                     progress=shown.training)
     out = result.outcome
     if not is_main_process():  # the other ranks trained alongside rank 0, which reports
         return

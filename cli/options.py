@@ -44,6 +44,8 @@ Compile = Annotated[Optional[bool], typer.Option(
 Keep = Annotated[Optional[int], typer.Option(
     "--keep", min=1, show_default=False,
     help="Periodic checkpoints kept per run (default 2); the latest and the best are never deleted.")]
+NewRun = Annotated[bool, typer.Option(
+    "--new-run", help="Start a new run even when an interrupted run with the same config and data could continue.")]
 Nproc = Annotated[Optional[int], typer.Option(
     "--nproc", min=1, show_default=False,
     help="Train on this many processes (data parallel): hands the command to torchrun.")]

@@ -16,6 +16,7 @@ from cli.options import (
     Json,
     Keep,
     MaxSteps,
+    NewRun,
     Nproc,
     ProjectDir,
     Quiet,
@@ -47,8 +48,7 @@ def pretrain(
     time_budget: Annotated[Optional[str], typer.Option(
         show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
-    new_run: Annotated[bool, typer.Option(
-        "--new-run", help="Start a new run even when an interrupted run with the same config could continue.")] = False,
+    new_run: NewRun = False,
     json_out: Json = False,
     project: ProjectDir = None,
     device: DeviceOpt = None,
@@ -76,7 +76,8 @@ def pretrain(
                          "train.keep_checkpoints": keep, "train.compile": compile_model,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
-                interrupted = None if new_run else train.interrupted_run(p, cfg, list(corpora or []))
+                interrupted = None if new_run else train.interrupted_run(
+                    p, cfg, "pretrain", train.same_corpus(list(corpora or [])))
                 if interrupted:
                     opts.say(f"continuing the interrupted run with the same config from {interrupted} "
                              "(--new-run starts over)")

@@ -148,8 +148,10 @@ def resumable(path: Path | None, project: Project, warn: Callable[[str], None]
     """
     first = resolve(path, project)
     explicit = path is not None and (path / "config.json").is_file()
-    older = [] if explicit else [p for p in reversed(project.run_checkpoints(first.parent.name))
-                                 if p.resolve() != first.resolve()]
+    steps = [] if explicit else list(reversed(project.run_checkpoints(first.parent.name)))
+    if steps and first.name == "best":  # a finished run's latest is its best; training goes on from its end
+        first = steps[0]
+    older = [p for p in steps if p.resolve() != first.resolve()]
     problem = None
     for candidate in [first, *older]:
         try:

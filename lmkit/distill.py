@@ -45,9 +45,12 @@ from lmkit.train import (
     RunPlan,
     TrainResult,
     TrainState,
+    interrupted_run,
     pretraining_plan,
+    run_kind,
     run_training,
     start_run,
+    truncate_metrics,
     validate,
 )
 
@@ -237,9 +240,12 @@ def kind_of(ckpt: checkpoint.Checkpoint) -> str:
 
 
 def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
-            flags: dict[str, Any] | None = None, log: Log = lambda _: None,
+            flags: dict[str, Any] | None = None, continue_interrupted: bool = False, log: Log = lambda _: None,
             progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
     """Train a student on SPEC.data to match the teacher SPEC.teacher; a new run in PROJECT.
+
+    CONTINUE_INTERRUPTED: when the project's latest run is this same distillation (spec, config,
+    teacher and data unchanged) stopped before its end, resume it instead of starting over.
 
     Raises:
         CheckpointError: the teacher cannot be distilled, or a --student's tokenizer differs.
@@ -268,14 +274,19 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
                           f"{teacher_ckpt.config.model.max_seq_len}: the teacher could not read its inputs")
     if layers is not None and len(layers) != cfg.model.n_layer:
         raise ConfigError(f"--student-layers names {len(layers)} layers but model.n_layer is {cfg.model.n_layer}")
+    _single_process()
+    identity = _identity(spec, teacher_ckpt)
+    if continue_interrupted:
+        interrupted = interrupted_run(project, cfg, "distill", lambda ck: ck.meta["distill"] == identity)
+        if interrupted:
+            log(f"continuing the interrupted run with the same teacher, data and config from {interrupted} "
+                "(--new-run starts over)")
+            return resume(project, interrupted, log=log, progress=progress)
 
-    if distributed.from_env().enabled:
-        raise ConfigError("lmkit distill runs in one process for now (its loss reads the student's hidden "
-                          "states, which DistributedDataParallel does not see); start it without torchrun")
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
-    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer)
+    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer, identity)
     if start_ckpt:
         student = start_ckpt.model(device, model_config=cfg.model)
         origin = f"from {start_ckpt.path}"
@@ -292,15 +303,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
             origin = f"from the teacher's embeddings and layers {chosen}"
         else:
             origin = "from random weights (its width differs from the teacher's)"
-    cosine = cfg.distill.cosine_weight > 0 and cfg.model.d_model == teacher_ckpt.config.model.d_model
-    if cfg.distill.cosine_weight > 0 and not cosine:
-        log("cosine loss off: the student's width differs from the teacher's")
-    if cosine and kind == "seq2seq":
-        cosine = False
-        log("cosine loss off: not defined for the encoder-decoder")
-    plan.loss_fn = DistillLoss(teacher, cfg.distill, kind, cosine)
-    plan.meta["distill"] = {**dataclasses.asdict(spec), "layers": list(spec.layers) if spec.layers else None,
-                            "teacher_weights": checkpoint.weights_fingerprint(teacher_ckpt.path)}
+    cosine = _attach_loss(plan, teacher, kind, cfg, teacher_ckpt.config.model, log)
 
     run = start_run(project, cfg, distributed.World())
     log(f"{run}: distilling {teacher_ckpt.path} ({count_parameters(teacher):,} parameters) into a "
@@ -309,13 +312,84 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
         f"{cfg.distill.hard_weight:g} / cosine {cfg.distill.cosine_weight if cosine else 0:g}")
     result = run_training(project, run, cfg, student, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
+    return result, _summary(result, teacher, teacher_ckpt.path, plan, kind, cfg, device)
+
+
+def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
+           log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None
+           ) -> tuple[TrainResult, Summary]:
+    """Continue an interrupted distillation (default: the project's latest checkpoint) exactly
+    where it stopped: same teacher (checked by its weights), data, student state and RNG."""
+    _single_process()
+    ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
+    if run_kind(ckpt) != "distill":
+        raise CheckpointError(f"{ckpt.path} is not a resumable distillation checkpoint")
+    saved = ckpt.meta["distill"]
+    spec = DistillSpec(**{f.name: saved[f.name] for f in dataclasses.fields(DistillSpec)})
+    cfg = ckpt.config
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+    state = TrainState(**snapshot.state)
+    if state.step >= cfg.train.max_steps:
+        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
+                          "pass a larger --max-steps to train further")
+    if not (Path(spec.teacher) / "config.json").is_file():
+        raise CheckpointError(f"the teacher of {ckpt.run}, {spec.teacher}, is gone; restore it to resume")
+    teacher_ckpt = checkpoint.Checkpoint(Path(spec.teacher))
+    if _identity(spec, teacher_ckpt) != saved:
+        raise CheckpointError(f"the teacher {spec.teacher} has changed since {ckpt.run} started, so it cannot "
+                              "resume exactly; start a new distillation")
+    kind = kind_of(teacher_ckpt)
+    device = pick_device(cfg.train.device)
+    teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
+    tokenizer = ckpt.tokenizer()
+    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer, saved)
+    if plan.meta.get("data") != ckpt.meta.get("data"):
+        raise DataError(f"the distillation data of {ckpt.run} changed since it started, so it cannot resume exactly")
+    _attach_loss(plan, teacher, kind, cfg, teacher_ckpt.config.model, log)
+    student = ckpt.model(device)
+    truncate_metrics(project.metrics_file(ckpt.run), state.step)
+    log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
+    result = run_training(project, ckpt.run, cfg, student, tokenizer, plan, state=state, snapshot=snapshot,
+                          device=device, progress=progress)
+    return result, _summary(result, teacher, teacher_ckpt.path, plan, kind, cfg, device)
+
+
+def _single_process() -> None:
+    if distributed.from_env().enabled:
+        raise ConfigError("lmkit distill runs in one process for now (its loss reads the student's hidden "
+                          "states, which DistributedDataParallel does not see); start it without torchrun")
+
+
+def _identity(spec: DistillSpec, teacher: checkpoint.Checkpoint) -> dict[str, Any]:
+    """What a distillation run's checkpoints record of its inputs; a resume requires the same."""
+    return {**dataclasses.asdict(spec), "layers": list(spec.layers) if spec.layers else None,
+            "teacher_weights": checkpoint.weights_fingerprint(teacher.path)}
+
+
+def _attach_loss(plan: RunPlan, teacher: nn.Module, kind: str, cfg: RunConfig, teacher_model: ModelConfig,
+                 log: Log) -> bool:
+    """Make PLAN's loss the distillation loss against TEACHER; True when the cosine term is on."""
+    cosine = cfg.distill.cosine_weight > 0 and cfg.model.d_model == teacher_model.d_model
+    if cfg.distill.cosine_weight > 0 and not cosine:
+        log("cosine loss off: the student's width differs from the teacher's")
+    if cosine and kind == "seq2seq":
+        cosine = False
+        log("cosine loss off: not defined for the encoder-decoder")
+    plan.loss_fn = DistillLoss(teacher, cfg.distill, kind, cosine)
+    return cosine
+
+
+def _summary(result: TrainResult, teacher: nn.Module, teacher_path: Path, plan: RunPlan, kind: str,
+             cfg: RunConfig, device: torch.device) -> Summary:
+    """Teacher vs the run's final student (its best checkpoint when it keeps one)."""
     final = result.outcome.best_checkpoint or result.outcome.checkpoint
-    best_student = checkpoint.Checkpoint(final).model(device)
-    return result, summarize(teacher, best_student, teacher_ckpt.path, final, plan, kind, cfg, device)
+    student = checkpoint.Checkpoint(final).model(device)
+    return summarize(teacher, student, teacher_path, final, plan, kind, cfg, device)
 
 
 def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teacher: checkpoint.Checkpoint,
-          tokenizer: Any) -> RunPlan:
+          tokenizer: Any, identity: dict[str, Any]) -> RunPlan:
     """Batches and validation as for training the teacher's task on SPEC.data: pretraining batches
     from a corpus for a pretrained teacher, the task's examples for a finetuned one."""
     if teacher.task == "lm":
@@ -325,13 +399,14 @@ def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teache
         files = corpus.check_files([Path(spec.data)])
         prepared = prepare.prepare(project, files, tokenizer, cfg.data, dataset="distill")
         plan = pretraining_plan(cfg, prepared, tokenizer)
-        plan.keep_best = True
+        plan.keep_best, plan.meta["distill"] = True, identity
         return plan
     task = "classify" if kind == "classify" else "seq2seq"
     plan = task_plan(project, FinetuneSpec(task, spec.data, spec.teacher, spec.val), cfg, tokenizer)
     if task == "classify" and plan.meta["labels"] != teacher.labels:
         raise DataError(f"{spec.data} has labels {plan.meta['labels']}; the teacher classifies into {teacher.labels}")
     plan.meta.pop("finetune", None)
+    plan.meta["distill"] = identity
     return plan
 
 

@@ -28,6 +28,7 @@ from lmkit.train import (
     RunPlan,
     TrainResult,
     TrainState,
+    interrupted_run,
     pretraining_plan,
     run_training,
     silent,
@@ -70,9 +71,12 @@ class FinetuneSpec:
 
 
 def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
-             flags: dict[str, Any] | None = None, merge: bool = False, log: Log = lambda _: None,
-             progress: Callable[[Progress], None] | None = None) -> TrainResult:
+             flags: dict[str, Any] | None = None, merge: bool = False, continue_interrupted: bool = False,
+             log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None) -> TrainResult:
     """Finetune the checkpoint SPEC.base on SPEC.data for SPEC.task in a new run of PROJECT.
+
+    CONTINUE_INTERRUPTED: when the project's latest run is this same finetune (spec, config and
+    data files unchanged) stopped before its end, resume it instead of starting over.
 
     Raises:
         CheckpointError: the base checkpoint does not suit the task.
@@ -95,6 +99,14 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     if spec.scratch and cfg.lora.rank:
         raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
                           "would learn next to nothing, so leave out --lora-rank")
+    if continue_interrupted:
+        sources = corpus.fingerprint(corpus.check_files(_files(spec)))
+        interrupted = interrupted_run(project, cfg, "finetune", lambda ck: ck.meta["finetune"] == dataclasses.asdict(
+            spec) and ck.meta.get("data", {}).get("sources") == sources)
+        if interrupted:
+            log(f"continuing the interrupted run with the same data and config from {interrupted} "
+                "(--new-run starts over)")
+            return resume(project, interrupted, log=log, progress=progress)
     tokenizer = base.tokenizer()
     world, device = distributed.setup(pick_device(cfg.train.device))
     distributed.check_batch(cfg.train.batch_size, world)
@@ -169,7 +181,7 @@ def merge_checkpoint(adapter_path: Path, out: Path) -> Path:
 def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
     """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data."""
     tcfg, max_len, arch = cfg.train, cfg.model.max_seq_len, cfg.model.arch
-    files = [Path(spec.data)] + ([Path(spec.val)] if spec.val else [])
+    files = _files(spec)
     meta: dict[str, Any] = {"finetune": dataclasses.asdict(spec), "data": {"sources": corpus.fingerprint(
         corpus.check_files(files))}}
     if spec.task == "lm":
@@ -207,6 +219,10 @@ def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: T
                    tasks.fixed_batches(val_rows, tcfg.batch_size, collate), loss_fn, metrics_fn,
                    int(tcfg.batch_size * mean_len), task=spec.task if spec.task != "instruct" else "lm",
                    meta=meta, keep_best=True)
+
+
+def _files(spec: FinetuneSpec) -> list[Path]:
+    return [Path(spec.data)] + ([Path(spec.val)] if spec.val else [])
 
 
 def _pairs_and_val(read: Callable[[Path], list], spec: FinetuneSpec) -> tuple[list, list]:

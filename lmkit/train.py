@@ -368,25 +368,34 @@ def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, log: Log 
                         state=TrainState(), snapshot=None, device=device, progress=progress)
 
 
-def interrupted_run(project: Project, cfg: RunConfig, corpora: list[Path]) -> Path | None:
-    """The project's latest checkpoint when it is a pretraining run that stopped before its end
-    (Ctrl-C, SIGTERM, a crash after a periodic save) and was started with CFG on the same CORPORA:
-    running the same command again should continue that run rather than start another."""
+def run_kind(ckpt: checkpoint.Checkpoint) -> str:
+    """Which command trained CKPT: "finetune", "distill" or "pretrain"."""
+    return next((kind for kind in ("finetune", "distill") if kind in ckpt.meta), "pretrain")
+
+
+def interrupted_run(project: Project, cfg: RunConfig, kind: str,
+                    same_inputs: Callable[[checkpoint.Checkpoint], bool]) -> Path | None:
+    """The project's latest checkpoint when it is a run of KIND ("pretrain", "finetune", "distill")
+    that stopped before its end (Ctrl-C, SIGTERM, a crash after a periodic save) and was started
+    with CFG on inputs SAME_INPUTS accepts: running the same command again should continue that
+    run rather than start another."""
     try:
         ckpt = checkpoint.Checkpoint(project.latest_checkpoint())
         snapshot = ckpt.trainer()
     except CheckpointError:
         return None
-    if snapshot is None or ckpt.task != "lm" or {"finetune", "distill"} & set(ckpt.meta):
+    if snapshot is None or run_kind(ckpt) != kind or _finished(TrainState(**snapshot.state), ckpt.config.train):
         return None
-    if _finished(TrainState(**snapshot.state), ckpt.config.train):
-        return None
-    if ckpt.config != cfg.with_vocab_size(ckpt.config.model.vocab_size):
-        return None
-    sources = ckpt.meta.get("data", {}).get("sources")
-    if corpora and sources != corpus.fingerprint(corpus.corpus_files(corpora)):
+    if ckpt.config != cfg.with_vocab_size(ckpt.config.model.vocab_size) or not same_inputs(ckpt):
         return None
     return ckpt.path
+
+
+def same_corpus(corpora: list[Path]) -> Callable[[checkpoint.Checkpoint], bool]:
+    """For interrupted_run: a pretraining checkpoint of CORPORA (any, when none are named: the
+    project's prepared data)."""
+    sources = corpus.fingerprint(corpus.corpus_files(corpora)) if corpora else None
+    return lambda ckpt: sources is None or ckpt.meta.get("data", {}).get("sources") == sources
 
 
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,

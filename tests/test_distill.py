@@ -1,15 +1,21 @@
-"""Distillation: the loss terms by hand, student initialisation from teacher layers, a frozen teacher."""
+"""Distillation: the loss terms by hand, student initialisation from teacher layers, a frozen teacher,
+exact resume."""
 
 from __future__ import annotations
 
 import math
+import shutil
+import signal
 
 import pytest
 import torch
 
 from lmkit import distill
 from lmkit.config import DistillConfig, ModelConfig
+from lmkit.errors import CheckpointError
 from lmkit.models.gpt import GPT
+from lmkit.project import Project
+from tests.test_train import losses, signal_at
 
 
 def _softmax(xs: list[float], t: float) -> list[float]:
@@ -77,3 +83,42 @@ def test_the_student_learns_while_the_teacher_stays_frozen() -> None:
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_an_interrupted_distillation_resumes_exactly(tiny_project, small_corpus, tmp_path) -> None:
+    spec = distill.DistillSpec(str(small_corpus), str(tiny_project.latest_checkpoint()), layers=(1,))
+    flags = {"train.max_steps": 16, "train.eval_interval": 4, "train.save_interval": 5, "train.batch_size": 8,
+             "train.log_interval": 1, "model.dropout": 0.1}  # dropout: the RNG state matters
+    straight = Project.open(tmp_path / "a")
+    done, done_summary = distill.distill(straight, spec, flags=flags)
+
+    stopped = Project.open(tmp_path / "b")
+    first, _ = distill.distill(stopped, spec, flags=flags, progress=signal_at(7, signal.SIGINT))
+    assert first.outcome.stopped_by == signal.SIGINT and first.state.step == 7
+    second, summary = distill.resume(stopped)
+    assert second.state.step == 16 and losses(stopped, "run1") == losses(straight, "run1")
+    assert (second.state.best, second.state.best_step) == (done.state.best, done.state.best_step)
+    assert summary.student_quality == done_summary.student_quality
+
+    # The same call with continue_interrupted picks up where an interrupted run stopped ...
+    again = Project.open(tmp_path / "c")
+    distill.distill(again, spec, flags=flags, progress=signal_at(5, signal.SIGINT))
+    continued, _ = distill.distill(again, spec, flags=flags, continue_interrupted=True)
+    assert continued.run == "run1" and losses(again, "run1") == losses(straight, "run1")
+    # ... but not a finished one, nor one with other settings.
+    assert distill.distill(again, spec, flags=flags, continue_interrupted=True)[0].run == "run2"
+
+
+def test_a_distillation_does_not_resume_against_a_changed_teacher(tiny_project, small_corpus, tmp_path) -> None:
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_project.latest_checkpoint(), teacher)
+    spec = distill.DistillSpec(str(small_corpus), str(teacher), layers=(0,))
+    project = Project.open(tmp_path / "d")
+    flags = {"train.max_steps": 8, "train.eval_interval": 4, "train.batch_size": 8}
+    distill.distill(project, spec, flags=flags, progress=signal_at(3, signal.SIGINT))
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(CheckpointError, match="has changed since run1 started"):
+        distill.resume(project)
+    # A changed teacher is another distillation: the same call starts a new run.
+    assert distill.distill(project, spec, flags=flags, continue_interrupted=True)[0].run == "run2"

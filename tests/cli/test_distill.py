@@ -57,3 +57,25 @@ def test_distill_user_errors(tiny_project, small_corpus, tmp_path) -> None:
                       "--student-layers expects teacher layer numbers")
     assert_user_error(lmkit("distill", small_corpus, "--teacher", ckpt, "--set", "distill.kl=sideways",
                             "-p", project), "distill.kl='sideways'")
+
+
+def test_distill_resume_and_its_user_errors(tiny_project, small_corpus, tmp_path) -> None:
+    project = tmp_path / "d"
+    command = ["distill", small_corpus, "--teacher", tiny_project.root, "--student-layers", "1", "-p", project,
+               "--max-steps", "8", "--set", "train.eval_interval=4", "--set", "train.save_interval=4",
+               "--set", "train.batch_size=8", "--json"]
+    finished = lmkit(*command)
+    assert finished.exit_code == 0, finished.output
+    for later in ("step-000008", "best"):
+        shutil.rmtree(project / "checkpoints/run1" / later)
+    (project / "checkpoints/latest.json").write_text(json.dumps({"path": "run1/step-000004"}))
+    resumed = lmkit("distill", "--resume", "-p", project, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    report, before = json.loads(resumed.stdout), json.loads(finished.stdout)
+    assert report["run"] == "run1" and report["step"] == 8 and report["val_loss"] == before["val_loss"]
+    assert report["summary"]["student_quality"] == before["summary"]["student_quality"]
+    assert_user_error(lmkit("distill", "--resume", "-p", project, "--kl", "reverse"), "only --max-steps may change")
+    assert_user_error(lmkit("distill", "--resume", "-p", project), "step-000008 is at step 8, already at max_steps=8")
+    longer = json.loads(lmkit("distill", "--resume", "-p", project, "--max-steps", "10", "--json").stdout)
+    assert longer["run"] == "run1" and longer["step"] == 10  # from the run's end, not from its best checkpoint
+    assert_user_error(lmkit("distill", "-p", project), "give the data and the teacher")

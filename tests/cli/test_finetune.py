@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tests.cli.conftest import assert_user_error, lmkit
@@ -50,3 +51,24 @@ def test_scratch_starts_from_fresh_weights(ckpt_project, task_files, tmp_path) -
     scratch = lmkit("finetune", *args, "--scratch", "-p", tmp_path / "b")
     assert scratch.exit_code == 0, scratch.output
     assert json.loads(scratch.output)["train_loss"] != pretrained["train_loss"]
+
+
+def test_the_same_finetune_command_continues_an_interrupted_run(ckpt_project, task_files, tmp_path) -> None:
+    project = tmp_path / "ft"
+    command = ["finetune", task_files["train"], "--from", ckpt_project, "--val", task_files["val"], "-p", project,
+               "--max-steps", "8", "--set", "train.eval_interval=2", "--set", "train.save_interval=4",
+               "--set", "train.batch_size=8", "--json"]
+    finished = lmkit(*command)
+    assert finished.exit_code == 0, finished.output
+    # A crash right after the periodic save at step 4.
+    for later in ("step-000008", "best"):
+        shutil.rmtree(project / "checkpoints/run1" / later)
+    (project / "checkpoints/latest.json").write_text(json.dumps({"path": "run1/step-000004"}))
+    again = lmkit(*command)
+    assert again.exit_code == 0, again.output
+    assert "continuing the interrupted run with the same data and config" in again.stderr
+    report, before = json.loads(again.stdout), json.loads(finished.stdout)
+    assert report["run"] == "run1" and report["step"] == 8
+    assert (report["train_loss"], report["val_accuracy"]) == (before["train_loss"], before["val_accuracy"])
+    assert json.loads(lmkit(*command).stdout)["run"] == "run2"  # run1 is finished: a new run
+    assert json.loads(lmkit(*command, "--new-run").stdout)["run"] == "run3"
