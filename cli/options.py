@@ -41,6 +41,29 @@ Sets = Annotated[Optional[list[str]], typer.Option(
 MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
 Compile = Annotated[Optional[bool], typer.Option(
     "--compile/--no-compile", show_default=False, help="torch.compile the model for training (default: off).")]
+
+
+class PrecisionChoice(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+Precision = Annotated[Optional[PrecisionChoice], typer.Option(
+    "--precision", show_default=False,
+    help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16, or fp16 with a gradient scaler (older GPUs).")]
+
+
+class StrategyChoice(str, Enum):  # noqa: UP042
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+Strategy = Annotated[Optional[StrategyChoice], typer.Option(
+    "--strategy", show_default=False,
+    help="With several ranks: ddp replicates the model on each (default); fsdp shards parameters, gradients "
+    "and optimizer state across them, for models that do not fit one GPU.")]
 Keep = Annotated[Optional[int], typer.Option(
     "--keep", min=1, show_default=False,
     help="Periodic checkpoints kept per run (default 2); the latest and the best are never deleted.")]
@@ -96,12 +119,24 @@ def common(ctx: typer.Context, project: Optional[Path] = None, device: Optional[
 
 def hand_off_to_torchrun(nproc: Optional[int]) -> None:
     """With --nproc N > 1 outside torchrun: run this same command under torch's launcher, one
-    process per rank (`python -m torch.distributed.run --standalone --nproc_per_node N -m lmkit
-    ...`), and exit with its status. Does nothing inside a torchrun launch or for one process."""
+    process per rank (what `torchrun --standalone --nproc_per_node N -m lmkit ...` does, run from
+    here), and exit with the ranks' status. Does nothing inside a torchrun launch or for one process.
+
+    A user error on the ranks is printed once, as one line, with exit code 2; the launcher's own
+    logging and failure report are kept quiet (a crashing rank prints its traceback itself).
+    """
     if not nproc or nproc == 1 or "WORLD_SIZE" in os.environ:
         return
-    import subprocess
+    import logging
+    import tempfile
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip or arg.startswith("--nproc="):
@@ -111,8 +146,38 @@ def hand_off_to_torchrun(nproc: Optional[int]) -> None:
             skip = True
             continue
         args.append(arg)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    raise typer.Exit(code=subprocess.call([*launcher, "-m", "lmkit", *args]))
+    # torchrun would give every rank 1 thread; share the cores out instead (CPU ranks compute too).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="lmkit-ranks-") as errors:
+        os.environ[_ERRORS_DIR] = errors
+        launch = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "lmkit", *args])
+        try:
+            run(launch)
+        except ChildFailedError as err:
+            messages = dict.fromkeys(p.read_text(encoding="utf-8") for p in sorted(Path(errors).glob("rank-*")))
+            for message in messages:
+                typer.echo(f"error: {message}", err=True)
+            rank, failure = err.get_first_failure()
+            if not messages and failure.exitcode not in (130, 143):
+                typer.echo(f"error: rank {rank} failed with exit code {failure.exitcode}", err=True)
+            raise typer.Exit(code=failure.exitcode if failure.exitcode > 0 else 1) from None
+        except SignalException as err:
+            raise typer.Exit(code=128 + int(err.sigval)) from None
+        finally:
+            del os.environ[_ERRORS_DIR]
+    raise typer.Exit(code=0)
+
+
+_ERRORS_DIR = "LMKIT_RANK_ERRORS"  # where ranks started by --nproc leave their user errors
+
+
+def _report_error(message: str) -> None:
+    """Print a user error; a rank started by --nproc leaves it for the launcher to print once."""
+    errors = os.environ.get(_ERRORS_DIR)
+    if errors and "RANK" in os.environ and Path(errors).is_dir():
+        (Path(errors) / f"rank-{int(os.environ['RANK']):05d}").write_text(message, encoding="utf-8")
+    else:
+        typer.echo(f"error: {message}", err=True)
 
 
 @contextlib.contextmanager
@@ -124,7 +189,7 @@ def user_errors() -> Iterator[None]:
     except LmkitError as err:
         if os.environ.get("LMKIT_DEBUG"):
             raise
-        typer.echo(f"error: {err}", err=True)
+        _report_error(str(err))
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -18,10 +18,12 @@ from cli.options import (
     MaxSteps,
     NewRun,
     Nproc,
+    Precision,
     ProjectDir,
     Quiet,
     Seed,
     Sets,
+    Strategy,
     common,
     exit_if_interrupted,
     hand_off_to_torchrun,
@@ -43,8 +45,10 @@ def pretrain(
     set_: Sets = None,
     max_steps: MaxSteps = None,
     nproc: Nproc = None,
+    strategy: Strategy = None,
     keep: Keep = None,
     compile_model: Compile = None,
+    precision: Precision = None,
     time_budget: Annotated[Optional[str], typer.Option(
         show_default=False, help="Stop training after this long, e.g. 90s, 15m, 1.5h.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run exactly where it stopped.")] = False,
@@ -74,6 +78,8 @@ def pretrain(
             else:
                 flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
                          "train.keep_checkpoints": keep, "train.compile": compile_model,
+                         "train.precision": precision.value if precision else None,
+                         "train.strategy": strategy.value if strategy else None,
                          "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
                 interrupted = None if new_run else train.interrupted_run(

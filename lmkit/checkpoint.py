@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,13 @@ class TrainerSnapshot:
     optimizer: dict[str, Any]  # torch optimizer state_dict
     rng: dict[str, torch.Tensor]  # torch (and CUDA) generator states
     sampler: dict[str, torch.Tensor]  # data sampler state
+    scaler: dict[str, Any] = field(default_factory=dict)  # fp16 gradient scaler state (empty otherwise)
 
 
 def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenizer, run: str, step: int,
          metrics: dict[str, float] | None = None, trainer: TrainerSnapshot | None = None,
          task: str = "lm", extra: dict[str, Any] | None = None,
-         adapters_only: bool = False) -> None:
+         adapters_only: bool = False, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint folder at PATH atomically (replacing any folder already there).
 
     Args:
@@ -60,11 +61,14 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
             a classifier's "labels", an adapter checkpoint's "base".
         adapters_only: store only the trainable parameters (LoRA adapters and task heads); the
             frozen rest is read from extra["base"] when loading.
+        weights: MODEL's full state dict when model.state_dict() is not it (FSDP shards).
     """
+    state = model.state_dict() if weights is None else weights
     if adapters_only:
-        weights, aliases = {k: v.contiguous().cpu() for k, v in lora.trainable_state(model).items()}, {}
+        trainable = lora.trainable_state(model)
+        weights, aliases = {k: v.detach().contiguous().cpu() for k, v in state.items() if k in trainable}, {}
     else:
-        weights, aliases = _dedupe_shared(model.state_dict())
+        weights, aliases = _dedupe_shared(state, _tied_parameters(model))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -280,13 +284,30 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: the training state is damaged ({err})") from None
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory: keep the first name of each, record the rest
-    as aliases {dropped name: kept name} (for GPT: lm_head.weight -> transformer.wte.weight)."""
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{name: first name} of parameters registered under more than one name (GPT ties lm_head.weight
+    to transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor], tied: dict[str, str]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory: keep the first name of each tied parameter
+    (TIED) or tensor sharing storage, record the rest as aliases {dropped name: kept name}."""
     kept: dict[tuple[int, int], str] = {}
     weights, aliases = {}, {}
     for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if name in tied:
+            aliases[name] = tied[name]
+            continue
         if key in kept and state[kept[key]].shape == tensor.shape:
             aliases[name] = kept[key]
             continue
@@ -308,7 +329,7 @@ def _flatten_trainer(snapshot: TrainerSnapshot) -> tuple[dict[str, torch.Tensor]
         for key, value in group.items():
             tensors[f"{prefix}.{key}"] = value.contiguous().cpu()
     meta = {"state": snapshot.state, "param_groups": snapshot.optimizer["param_groups"],
-            "optimizer_scalars": scalars}
+            "optimizer_scalars": scalars, "scaler": snapshot.scaler}
     return tensors, meta
 
 
@@ -328,4 +349,5 @@ def _unflatten_trainer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
         index, _, key = name.partition(".")
         optimizer_state.setdefault(int(index), {})[key] = value
     optimizer = {"state": optimizer_state, "param_groups": meta["param_groups"]}
-    return TrainerSnapshot(state=meta["state"], optimizer=optimizer, rng=rng, sampler=sampler)
+    return TrainerSnapshot(state=meta["state"], optimizer=optimizer, rng=rng, sampler=sampler,
+                           scaler=meta.get("scaler", {}))

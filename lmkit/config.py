@@ -116,8 +116,10 @@ class TrainConfig:
     patience: int = 0  # stop after this many validations without a better best_metric; 0 never stops
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    # auto: bf16 autocast on CUDA, fp32 elsewhere; fp16: autocast plus a gradient scaler (older GPUs)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate the model, or shard it
     grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:

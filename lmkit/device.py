@@ -1,4 +1,4 @@
-"""Where tensors live and in which precision: device auto-detection and bf16 autocast."""
+"""Where tensors live and in which precision: device auto-detection and mixed-precision autocast."""
 
 from __future__ import annotations
 
@@ -20,12 +20,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 on CUDA by default; fp32 elsewhere (bf16 matmuls are ~15x slower than fp32 on AVX2 CPUs)."""
-    if precision == "bf16":
-        return True
-    return precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in for train.precision, or None for plain fp32.
+
+    auto: bf16 on CUDA GPUs that have it, fp32 elsewhere (bf16 matmuls are ~15x slower than fp32
+    on AVX2 CPUs). fp16 is for GPUs without bf16 (V100, T4); training then needs a gradient scaler.
+    """
+    if precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow: scale the loss up before backward and the gradients down before
+    the step, skipping steps whose gradients overflowed. A no-op unless training in fp16."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

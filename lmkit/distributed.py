@@ -10,6 +10,12 @@ of the rows, so `train.batch_size` is the global micro-batch whatever N is, the 
 is the single-process one, and the sampler state in a checkpoint resumes any number of ranks.
 Rank 0 alone writes checkpoints, metrics and messages; creating the tokenizer, the prepared data
 and the run folder happens on rank 0 while the others wait.
+
+With train.strategy = "fsdp" the model is sharded instead of replicated (FSDP2, `fully_shard`):
+each block's parameters, gradients and optimizer state are split across ranks and gathered one
+block at a time for forward and backward, so a rank holds about 1/N of them: for models that do
+not fit one GPU. Checkpoints hold the full, gathered weights and optimizer state in the usual
+format, so an FSDP run resumes on any number of ranks, with either strategy, or in one process.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from lmkit.errors import ConfigError
 from lmkit.objectives import Batch
@@ -130,9 +144,70 @@ def mean_metrics(world: World, metrics: dict[str, float], weight: int) -> dict[s
     return {k: (values[i + 1] / values[0]).item() for i, k in enumerate(keys)}
 
 
-def no_sync(model: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """DDP: skip the gradient all-reduce for micro-batches before the last of an accumulation."""
-    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+def wrap(model: nn.Module, world: World, strategy: str, unused_parameters: bool = False) -> nn.Module:
+    """MODEL ready for data-parallel training on WORLD: a DistributedDataParallel replica, or with
+    STRATEGY "fsdp" sharded in place, one FSDP unit per block of every layer stack (nn.ModuleList)
+    plus one for the rest (embeddings, tied head, norms). UNUSED_PARAMETERS: DDP must expect
+    parameters that get no gradient (a classifier's unused pretraining heads)."""
+    if not world.enabled:
+        return model
+    if strategy == "fsdp":
+        for stack in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+            for block in stack:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused_parameters)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0's CPU
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's full weights, gathered on rank 0 (every rank must call this; the others
+    get an empty dict); None for any other model, whose state_dict() is already whole."""
+    return get_model_state_dict(model, options=_FULL) if is_sharded(model) else None
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """OPTIMIZER's state_dict() in the usual layout (parameters numbered in group order), gathered
+    on rank 0 when MODEL is sharded (every rank must call this then)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    full = get_optimizer_state_dict(model, optimizer, options=_FULL)  # keyed by parameter name
+    if not full:
+        return {}
+    groups = full["param_groups"]
+    index = {name: i for i, name in enumerate(n for group in groups for n in group["params"])}
+    return {"state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in groups]}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load STATE (the layout optimizer_state returns, full tensors) into OPTIMIZER; each rank of a
+    sharded MODEL keeps its own shard."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    full = {"state": {order[int(i)]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) for micro-batches before the
+    last of an accumulation."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(not skip)
+    elif skip and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
 

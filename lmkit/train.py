@@ -27,7 +27,7 @@ from torch import nn
 
 from lmkit import checkpoint, corpus, data, distributed, objectives, prepare
 from lmkit.config import RunConfig, TrainConfig, render_template
-from lmkit.device import autocast, pick_device
+from lmkit.device import autocast, grad_scaler, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json
 from lmkit.models import build_model, count_parameters
@@ -191,6 +191,7 @@ def train_loop(
     progress: Callable[[Progress], None] | None = None,
     save_best: Callable[[TrainState, dict[str, float]], Path] | None = None,
     world: distributed.World = distributed.World(),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> LoopOutcome:
     """Train until max_steps, the time budget, early stopping or a stop signal; save a checkpoint
     at the end. With several ranks (WORLD), they stop together and rank 0 alone writes.
@@ -201,6 +202,7 @@ def train_loop(
         validate: validation metrics of the current model, "val_loss" among them.
         save: writes a checkpoint of the current state (with the latest metrics) and returns its folder.
         save_best: writes the run's best checkpoint, called when cfg.best_metric improves.
+        scaler: the gradient scaler of fp16 training (its state belongs in the checkpoints too).
     """
     model.train()
     if not world.is_main:
@@ -215,7 +217,7 @@ def train_loop(
         finished = _finished(state, cfg)
         while not finished and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
-            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device)
+            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler)
             state.step += 1
             state.tokens_seen += tokens_per_step
             state.elapsed = elapsed_before + time.perf_counter() - start
@@ -262,10 +264,18 @@ def _finished(state: TrainState, cfg: TrainConfig) -> bool:
             or bool(cfg.patience and state.evals_since_best >= cfg.patience))
 
 
+_NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # passes losses and steps through unchanged
+
+
 def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch], loss_fn: LossFn,
-                    optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig,
-                    device: torch.device) -> torch.Tensor:
-    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss (on DEVICE, unsynced)."""
+                    optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss (on DEVICE, unsynced).
+
+    With an enabled SCALER (fp16) the loss is scaled up for backward and the gradients unscaled
+    before clipping; a step whose gradients overflowed is skipped and the scale lowered.
+    """
+    scaler = scaler or _NO_SCALER
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=device)
@@ -275,11 +285,13 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
             with autocast(device, cfg.precision):
                 loss = loss_fn(model, batch)
             # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
-            (loss / cfg.grad_accum).backward()
+            scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.detach()
     if cfg.grad_clip:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / cfg.grad_accum
 
@@ -458,28 +470,33 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
                  progress: Callable[[Progress], None] | None) -> TrainResult:
     """Run the loop for PLAN with checkpoints in PROJECT; restore SNAPSHOT first when resuming."""
     tcfg = cfg.train
-    optimizer = make_optimizer(model, tcfg)
-    if snapshot is not None:
-        optimizer.load_state_dict(snapshot.optimizer)
-        plan.batches.load_state_dict(snapshot.sampler)
-        _set_rng_state(snapshot.rng)
     world = distributed.from_env()
     for module in model.modules():  # the backbone of a classifier too
         if hasattr(module, "grad_checkpoint"):
             module.grad_checkpoint = tcfg.grad_checkpoint
-    train_model: nn.Module = model
-    if world.enabled:  # a classifier's backbone has pretraining heads that its loss never uses
-        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=plan.task == "classify")
+    # DDP wraps the model; FSDP shards it in place (so `model` itself is then sharded too).
+    train_model = distributed.wrap(model, world, tcfg.strategy, unused_parameters=plan.task == "classify")
+    optimizer = make_optimizer(model, tcfg)
+    scaler = grad_scaler(device, tcfg.precision)
+    if snapshot is not None:
+        distributed.load_optimizer_state(model, optimizer, snapshot.optimizer)
+        plan.batches.load_state_dict(snapshot.sampler)
+        _set_rng_state(snapshot.rng)
+        if snapshot.scaler:
+            scaler.load_state_dict(snapshot.scaler)
     if tcfg.compile:
         train_model = torch.compile(train_model)
 
     def write(path: Path, st: TrainState, metrics: dict[str, float]) -> Path:
+        # Sharded weights and optimizer state are gathered by all ranks together, onto rank 0.
+        weights, optimizer_state = distributed.model_state(model), distributed.optimizer_state(model, optimizer)
         if not world.is_main:
             return path
-        trainer = checkpoint.TrainerSnapshot(dataclasses.asdict(st), optimizer.state_dict(), _rng_state(),
-                                             plan.batches.state_dict())
+        trainer = checkpoint.TrainerSnapshot(dataclasses.asdict(st), optimizer_state, _rng_state(),
+                                             plan.batches.state_dict(), scaler.state_dict())
         checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=st.step, metrics=metrics,
-                        trainer=trainer, task=plan.task, extra=plan.meta, adapters_only=plan.adapters_only)
+                        trainer=trainer, task=plan.task, extra=plan.meta, adapters_only=plan.adapters_only,
+                        weights=weights)
         return path
 
     def save(st: TrainState, metrics: dict[str, float]) -> Path:
@@ -490,8 +507,11 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         return path
 
     # Each rank scores its share of the validation batches (all of them when there are fewer than
-    # ranks); the metrics are averaged over ranks. The unwrapped model: same weights, its own methods.
-    mine = plan.val_batches[world.rank::world.size] if len(plan.val_batches) >= world.size else plan.val_batches
+    # ranks, or, with FSDP, whose forward is collective, when they do not divide evenly); the metrics
+    # are averaged over ranks. The unwrapped model: same weights, its own methods.
+    val = plan.val_batches
+    even = len(val) % world.size == 0 if distributed.is_sharded(model) else len(val) >= world.size
+    mine = val[world.rank::world.size] if even else val
     scored = model if world.enabled else train_model
 
     def validation() -> dict[str, float]:
@@ -503,7 +523,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         tokens_per_batch=plan.tokens_per_batch, validate=validation, save=save,
         metrics_file=project.metrics_file(run), device=device, progress=progress,
         save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
-        world=world)
+        world=world, scaler=scaler)
     distributed.finish(world)
     best = project.best_checkpoint_dir(run)
     if plan.keep_best and outcome.stopped_by is None and best.is_dir():  # also when a resumed session found none

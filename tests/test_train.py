@@ -144,3 +144,32 @@ def test_resume_without_a_good_checkpoint_is_a_clear_error(tiny_project: Project
     (project.latest_checkpoint() / "trainer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot resume: .*the training state is damaged"):
         train.resume(project, max_steps=8)
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_exactly(tiny_project: Project, tmp_path) -> None:
+    # fp16 autocast runs on CPU too (slowly): the same code path as on an older GPU.
+    cfg = tiny_run_config(max_steps=16, eval_interval=8, save_interval=5, log_interval=1, precision="fp16", lr=5e-3)
+    straight = fresh_copy(tiny_project, tmp_path / "a")
+    done = train.pretrain(straight, [], cfg)
+    curve = losses(straight, "run1")
+    assert curve[-1][1] < curve[0][1] - 0.5 and all(math.isfinite(loss) for _, loss in curve)
+    scaler = Checkpoint(straight.latest_checkpoint()).trainer().scaler
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # the scaler ran and its state was saved
+
+    interrupted = fresh_copy(tiny_project, tmp_path / "b")
+    train.pretrain(interrupted, [], cfg, progress=signal_at(7, signal.SIGINT))
+    resumed = train.resume(interrupted)
+    assert losses(interrupted, "run1") == curve and resumed.outcome.val_loss == done.outcome.val_loss
+
+
+def test_fp16_gradient_scaler_skips_overflowing_steps() -> None:
+    model = torch.nn.Linear(4, 1)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    batches = iter([(torch.full((2, 4), 1e35),)])  # gradients overflow once scaled
+    cfg = TrainConfig(grad_accum=1, grad_clip=1.0)
+    train._optimizer_step(model, list(model.parameters()), batches, lambda m, b: m(b[0]).sum(), optimizer, 0.1, cfg,
+                          torch.device("cpu"), scaler)
+    assert torch.equal(model.weight, before)  # the step was skipped ...
+    assert scaler.get_scale() == 2.0 ** 15  # ... and the scale backed off
