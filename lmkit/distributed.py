@@ -219,5 +219,9 @@ def batches(source: Iterator[Batch], world: World) -> Iterator[Batch]:
 
 
 def finish(world: World) -> None:
+    """Leave the process group. The barrier first lets gloo's worker threads retire the last
+    collectives: one still freeing a tensor (which needs the GIL) while the main thread destroys
+    the group (holding the GIL, joining those threads) deadlocks the rank."""
     if world.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ from torch import nn
 
 from lmkit import search
 from lmkit.config import SampleConfig
-from lmkit.device import autocast, uses_bf16
+from lmkit.device import autocast, autocast_dtype
 from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ class CausalStepper:
 
     def __init__(self, model: nn.Module, prompt: list[int], rows: int, device: torch.device) -> None:
         self.model, self.window, self.rows = model, model.config.max_seq_len, rows
-        self.dtype = torch.bfloat16 if uses_bf16(device, "auto") else torch.float32
+        self.dtype = autocast_dtype(device, "auto") or torch.float32
         self.context = torch.tensor(prompt, device=device)[-self.window:].expand(rows, -1)  # (N, T)
         self._restart()
 
@@ -81,7 +81,7 @@ class Seq2SeqStepper:
     """Encoder-decoder rows: each source encoded once, REPEAT decoder rows per source."""
 
     def __init__(self, model: nn.Module, src: torch.Tensor, src_pad: torch.Tensor, repeat: int, eos_id: int) -> None:
-        dtype = torch.bfloat16 if uses_bf16(src.device, "auto") else torch.float32
+        dtype = autocast_dtype(src.device, "auto") or torch.float32
         self.model, self.limit = model, model.config.max_seq_len
         self.state = model.start_decoding(src, src_pad, repeat, dtype)
         start = torch.full((src.size(0) * repeat, 1), eos_id, device=src.device)  # EOS starts every target

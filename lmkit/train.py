@@ -524,6 +524,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         metrics_file=project.metrics_file(run), device=device, progress=progress,
         save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
         world=world, scaler=scaler)
+    del train_model  # DDP's reducer holds the process group: release it before the group is destroyed
     distributed.finish(world)
     best = project.best_checkpoint_dir(run)
     if plan.keep_best and outcome.stopped_by is None and best.is_dir():  # also when a resumed session found none
