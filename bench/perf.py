@@ -87,11 +87,13 @@ def hf_gpt2(model: GPT):  # noqa: ANN201 - transformers is optional
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
-    hf = GPT2LMHeadModel(GPT2Config(
+    config = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=cfg.ff_dim, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None), attn_implementation="sdpa")
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config._attn_implementation = "sdpa"
+    hf = GPT2LMHeadModel(config)
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     ours = model.state_dict()
     theirs = {name: ours[name].t() if name.endswith(conv1d) else ours[name]

@@ -16,7 +16,7 @@ from cli import display
 from cli.options import ProjectDir, Quiet, common, user_errors
 
 app = typer.Typer(help="Train the project's tokenizer, encode and decode text, prepare token files.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 Corpora = Annotated[list[Path], typer.Argument(
     show_default=False, help="Text files (.txt, .jsonl, optionally .gz), directories of them, or glob patterns.")]
