@@ -113,16 +113,18 @@ def logits_agree(model: GPT, hf, vocab: int, context: int) -> float:  # noqa: AN
 # --- measurements --------------------------------------------------------------------------------
 
 def matmul_peak(repeats: int) -> dict[str, float]:
-    """fp32 matmul GFLOP/s on this machine with these threads: the best median over a few sizes."""
+    """fp32 matmul GFLOP/s on this machine with these threads: the best median over square sizes
+    and the (tokens x d_model) @ (d_model x 4 d_model) product of shape b, ~10 GFLOP per measurement."""
     best = {"gflops": 0.0}
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        calls = max(1, int(2e9 // (2 * n ** 3)))
+    for m, k, n in ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 384, 1536)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        calls = max(1, int(1e10 // (2 * m * k * n)))
         times = side_by_side({"mm": lambda a=a, b=b, calls=calls: [torch.mm(a, b) for _ in range(calls)]},
                              repeats)["mm"]
-        gflops = [2 * n ** 3 * calls / t / 1e9 for t in times]
+        gflops = [2 * m * k * n * calls / t / 1e9 for t in times]
         if statistics.median(gflops) > best["gflops"]:
-            best = {"size": n, "gflops": statistics.median(gflops), "min": min(gflops), "max": max(gflops)}
+            best = {"size": f"{m}x{k}x{n}", "gflops": statistics.median(gflops), "min": min(gflops),
+                    "max": max(gflops)}
     return best
 
 
@@ -209,6 +211,25 @@ def generation(shape: Shape, batch: int, prompt_len: int, new_tokens: int, repea
     return result
 
 
+def decode_bound(shape: Shape, repeats: int) -> dict[str, float]:
+    """What limits batch-1 decoding: one token multiplies a vector by every weight matrix once.
+    Times those products alone (fp32, and with bf16 weights), and memory's read bandwidth."""
+    torch.manual_seed(0)
+    weights = [p.detach().clone() for p in GPT(shape.model_config()).parameters() if p.dim() == 2][2:]  # no tables
+    weights.append(torch.randn(shape.vocab, shape.d_model))  # the (tied) output layer
+    vectors = {n: torch.randn(n) for n in {w.size(1) for w in weights}}
+    half = [w.bfloat16() for w in weights]
+    half_vectors = {n: v.bfloat16() for n, v in vectors.items()}
+    flat = torch.randn(sum(w.numel() for w in weights))
+    times = side_by_side({"fp32": lambda: [torch.mv(w, vectors[w.size(1)]) for w in weights],
+                          "bf16": lambda: [torch.mv(w, half_vectors[w.size(1)]) for w in half],
+                          "read": flat.sum}, repeats * 4)
+    megabytes = flat.numel() * 4 / 1e6
+    return {"weight_mb": megabytes, "fp32_gemv_ms": 1000 * statistics.median(times["fp32"]),
+            "bf16_gemv_ms": 1000 * statistics.median(times["bf16"]),
+            "read_gb_per_s": megabytes / 1000 / statistics.median(times["read"])}
+
+
 def tokenization(tokenizer: Tokenizer, text: str, repeats: int) -> dict:
     """Encode MB/s of TEXT: a direct sentencepiece call on the lines (1 thread) vs lmkit's
     encode_lines (which also keeps newlines and literal U+2581 exact) on 1 and 2 threads."""
@@ -253,7 +274,7 @@ def markdown(results: dict) -> str:
     peak = results["matmul"]
     lines = [f"Machine: {results['machine']}; torch {results['torch']}, transformers {results['transformers']}, "
              f"{results['threads']} threads, fp32. Medians (min-max) of {results['repeats']} repeats.",
-             "", f"fp32 matmul peak: {peak['gflops']:.1f} GFLOP/s ({peak['size']}x{peak['size']})", "",
+             "", f"fp32 matmul peak: {peak['gflops']:.1f} GFLOP/s ({peak['size']}; MFU is measured against it)", "",
              "| training | lmkit tok/s | transformers tok/s | lmkit / transformers | lmkit ms/step | "
              "transformers ms/step | MFU lmkit | MFU transformers |", "|---|---|---|---|---|---|---|---|"]
     for r in results["training"]:
@@ -272,6 +293,11 @@ def markdown(results: dict) -> str:
                      f"{_range(r['transformers']['tokens_per_s'], ',.0f')} | **{r['ratio']:.2f}x** | "
                      f"{r['lmkit']['ms_per_token']['median']:.2f} | "
                      f"{r['transformers']['ms_per_token']['median']:.2f} | {r['greedy_tokens_identical']:.0%} |")
+    b = results.get("decode_bound")
+    if b:
+        lines += ["", f"Batch-1 decoding reads all {b['weight_mb']:.0f} MB of weights per token: the matrix-vector "
+                  f"products alone take {b['fp32_gemv_ms']:.2f} ms in fp32 ({b['bf16_gemv_ms']:.2f} ms with bf16 "
+                  f"weights); memory reads at {b['read_gb_per_s']:.1f} GB/s."]
     t = results["tokenization"]
     lines += ["", f"| tokenization ({t['megabytes']:.1f} MB, {t['lines']:,} lines) | MB/s | "
               "vs sentencepiece 1 thread |",
@@ -317,6 +343,7 @@ def main() -> None:
             print(f"training ({shape.name}): {results['training'][-1]['ratio']:.2f}x", file=sys.stderr)
     if "generation" in parts:
         results["generation"] = [generation(SHAPES[1], batch, 32, 256, args.repeats) for batch in (1, 8)]
+        results["decode_bound"] = decode_bound(SHAPES[1], args.repeats)
         print("generation: " + ", ".join(f"{r['ratio']:.2f}x" for r in results["generation"]), file=sys.stderr)
     project = Project.open(args.out / "project")
     text = (ROOT / "sample_data" / "shakespeare_all.txt").read_text(encoding="utf-8")

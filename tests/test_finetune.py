@@ -134,9 +134,10 @@ def test_an_interrupted_finetune_resumes_exactly(lora_rank, tiny_project, task_f
     done = run(straight, tiny_project, "classify", task_files["train"], task_files["val"], **flags)
 
     stopped = Project.open(tmp_path / "b")
+    signum = signal.SIGTERM if lora_rank else signal.SIGINT  # a scheduler's kill, or Ctrl-C
     first = run(stopped, tiny_project, "classify", task_files["train"], task_files["val"],
-                progress=signal_at(13, signal.SIGINT), **flags)
-    assert first.outcome.stopped_by == signal.SIGINT and first.state.step == 13
+                progress=signal_at(13, signum), **flags)
+    assert first.outcome.stopped_by == signum and first.state.step == 13
     second = ft.resume(stopped)
     assert second.state.step == 24 and losses(stopped, "run1") == losses(straight, "run1")
     assert second.state.best == done.state.best and second.state.best_step == done.state.best_step
