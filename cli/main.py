@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import distill, evaluate, finetune, generate, info, merge, pretrain, tokenize
+from cli import distill, evaluate, finetune, generate, info, interop, merge, pretrain, tokenize
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -55,6 +55,8 @@ app.command()(distill.distill)
 app.command()(generate.generate)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)
+app.command(name="import")(interop.import_model)
+app.command(name="export")(interop.export_model)
 
 
 def main() -> None:

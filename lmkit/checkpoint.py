@@ -32,7 +32,7 @@ from lmkit.fileio import atomic_dir, atomic_write_json
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
-from lmkit.tokenizer import Tokenizer
+from lmkit.tokenizer import AnyTokenizer, load_tokenizer
 
 FORMAT = "lmkit-checkpoint"
 FORMAT_VERSION = 1
@@ -49,7 +49,7 @@ class TrainerSnapshot:
     scaler: dict[str, Any] = field(default_factory=dict)  # fp16 gradient scaler state (empty otherwise)
 
 
-def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenizer, run: str, step: int,
+def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyTokenizer, run: str, step: int,
          metrics: dict[str, float] | None = None, trainer: TrainerSnapshot | None = None,
          task: str = "lm", extra: dict[str, Any] | None = None,
          adapters_only: bool = False, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -82,7 +82,7 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "weights": "adapters" if adapters_only else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                      "file": "tokenizer.model"},
+                      "file": tokenizer.file_name, **({"special": tokenizer.special} if tokenizer.special else {})},
         "tied_weights": aliases,
         "metrics": metrics or {},
         **(extra or {}),
@@ -90,7 +90,7 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: Tokenize
     }
     with atomic_dir(path) as tmp:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+        (tmp / tokenizer.file_name).write_bytes(tokenizer.model_bytes)
         if trainer is not None:
             tensors, trainer_meta = _flatten_trainer(trainer)
             save_file(tensors, tmp / "trainer.safetensors")
@@ -220,8 +220,9 @@ class Checkpoint:
     def tokenizer_fingerprint(self) -> str:
         return str(self.meta["tokenizer"]["fingerprint"])
 
-    def tokenizer(self) -> Tokenizer:
-        tokenizer = Tokenizer.load(self.path / self.meta["tokenizer"]["file"])
+    def tokenizer(self) -> AnyTokenizer:
+        info = self.meta["tokenizer"]
+        tokenizer = load_tokenizer(self.path / info["file"], info.get("special"))
         if tokenizer.fingerprint != self.tokenizer_fingerprint:
             raise CheckpointError(f"{self.path}: tokenizer.model does not match the fingerprint in config.json")
         return tokenizer

@@ -158,7 +158,8 @@ class BertPairs(SeededSampler):
     def _mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """80/10/10 masking of MASK_PROB of the real tokens; at least one per row."""
         tok = self.tokenizer
-        candidates = ids >= tok.n_special  # (B, T): never [CLS], [SEP], padding or other specials
+        # (B, T): never [CLS], [SEP], padding or other specials
+        candidates = ~torch.isin(ids, torch.tensor(tok.special_ids)) & (ids >= tok.n_special)
         draw = torch.rand(ids.shape, generator=self.generator)
         chosen = candidates & (draw < self.mask_prob)
         # A row with nothing chosen gets its likeliest candidate, so every row has a target.

@@ -1,5 +1,6 @@
 """Sentencepiece tokenizers: training with settings that round-trip any UTF-8 text exactly, and one
-Tokenizer class that every command uses.
+Tokenizer class that every command uses; HFTokenizer puts an imported Hugging Face tokenizer
+(GPT-2's byte-level BPE, BERT's WordPiece) behind the same interface.
 
 Every lmkit tokenizer reserves the special tokens all architectures need, at fixed ids:
 <pad>=0 <unk>=1 <s>=2 </s>=3 <cls>=4 <sep>=5 <mask>=6. They are control symbols, so no user text
@@ -104,6 +105,8 @@ def train_tokenizer(documents: Iterable[Iterable[str]], out_path: Path, cfg: Tok
 class Tokenizer:
     """A sentencepiece model with lmkit's conventions for newlines and special tokens."""
 
+    file_name = "tokenizer.model"  # in a checkpoint folder
+
     def __init__(self, model_bytes: bytes, source: Path | None = None) -> None:
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.model_bytes = model_bytes
@@ -116,6 +119,8 @@ class Tokenizer:
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
         self.cls_id, self.sep_id, self.mask_id = 4, 5, 6
         self.n_special = len(SPECIAL_PIECES)  # ids below this are special tokens
+        self.special_ids = list(range(self.n_special))
+        self.special: dict[str, int] = {}  # the fixed ids above; HFTokenizer records its own
         self.newline_id = self.sp.piece_to_id("<0x0A>")
         self._meta_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _META_MARK.encode()]
         self._space_byte_id = self.sp.piece_to_id("<0x20>")
@@ -173,6 +178,69 @@ class Tokenizer:
                 out.append(ids[k])
                 k += 1
         return out
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (tokenizer.json) behind Tokenizer's interface, for
+    models imported from the Hub format: their own vocabulary and special tokens, no lmkit
+    conventions added. encode never adds special tokens ([CLS], <|endoftext|>); callers do.
+
+    SPECIAL maps lmkit's roles (pad, unk, bos, eos, cls, sep, mask) to ids; a model without one
+    (GPT-2 has no padding, BERT no end-of-text) borrows the nearest: padding is eos (never scored),
+    BERT's eos is [SEP].
+    """
+
+    file_name = "tokenizer.json"
+
+    def __init__(self, json_bytes: bytes, special: dict[str, int], source: Path | None = None) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self.backend = Backend.from_str(json_bytes.decode("utf-8"))
+        except Exception as err:  # tokenizers raises plain Exception on a bad file
+            raise CheckpointError(f"{source or 'tokenizer.json'} is not a readable tokenizer ({err})") from None
+        self.model_bytes, self.source, self.special = json_bytes, source, dict(special)
+        self.fingerprint = hashlib.sha256(json_bytes).hexdigest()[:16]
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        roles = {"pad": "eos", "bos": "eos", "cls": "bos", "sep": "eos", "mask": "unk", "eos": "sep", "unk": "eos"}
+        ids = dict(special)
+        for _ in range(2):  # a role may borrow from a role that borrows
+            for role, fallback in roles.items():
+                ids.setdefault(role, ids.get(fallback))  # type: ignore[arg-type]
+        if ids.get("eos") is None:
+            raise CheckpointError(f"{source or 'tokenizer'}: no end-of-text or separator token among {special}")
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = ids["pad"], ids["unk"], ids["bos"], ids["eos"]
+        self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]
+        self.special_ids = sorted(set(special.values()))
+        self.n_special = 0  # the specials are not the lowest ids: see special_ids
+        newline = self.backend.encode("\n", add_special_tokens=False).ids
+        self.newline_id = newline[0] if len(newline) == 1 else -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_lines(self, lines: list[str], threads: int | None = None) -> list[list[int]]:
+        """Encode a batch of lines (each may end with "\\n"), in parallel inside `tokenizers`."""
+        return [e.ids for e in self.backend.encode_batch(lines, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self.backend.id_to_token(i) for i in ids]
+
+
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def load_tokenizer(path: Path, special: dict[str, int] | None = None) -> AnyTokenizer:
+    """The tokenizer in file PATH: tokenizer.json (Hugging Face, with its SPECIAL ids) or a
+    sentencepiece model."""
+    if path.name == HFTokenizer.file_name:
+        if not path.is_file():
+            raise CheckpointError(f"no tokenizer at {path}")
+        return HFTokenizer(path.read_bytes(), special or {}, source=path)
+    return Tokenizer.load(path)
 
 
 def encode_stream(tokenizer: Tokenizer, lines: Iterable[str], pieces: bool = False) -> Iterator[str]:
