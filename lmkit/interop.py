@@ -125,7 +125,12 @@ def _read_tokenizer(source: Path) -> HFTokenizer:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (source / name).is_file():
             named.update(_read_json(source / name, "a tokenizer directory"))
-    backend = HFTokenizer(path.read_bytes(), {}, source=path).backend
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_file(str(path))
+    except Exception as err:  # tokenizers raises plain Exception on a bad file
+        raise CheckpointError(f"{path} is not a readable tokenizer ({err})") from None
     special = {}
     for role, key in _SPECIAL_KEYS.items():
         token = named.get(key)

@@ -206,7 +206,8 @@ class HFTokenizer:
         ids = dict(special)
         for _ in range(2):  # a role may borrow from a role that borrows
             for role, fallback in roles.items():
-                ids.setdefault(role, ids.get(fallback))  # type: ignore[arg-type]
+                if ids.get(role) is None and ids.get(fallback) is not None:
+                    ids[role] = ids[fallback]
         if ids.get("eos") is None:
             raise CheckpointError(f"{source or 'tokenizer'}: no end-of-text or separator token among {special}")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = ids["pad"], ids["unk"], ids["bos"], ids["eos"]
