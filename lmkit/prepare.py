@@ -26,7 +26,7 @@ from lmkit.config import DataConfig
 from lmkit.errors import DataError
 from lmkit.fileio import atomic_file, atomic_write_json
 from lmkit.project import Project
-from lmkit.tokenizer import Tokenizer
+from lmkit.tokenizer import AnyTokenizer, HFTokenizer, Tokenizer
 
 SPLITS = ("train", "val")
 _BATCH_LINES = 4096
@@ -142,12 +142,13 @@ def _line_batches(corpora: Sequence[Path], text_field: str) -> Iterator[LineBatc
         yield batch, ends
 
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: AnyTokenizer | None = None
 
 
-def _start_worker(model_bytes: bytes) -> None:
+def _start_worker(model_bytes: bytes, special: dict[str, int] | None) -> None:
+    """Load the tokenizer once per worker: sentencepiece, or a Hugging Face one with SPECIAL ids."""
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_bytes)
+    _worker_tokenizer = Tokenizer(model_bytes) if special is None else HFTokenizer(model_bytes, special)
 
 
 def _encode_in_worker(lines: list[str]) -> list[list[int]]:
@@ -159,10 +160,11 @@ class _Encoder:
     """Encodes line batches in order: here, or in WORKERS processes that each load the tokenizer
     once. At most 2 * WORKERS batches are in flight, so memory stays bounded on any corpus."""
 
-    def __init__(self, tokenizer: Tokenizer, workers: int) -> None:
+    def __init__(self, tokenizer: AnyTokenizer, workers: int) -> None:
         self.tokenizer, self.workers = tokenizer, workers
+        special = tokenizer.special if isinstance(tokenizer, HFTokenizer) else None
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker, initargs=(tokenizer.model_bytes,))
+                                         initializer=_start_worker, initargs=(tokenizer.model_bytes, special))
                      if workers > 1 else None)
 
     def __enter__(self) -> _Encoder:

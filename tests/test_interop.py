@@ -232,3 +232,17 @@ def test_imported_models_work_in_every_command(gpt2_dir, bert_dir, task_files, s
     assert sorted(model.config.id2label.values()) == sorted(Checkpoint(Path(json.loads(tuned.stdout)[
         "best_checkpoint"])).labels)
     assert_user_error(lmkit("import", tmp_path / "nothing-here", "-p", tmp_path / "x"), "no config.json")
+
+
+def test_prepare_encodes_with_an_imported_tokenizer_in_worker_processes(gpt2_dir, small_corpus, tmp_path) -> None:
+    from lmkit import prepare
+    from lmkit.config import DataConfig
+
+    tokenizer = Checkpoint(interop.import_hf(gpt2_dir, Project.open(tmp_path / "p"))).tokenizer()
+    arrays = []
+    for workers in (1, 2):
+        prepared = prepare.prepare(Project.open(tmp_path / f"w{workers}"), [small_corpus], tokenizer, DataConfig(),
+                                   workers=workers)
+        arrays.append(prepared.train.array().tolist() + prepared.val.array().tolist())
+    assert arrays[0] == arrays[1] and len(arrays[0]) > 1000
+    assert tokenizer.decode(arrays[0][:200]) in small_corpus.read_text(encoding="utf-8")
