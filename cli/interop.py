@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import Json, ProjectDir, common, user_errors
+from cli.options import Json, ProjectDir, Quiet, common, user_errors
 
 
 class ExportFormat(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
@@ -23,13 +23,14 @@ def import_model(
         "of a GPT-2 or BERT model.")],
     project: ProjectDir = None,
     json_out: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Import a Hugging Face GPT-2 or BERT model (and its tokenizer) as the project's latest
     checkpoint, for generate, eval, finetune and distill."""
     from lmkit import interop
     from lmkit import project as proj
 
-    opts = common(ctx, project)
+    opts = common(ctx, project, quiet=quiet)
     with user_errors():
         path = interop.import_hf(source, proj.Project.open(opts.project))
         report = interop.describe(path)

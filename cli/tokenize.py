@@ -136,16 +136,24 @@ def prepare(
                        f"worker{'s' if workers > 1 else ''})")
 
 
-def _project_tokenizer(root: Optional[Path]):  # -> lmkit.tokenizer.Tokenizer
+def _project_tokenizer(root: Optional[Path]):  # -> lmkit.tokenizer.Tokenizer | HFTokenizer
+    """The project's tokenizer; in a project without one (an imported model), its latest checkpoint's."""
+    import json
+
     from lmkit import project as proj
     from lmkit import tokenizer as tok
-    from lmkit.errors import LmkitError
+    from lmkit.errors import CheckpointError, LmkitError
 
     p = proj.Project.open(root, create=False)
-    if not p.has_tokenizer():
+    if p.has_tokenizer():
+        return tok.Tokenizer.load(p.tokenizer_model)
+    try:  # config.json read directly: encoding text should not wait for torch to import
+        latest = p.latest_checkpoint()
+        info = json.loads((latest / "config.json").read_text(encoding="utf-8"))["tokenizer"]
+        return tok.load_tokenizer(latest / info["file"], info.get("special"))
+    except (CheckpointError, OSError, ValueError, KeyError):
         raise LmkitError(f"no tokenizer in {p.root} — run 'lmkit tokenize train CORPUS -p {p.root}' "
-                         "or 'lmkit pretrain CORPUS' first")
-    return tok.Tokenizer.load(p.tokenizer_model)
+                         "or 'lmkit pretrain CORPUS' first") from None
 
 
 def _open_input(file: str):  # -> context manager over a binary stream

@@ -211,6 +211,9 @@ def test_imported_models_work_in_every_command(gpt2_dir, bert_dir, task_files, s
     assert imported.exit_code == 0, imported.output
     assert json.loads(imported.stdout)["arch"] == "gpt"
     assert lmkit("generate", "-p", gpt, "--max-new-tokens", "8", "--seed", "1", "Ham.").exit_code == 0
+    encoded = lmkit("tokenize", "encode", "-p", gpt, input="To be, or not to be\n")  # the checkpoint's tokenizer
+    hf_ids = transformers.AutoTokenizer.from_pretrained(gpt2_dir)("To be, or not to be")["input_ids"]
+    assert encoded.exit_code == 0 and encoded.stdout.split() == [str(i) for i in hf_ids]
     scored = lmkit("eval", small_corpus, "-p", gpt, "--json")
     assert scored.exit_code == 0 and json.loads(scored.stdout)["perplexity"] > 1
     student = lmkit("distill", small_corpus, "--teacher", gpt, "--student-layers", "0", "-p", tmp_path / "s",
