@@ -3,10 +3,12 @@ the same global batch, and only rank 0 writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,13 @@ from tests.test_train import fresh_copy, losses
 SETTINGS = ["--preset", "tiny", "--set", "model.max_seq_len=32", "--set", "train.batch_size=8",
             "--set", "train.grad_accum=2", "--max-steps", "8", "--set", "train.eval_interval=4",
             "--set", "train.log_interval=1", "--set", "train.warmup_steps=2", "--quiet", "--json"]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _lmkit(*args: str) -> subprocess.CompletedProcess:
@@ -84,7 +93,14 @@ def test_sigterm_on_two_ranks_then_resume_equals_the_uninterrupted_run(tiny_proj
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 30):
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)  # Ctrl-C-like: the launcher and every rank get it
+    # As a cluster scheduler does: SIGTERM to the launcher and to every rank (torch's launcher
+    # starts the ranks in sessions of their own, so they are not in its process group).
+    ranks = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).count(str(stopped.root))]
+    os.killpg(process.pid, signal.SIGTERM)
+    for pid in ranks:
+        if pid != process.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     process.wait(timeout=120)
     interrupted_at = Checkpoint(stopped.latest_checkpoint()).step
     assert 0 < interrupted_at < 300
