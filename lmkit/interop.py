@@ -23,7 +23,7 @@ from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import build_model
 from lmkit.project import Project
-from lmkit.tokenizer import HFTokenizer
+from lmkit.tokenizer import SPECIAL_PIECES, HFTokenizer, Tokenizer
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT-2 activations lmkit has: gelu_new and gelu_pytorch_tanh are the tanh approximation.
@@ -247,9 +247,52 @@ def export_hf(ckpt_path: Path, out: Path) -> Path:
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens}, indent=2) + "\n",
             encoding="utf-8")
-    else:  # lmkit's own sentencepiece model travels as is; AutoTokenizer cannot read it as lmkit does
+    elif ckpt.config.tokenizer.model_type in ("bpe", "unigram"):
+        (out / "tokenizer.json").write_bytes(sentencepiece_to_hf(tokenizer, ckpt.config.tokenizer.model_type))
+        tokens = {_SPECIAL_KEYS[role]: piece for role, piece in SPECIAL_PIECES.items()}
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len, **tokens},
+            indent=2) + "\n", encoding="utf-8")
+    else:  # char and word models: the sentencepiece file travels as is
         (out / "tokenizer.model").write_bytes(tokenizer.model_bytes)
     return out
+
+
+def sentencepiece_to_hf(tokenizer: Tokenizer, model_type: str) -> bytes:
+    """lmkit's sentencepiece BPE or unigram model as a `tokenizers` tokenizer.json that encodes
+    the same ids: the same pieces and scores (BPE merges ranked by the merged piece's score, as
+    sentencepiece applies them), spaces as U+2581, digits one by one, a new piece at every
+    whitespace run, newlines as the byte piece <0x0A> (byte fallback), no added prefix. Identical
+    on the whole sample corpus and mixed-script text (tested). Two texts differ: a literal U+2581
+    (lmkit spells it as bytes; here it reads as a space), and special-token strings such as "<s>"
+    typed in a text (transformers matches them as the special tokens; sentencepiece never does)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    sp = tokenizer.sp
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    if model_type == "unigram":
+        model = models.Unigram(pieces, unk_id=tokenizer.unk_id, byte_fallback=True)
+    else:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        ranked = []  # (merged piece's score, left id, right id, left, right): every way to build a piece
+        for i, (piece, score) in enumerate(pieces):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+                continue
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in vocab and right in vocab:
+                    ranked.append((-score, vocab[left], vocab[right], left, right))
+        merges = [(left, right) for *_, left, right in sorted(ranked)]
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[tokenizer.unk_id][0], fuse_unk=True,
+                           byte_fallback=True)
+    backend = Backend(model)
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), "isolated"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex("\u2581+"), "merged_with_next")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend.to_str().encode("utf-8")
 
 
 def _special_ids(tokenizer: Any, arch: str) -> dict[str, int]:

@@ -249,3 +249,26 @@ def test_prepare_encodes_with_an_imported_tokenizer_in_worker_processes(gpt2_dir
         arrays.append(prepared.train.array().tolist() + prepared.val.array().tolist())
     assert arrays[0] == arrays[1] and len(arrays[0]) > 1000
     assert tokenizer.decode(arrays[0][:200]) in small_corpus.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_an_lmkit_tokenizer_exports_to_one_autotokenizer_reads_identically(model_type, sample_text, tmp_path) -> None:
+    from lmkit import checkpoint
+    from lmkit.config import ModelConfig, RunConfig, TokenizerConfig
+    from lmkit.models import build_model
+    from lmkit.tokenizer import train_tokenizer
+
+    lines = sample_text.splitlines(keepends=True)
+    tokenizer = train_tokenizer([lines[:6000]], tmp_path / "tok" / "tokenizer.model",
+                                TokenizerConfig(vocab_size=600, model_type=model_type))
+    cfg = RunConfig(model=ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                      max_seq_len=32), tokenizer=TokenizerConfig(model_type=model_type))
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, model=build_model(cfg.model), config=cfg, tokenizer=tokenizer, run="run1", step=0)
+    out = interop.export_hf(path, tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    texts = [*lines[6000:9000], MIXED, "digits 1234567 and  runs   of    spaces\n\n"]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert theirs.decode(ids) == text
