@@ -101,9 +101,9 @@ def test_sigterm_on_two_ranks_then_resume_equals_the_uninterrupted_run(tiny_proj
         if pid != process.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    process.wait(timeout=120)
+    _, err = process.communicate(timeout=120)
     interrupted_at = Checkpoint(stopped.latest_checkpoint()).step
-    assert 0 < interrupted_at < 300
+    assert 0 < interrupted_at < 300, (process.returncode, err.decode(errors="replace")[-3000:])
     resumed = _lmkit("pretrain", "--resume", "-p", str(stopped.root), "--nproc", "2", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(stopped, "run1") == losses(straight, "run1")  # bit for bit
