@@ -217,10 +217,9 @@ def export_hf(ckpt_path: Path, out: Path) -> Path:
         CheckpointError: a checkpoint kind that has no transformers counterpart here.
     """
     ckpt = checkpoint.Checkpoint(ckpt_path)
-    model, cfg = ckpt.model(), ckpt.config.model
     if ckpt.meta.get("weights") == "adapters":
         raise CheckpointError(f"{ckpt.path} holds LoRA adapters; merge them first (lmkit merge)")
-    state = model.state_dict()
+    cfg, state = ckpt.config.model, ckpt.model().state_dict()
     if cfg.arch == "gpt" and ckpt.task == "lm":
         config, weights = _gpt2_config_out(cfg), _gpt2_weights_out(state)
     elif cfg.arch == "bert" and ckpt.task == "lm":
