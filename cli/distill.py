@@ -88,9 +88,8 @@ def distill(
             spec = dist.DistillSpec(str(data.resolve()), str(ckpt_lib.resolve(teacher, p).resolve()),
                                     str(val.resolve()) if val else None,
                                     str(ckpt_lib.resolve(student, p).resolve()) if student else None, layers, preset)
-            flags = {"distill.kl": kl, "distill.temperature": temperature, "train.max_steps": max_steps,
-                     "train.keep_checkpoints": keep, "train.seed": opts.seed,
-                     "train.device": None if opts.device == "auto" else opts.device}
+            flags = {"distill.kl": kl, "distill.temperature": temperature,
+                     **opts.train_flags(max_steps=max_steps, keep=keep)}
             with display.Display(opts.quiet) as shown:
                 result, summary = dist.distill(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
                                                continue_interrupted=not new_run, log=opts.say,

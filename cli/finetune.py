@@ -108,11 +108,9 @@ def finetune(
                 if data is None:
                     raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
                 flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
-                         "lora.targets": lora_targets.value if lora_targets else None, "train.max_steps": max_steps,
-                         "train.keep_checkpoints": keep, "train.compile": compile_model,
-                         "train.precision": precision.value if precision else None,
-                         "train.strategy": strategy.value if strategy else None,
-                         "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
+                         "lora.targets": lora_targets.value if lora_targets else None,
+                         **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                                            precision=precision, strategy=strategy)}
                 spec = ft.FinetuneSpec(task.value, str(data.resolve()),
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
                                        str(val.resolve()) if val else None, scratch)

@@ -95,6 +95,14 @@ class Common:
     seed: Optional[int]
     quiet: bool
 
+    def train_flags(self, *, max_steps: Optional[int], keep: Optional[int], compile_model: Optional[bool] = None,
+                    precision: Optional[Enum] = None, strategy: Optional[Enum] = None) -> dict[str, object]:
+        """The train.* config values the training commands' own flags set (None: not given)."""
+        return {"train.max_steps": max_steps, "train.keep_checkpoints": keep, "train.compile": compile_model,
+                "train.precision": precision.value if precision else None,
+                "train.strategy": strategy.value if strategy else None,
+                "train.seed": self.seed, "train.device": None if self.device == "auto" else self.device}
+
     def say(self, message: str) -> None:
         """Information for humans: stderr, unless --quiet."""
         if not self.quiet:

@@ -76,11 +76,9 @@ def pretrain(
                 result = train.resume(p, max_steps=max_steps, time_budget=budget, log=opts.say,
                                       progress=shown.training)
             else:
-                flags = {"arch": arch, "preset": preset, "train.max_steps": max_steps, "train.time_budget": budget,
-                         "train.keep_checkpoints": keep, "train.compile": compile_model,
-                         "train.precision": precision.value if precision else None,
-                         "train.strategy": strategy.value if strategy else None,
-                         "train.seed": opts.seed, "train.device": None if opts.device == "auto" else opts.device}
+                flags = {"arch": arch, "preset": preset, "train.time_budget": budget,
+                         **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                                            precision=precision, strategy=strategy)}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
                 interrupted = None if new_run else train.interrupted_run(
                     p, cfg, "pretrain", train.same_corpus(list(corpora or [])))

@@ -114,6 +114,7 @@ class BertPairs(SeededSampler):
         if self.max_pair < 2:
             raise DataError(f"{len(self.tokens)} tokens are too few for sentence pairs; add text")
         self.seq_len, self.batch_size, self.tokenizer, self.mask_prob = seq_len, batch_size, tokenizer, mask_prob
+        self.special_ids = torch.tensor(tokenizer.special_ids)  # never masked: [CLS], [SEP], padding, ...
 
     def __next__(self) -> Batch:
         rows = [self._pair() for _ in range(self.batch_size)]
@@ -158,8 +159,7 @@ class BertPairs(SeededSampler):
     def _mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """80/10/10 masking of MASK_PROB of the real tokens; at least one per row."""
         tok = self.tokenizer
-        # (B, T): never [CLS], [SEP], padding or other specials
-        candidates = ~torch.isin(ids, torch.tensor(tok.special_ids)) & (ids >= tok.n_special)
+        candidates = ~torch.isin(ids, self.special_ids)  # (B, T)
         draw = torch.rand(ids.shape, generator=self.generator)
         chosen = candidates & (draw < self.mask_prob)
         # A row with nothing chosen gets its likeliest candidate, so every row has a target.

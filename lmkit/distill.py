@@ -45,6 +45,7 @@ from lmkit.train import (
     RunPlan,
     TrainResult,
     TrainState,
+    continuation,
     interrupted_run,
     pretraining_plan,
     run_kind,
@@ -326,13 +327,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
         raise CheckpointError(f"{ckpt.path} is not a resumable distillation checkpoint")
     saved = ckpt.meta["distill"]
     spec = DistillSpec(**{f.name: saved[f.name] for f in dataclasses.fields(DistillSpec)})
-    cfg = ckpt.config
-    if max_steps is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
-    state = TrainState(**snapshot.state)
-    if state.step >= cfg.train.max_steps:
-        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
-                          "pass a larger --max-steps to train further")
+    cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     if not (Path(spec.teacher) / "config.json").is_file():
         raise CheckpointError(f"the teacher of {ckpt.run}, {spec.teacher}, is gone; restore it to resume")
     teacher_ckpt = checkpoint.Checkpoint(Path(spec.teacher))

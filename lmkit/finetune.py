@@ -28,6 +28,7 @@ from lmkit.train import (
     RunPlan,
     TrainResult,
     TrainState,
+    continuation,
     interrupted_run,
     pretraining_plan,
     run_training,
@@ -142,13 +143,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if "finetune" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path} is not a resumable finetuning checkpoint")
     spec = FinetuneSpec(**ckpt.meta["finetune"])
-    cfg = ckpt.config
-    if max_steps is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
-    state = TrainState(**snapshot.state)
-    if state.step >= cfg.train.max_steps:
-        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
-                          "pass a larger --max-steps to train further")
+    cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     world, device = distributed.setup(pick_device(cfg.train.device))
     log = log if world.is_main else silent
     model = ckpt.model(device)

@@ -410,6 +410,26 @@ def same_corpus(corpora: list[Path]) -> Callable[[checkpoint.Checkpoint], bool]:
     return lambda ckpt: sources is None or ckpt.meta.get("data", {}).get("sources") == sources
 
 
+def continuation(ckpt: checkpoint.Checkpoint, snapshot: checkpoint.TrainerSnapshot, *, max_steps: int | None = None,
+                 time_budget: float | None = None) -> tuple[RunConfig, TrainState]:
+    """The config and state a resumed run goes on with: the checkpoint's, with only the run's
+    length changed (MAX_STEPS, TIME_BUDGET) when given.
+
+    Raises:
+        ConfigError: the run is already at its max_steps.
+    """
+    train_cfg = ckpt.config.train
+    if max_steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, max_steps=max_steps)
+    if time_budget is not None:
+        train_cfg = dataclasses.replace(train_cfg, time_budget=time_budget)
+    state = TrainState(**snapshot.state)
+    if state.step >= train_cfg.max_steps:
+        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={train_cfg.max_steps}; "
+                          "pass a larger --max-steps to train further")
+    return dataclasses.replace(ckpt.config, train=train_cfg), state
+
+
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
            time_budget: float | None = None, log: Log = lambda _: None,
            progress: Callable[[Progress], None] | None = None) -> TrainResult:
@@ -418,12 +438,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     Only the run's length may change (MAX_STEPS, TIME_BUDGET); everything else comes from the checkpoint.
     """
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
-    train_cfg = ckpt.config.train
-    if max_steps is not None:
-        train_cfg = dataclasses.replace(train_cfg, max_steps=max_steps)
-    if time_budget is not None:
-        train_cfg = dataclasses.replace(train_cfg, time_budget=time_budget)
-    cfg = dataclasses.replace(ckpt.config, train=train_cfg)
+    cfg, state = continuation(ckpt, snapshot, max_steps=max_steps, time_budget=time_budget)
     tokenizer = ckpt.tokenizer()
     if project.has_tokenizer() and Tokenizer.load(project.tokenizer_model).fingerprint != tokenizer.fingerprint:
         raise CheckpointError(f"{ckpt.path} was trained with tokenizer {tokenizer.fingerprint}, but the project's "
@@ -438,10 +453,6 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     world, device = distributed.setup(pick_device(cfg.train.device))
     log = log if world.is_main else silent
     model = ckpt.model(device)
-    state = TrainState(**snapshot.state)
-    if state.step >= cfg.train.max_steps:
-        raise ConfigError(f"{ckpt.path} is at step {state.step}, already at max_steps={cfg.train.max_steps}; "
-                          "pass a larger --max-steps to train further")
     if world.is_main:
         truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
