@@ -53,7 +53,7 @@ def evaluate(
     """Score a checkpoint on FILE: perplexity and bits per byte, MLM/NSP accuracy, classification, or
     BLEU/chrF/exact match of decoded outputs (greedy, or --beam N)."""
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import config, corpus, tasks
+    from lmkit import config
     from lmkit import device as dev
     from lmkit import evaluate as ev
     from lmkit import project as proj
@@ -61,36 +61,16 @@ def evaluate(
     opts = common(ctx, project, device, quiet=quiet)
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        seq2seq = ckpt.config.model.arch == "seq2seq"  # pretrained (denoising) or finetuned, it maps text to text
-        if seq2seq and task not in (None, "seq2seq"):
-            raise ckpt_lib.CheckpointError(f"{ckpt.path} is a seq2seq checkpoint: it is scored on source/target "
-                                           "pairs (--task seq2seq)")
-        if not seq2seq:
-            ckpt.require_task(task or ckpt.task, "eval" + (f" --task {task}" if task else ""))
-        where = dev.pick_device(opts.device)
-        if seq2seq:
-            pairs = tasks.read_source_targets(file)
-            sampler = config.SampleConfig(max_new_tokens=max_new_tokens, greedy=True, beam=beam,
-                                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                          repetition_penalty=repetition_penalty)
-            result, outputs = ev.evaluate_seq2seq(ckpt.model(where), ckpt.tokenizer(), pairs, sampler, where,
-                                                  batch_size or 64)
-            if predictions:
-                _write_lines(predictions, ({"source": p.source, "target": p.target, "output": o}
-                                           for p, o in zip(pairs, outputs)))
-        elif ckpt.task == "classify":
-            examples = tasks.read_labelled(file)
-            result, preds = ev.evaluate_classifier(ckpt.model(where), ckpt.tokenizer(), examples, ckpt.labels,
-                                                   where, batch_size or 8)
-            if predictions:
-                _write_lines(predictions, (pred.record(example) for example, pred in zip(examples, preds)))
-        else:
-            text = corpus.read_text(file)
-            model, tokenizer = ckpt.model(where), ckpt.tokenizer()
-            if ckpt.config.model.arch == "bert":
-                result = ev.evaluate_bert(model, tokenizer, text, where, batch_size=batch_size or 8)
-            else:
-                result = ev.evaluate_lm(model, tokenizer, text, where, stride=stride, batch_size=batch_size or 8)
+        sampler = config.SampleConfig(max_new_tokens=max_new_tokens, greedy=True, beam=beam,
+                                      length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                      repetition_penalty=repetition_penalty)
+        options = ev.EvalOptions(stride=stride, batch_size=batch_size, sampler=sampler)
+        result, records = ev.evaluate_checkpoint(ckpt, file, options, dev.pick_device(opts.device), task)
+        if predictions:
+            if records is None:
+                raise config.ConfigError("--predictions writes each example's output: it applies to classifiers "
+                                         "and seq2seq models, not to language models scored on text")
+            _write_lines(predictions, records)
     report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, "task": ckpt.task,
               **result.to_dict()}
     typer.echo(json.dumps(report) if json_out else _text(report))

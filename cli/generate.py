@@ -67,7 +67,6 @@ def generate(
     """Continue each prompt (GPT), rewrite each line (seq2seq), fill in [MASK]s (BERT) or label each line
     (classifier) with the project's latest (or a chosen) checkpoint."""
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import config
     from lmkit import device as dev
     from lmkit import generate as gen
     from lmkit import project as proj
@@ -75,33 +74,26 @@ def generate(
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
+        mode = gen.decoding_of(ckpt, fill_mask)
         texts = prompts or (line.rstrip("\r\n") for line in sys.stdin)
+        chunk = 1 if not prompts and sys.stdin.isatty() else 64  # typed lines get an answer each
         where = dev.pick_device(opts.device)
-        if ckpt.task == "classify":
-            chunk = 1 if not prompts and sys.stdin.isatty() else 64  # typed lines get an answer each
-            _classify(ckpt.model(where), ckpt.tokenizer(), ckpt.labels, texts, where, json_out, chunk)
-            return
-        arch = ckpt.config.model.arch
-        if fill_mask or arch == "bert":
-            ckpt.require_task("lm", "generate --fill-mask").require_arch("bert", "generate --fill-mask")
-            model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        if mode == "classify":
+            _classify(model, tokenizer, ckpt.labels, texts, where, json_out, chunk)
+        elif mode == "fill-mask":
             for text in texts:
                 _print_fill(gen.fill_mask(model, tokenizer, text, top_k or 5, where), json_out)
-            return
-        if arch != "seq2seq":
-            ckpt.require_task("lm", "generate")
-        default_temperature = 0.0 if arch == "seq2seq" else 0.8
-        sampler = config.SampleConfig(
-            max_new_tokens=max_new_tokens, temperature=default_temperature if temperature is None else temperature,
-            top_k=top_k, top_p=top_p, greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam,
-            length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
-        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
-        if arch == "seq2seq":
-            chunk = 1 if not prompts and sys.stdin.isatty() else 64
-            _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
         else:
-            _sample(gen, model, tokenizer, texts, sampler, where, echo is not False, json_out)
+            sampler = gen.sample_config(
+                ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
+                greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam, length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+                stop=tuple(stop or ()))
+            if mode == "rewrite":
+                _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
+            else:
+                _sample(gen, model, tokenizer, texts, sampler, where, echo is not False, json_out)
 
 
 def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sampler: Any, where: Any, echo: bool,

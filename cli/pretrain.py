@@ -30,15 +30,14 @@ from cli.options import (
     is_main_process,
     user_errors,
 )
+from lmkit.presets import ARCH_HELP
 
 
 def pretrain(
     ctx: typer.Context,
     corpora: Annotated[Optional[list[Path]], typer.Argument(
         show_default=False, help="Text files (.txt, .jsonl, .gz) (default: the project's prepared data).")] = None,
-    arch: Annotated[Optional[str], typer.Option(
-        show_default=False, help="gpt (causal LM), bert (masked LM + next sentence) or seq2seq (encoder-decoder, "
-        "denoising) (default: gpt).")] = None,
+    arch: Annotated[Optional[str], typer.Option(show_default=False, help=ARCH_HELP)] = None,
     preset: Annotated[Optional[str], typer.Option(
         show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
     config_file: ConfigFile = None,
@@ -80,15 +79,8 @@ def pretrain(
                          **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
                                             precision=precision, strategy=strategy)}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
-                interrupted = None if new_run else train.interrupted_run(
-                    p, cfg, "pretrain", train.same_corpus(list(corpora or [])))
-                if interrupted:
-                    opts.say(f"continuing the interrupted run with the same config from {interrupted} "
-                             "(--new-run starts over)")
-                    result = train.resume(p, interrupted, log=opts.say, progress=shown.training)
-                else:
-                    result = train.pretrain(p, list(corpora or []), cfg, log=opts.say, progress=shown.training,
-                                            prepare_progress=shown.encoding)
+                result = train.pretrain(p, list(corpora or []), cfg, continue_interrupted=not new_run, log=opts.say,
+                                        progress=shown.training, prepare_progress=shown.encoding)
     out = result.outcome
     if not is_main_process():  # the other ranks trained alongside rank 0, which reports
         return

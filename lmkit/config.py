@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmkit.errors import ConfigError
+from lmkit.presets import DEFAULT_ARCH, PRESETS
 
-Arch = Literal["gpt", "bert", "seq2seq"]
-ARCHS: tuple[str, ...] = typing.get_args(Arch)
+ARCHS: tuple[str, ...] = tuple(PRESETS)  # the architectures, in the order help texts list them
 
 
 def _check(condition: bool, message: str) -> None:
@@ -65,31 +65,61 @@ class DataConfig:
 class ModelConfig:
     """Shape of the network. Hyper-parameter names are the same for every architecture."""
 
-    arch: Arch = "gpt"
+    arch: str = DEFAULT_ARCH  # one of ARCHS
     vocab_size: int = 1024  # always overwritten with the tokenizer's real size
     d_model: int = 128
     n_layer: int = 4  # seq2seq: layers of the encoder, and as many again in the decoder
     n_head: int = 4
-    d_ff: int = 0  # 0 means 4 * d_model
+    d_ff: int = 0  # 0 means 4 * d_model (llama: the width of the gate and up projections)
     max_seq_len: int = 64
     dropout: float = 0.0
-    bias: bool = True
-    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"  # GPT-2 uses the tanh approximation
+    bias: bool = True  # biases in every linear layer and norm (llama presets: off)
+    activation: Literal["gelu_tanh", "gelu", "silu"] = "gelu_tanh"  # GPT-2: the tanh approximation; llama: silu
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # The modern decoder (llama) only:
+    n_kv_head: int = 0  # key/value heads of grouped-query attention; 0 means n_head (multi-head), 1 multi-query
+    head_dim: int = 0  # 0 means d_model // n_head
+    qk_norm: bool = False  # RMSNorm of each query and key head before the rotary embedding (Qwen3, nanochat)
+    qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2)
+    rope_theta: float = 10000.0  # base of the rotary embedding's wavelengths
+    rope_scaling: Literal["none", "llama3"] = "none"  # llama3: Llama 3.1's long-context frequency scaling
+    rope_factor: float = 8.0  # llama3 scaling: how much the low frequencies are stretched
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192  # llama3 scaling: the context the frequencies were trained for
 
     def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, f"model.arch={self.arch!r} is not one of: {', '.join(ARCHS)}")
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
             _check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be at least 1")
-        _check(self.d_model % self.n_head == 0,
+        _check(self.head_dim > 0 or self.d_model % self.n_head == 0,
                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        _check(self.d_ff >= 0, f"model.d_ff={self.d_ff} must be >= 0 (0 means 4 * d_model)")
+        for name in ("d_ff", "n_kv_head", "head_dim"):
+            _check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0 (0: the default)")
+        _check(self.n_head % self.kv_heads == 0,
+               f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
+        _check(self.attention_head_dim % 2 == 0,
+               f"the head dimension {self.attention_head_dim} must be even for rotary positions")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        _check(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1")
+        _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+               "model.rope_low_freq_factor must be > 0 and below model.rope_high_freq_factor")
+        _check(self.rope_original_max_len >= 1, "model.rope_original_max_len must be at least 1")
 
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
 
 
 @dataclass(frozen=True)
@@ -106,6 +136,10 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    # muon: torch.optim.Muon for the weight matrices inside the blocks, AdamW (lr, betas) for
+    # embeddings, norms, biases and the output layer, as nanochat trains
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_batches: int = 20
@@ -132,6 +166,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        _check(0 <= self.muon_momentum < 1, f"train.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _check(not (self.optimizer == "muon" and self.strategy == "fsdp"),
+               "train.optimizer=muon needs whole weight matrices on every rank; use --strategy ddp with it")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
         _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
         _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
@@ -250,76 +287,7 @@ SECTIONS: dict[str, type] = {
 }
 TOP_LEVEL_KEYS = ("arch", "preset")
 
-# Presets set model and train fields per architecture; anything else keeps its dataclass default,
-# and those defaults are the `default` preset: it fits the ~1 MB sample text in under 10 minutes on
-# 2 CPU cores. Measured there (4-minute runs, held-out bits per byte): a small, fast model seeing
-# more tokens beats a larger one seeing fewer (d_model 128 x 4 layers, context 64: 2.39; 192 x 4:
-# 2.45; 256 x 6: 2.83), and a 1024-piece vocabulary beats 512 (2.45), 2048 (2.44) and 4096 (2.51).
-# `tiny` is a whole pretrain in seconds (tests, CI smoke tests); `small` is for a GPU or a long run.
-_BERT_MODEL = {"activation": "gelu", "norm_eps": 1e-12}
-PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "gpt": {
-        "tiny": {
-            "model": {"d_model": 64, "n_layer": 2, "n_head": 4, "max_seq_len": 64},
-            "train": {"batch_size": 16, "max_steps": 150, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
-                      "eval_interval": 50, "eval_batches": 4, "save_interval": 1000, "log_interval": 10},
-        },
-        "default": {},
-        "small": {
-            "tokenizer": {"vocab_size": 4096},
-            "model": {"d_model": 384, "n_layer": 6, "n_head": 6, "max_seq_len": 256, "dropout": 0.1},
-            "train": {"batch_size": 32, "max_steps": 5000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 200,
-                      "eval_interval": 500, "save_interval": 1000},
-        },
-    },
-    # BERT: post-LayerNorm, exact GELU and BERT's LayerNorm epsilon. Post-LN trains less stably than
-    # GPT's pre-LN: at d_model 128 and lr 3e-3 it collapses to always predicting the most frequent
-    # token, so the learning rates are lower and the warmup longer. Context 64 with batch 64 gives
-    # twice the sentence pairs of 128 x 32 for the same tokens, which NSP needs.
-    "bert": {
-        "tiny": {
-            "model": {"d_model": 64, "n_layer": 2, "n_head": 4, "max_seq_len": 64, **_BERT_MODEL},
-            "train": {"batch_size": 16, "max_steps": 150, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 20,
-                      "eval_interval": 50, "eval_batches": 4, "save_interval": 1000, "log_interval": 10},
-        },
-        "default": {
-            "model": {"d_model": 128, "n_layer": 4, "n_head": 4, "max_seq_len": 64, **_BERT_MODEL},
-            "train": {"batch_size": 64, "max_steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 200},
-        },
-        "small": {
-            "tokenizer": {"vocab_size": 4096},
-            "model": {"d_model": 256, "n_layer": 6, "n_head": 8, "max_seq_len": 256, "dropout": 0.1, **_BERT_MODEL},
-            "train": {"batch_size": 32, "max_steps": 10000, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 500,
-                      "eval_interval": 500, "save_interval": 1000},
-        },
-    },
-    # Encoder-decoder, pre-LayerNorm like GPT, pretrained by text infilling (BART): 30% of the tokens
-    # hidden in spans. n_layer is per stack: the default's 3 + 3 layers cost about what GPT's 4 do
-    # per token, as the decoder's cross attention is an extra sublayer.
-    "seq2seq": {
-        "tiny": {
-            "data": {"mask_prob": 0.3},
-            "model": {"d_model": 64, "n_layer": 2, "n_head": 4, "max_seq_len": 64},
-            "train": {"batch_size": 16, "max_steps": 150, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
-                      "eval_interval": 50, "eval_batches": 4, "save_interval": 1000, "log_interval": 10},
-        },
-        "default": {
-            "data": {"mask_prob": 0.3},
-            "model": {"d_model": 128, "n_layer": 3, "n_head": 4, "max_seq_len": 64},
-            "train": {"batch_size": 32, "max_steps": 2000, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 100},
-        },
-        "small": {
-            "tokenizer": {"vocab_size": 4096},
-            "data": {"mask_prob": 0.3},
-            "model": {"d_model": 256, "n_layer": 6, "n_head": 8, "max_seq_len": 128, "dropout": 0.1},
-            "train": {"batch_size": 32, "max_steps": 10000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 300,
-                      "eval_interval": 500, "save_interval": 1000},
-        },
-    },
-}
-
-
-def preset_names(arch: str = "gpt") -> list[str]:
+def preset_names(arch: str = DEFAULT_ARCH) -> list[str]:
     return list(PRESETS[arch])
 
 
@@ -363,7 +331,7 @@ def resolve(
         merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
         preset = base.preset
     else:
-        arch, preset = "gpt", "default"
+        arch, preset = DEFAULT_ARCH, "default"
         for _, layer in layers:
             arch = layer.get("arch", arch)
             preset = layer.get("preset", preset)

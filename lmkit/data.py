@@ -12,16 +12,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from lmkit.batches import IGNORE, Batch, LMBatch, MaskedLMBatch, Seq2SeqBatch
 from lmkit.errors import DataError
-from lmkit.objectives import IGNORE, Batch
 from lmkit.tokenizer import Tokenizer
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> LMBatch:
     """Inputs tokens[s : s+length] and targets tokens[s+1 : s+length+1] for each start s."""
     rows = tokens[starts[:, None] + np.arange(length + 1)]  # (B, length + 1), read from the memory map
     rows = torch.from_numpy(rows.astype(np.int64))
-    return rows[:, :-1], rows[:, 1:]
+    return LMBatch(rows[:, :-1], rows[:, 1:])
 
 
 class SeededSampler:
@@ -60,13 +60,13 @@ class LMWindows(SeededSampler):
         super().__init__(seed)
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> LMBatch:
         high = len(self.tokens) - self.seq_len  # last start that still has a target for every input
         starts = torch.randint(0, high, (self.batch_size,), generator=self.generator).numpy()
         return _windows(self.tokens, starts, self.seq_len)
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[Batch]:
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[LMBatch]:
     """Fixed windows spread evenly over a (validation) token array, the same at every evaluation.
 
     Windows are shortened when the array is shorter than SEQ_LEN + 1 tokens.
@@ -101,7 +101,7 @@ class BertPairs(SeededSampler):
     masking): of the real tokens, MASK_PROB are chosen for prediction; of those 80% become [MASK],
     10% a random token, 10% stay. Specials and padding are never chosen.
 
-    Batches: (ids (B, T), token types (B, T), pad mask (B, T) bool, MLM labels (B, T), NSP labels (B,)).
+    Batches: MaskedLMBatch.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, tokenizer: Tokenizer,
@@ -116,7 +116,7 @@ class BertPairs(SeededSampler):
         self.seq_len, self.batch_size, self.tokenizer, self.mask_prob = seq_len, batch_size, tokenizer, mask_prob
         self.special_ids = torch.tensor(tokenizer.special_ids)  # never masked: [CLS], [SEP], padding, ...
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> MaskedLMBatch:
         rows = [self._pair() for _ in range(self.batch_size)]
         tok = self.tokenizer
         ids = torch.full((self.batch_size, self.seq_len), tok.pad_id, dtype=torch.int64)
@@ -129,7 +129,7 @@ class BertPairs(SeededSampler):
         nsp = torch.tensor([label for _, _, label in rows])
         pad = ids != tok.pad_id
         masked, labels = self._mask(ids)
-        return masked, types, pad, labels, nsp
+        return MaskedLMBatch(masked, types, pad, labels, nsp)
 
     def _pair(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(A, B, label) with len(A) + len(B) <= seq_len - 3; label 0 when B follows A."""
@@ -174,10 +174,10 @@ class BertPairs(SeededSampler):
         return masked, labels
 
 
-def seq2seq_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Batch:
-    """(source ids, target ids) pairs -> (source (B, S), source pad mask (B, S), decoder inputs
-    (B, T), targets (B, T)), padded on the right. The decoder reads EOS + target and predicts
-    target + EOS: EOS is both its start token and its stop token. Targets are IGNORE at padding."""
+def seq2seq_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, eos_id: int) -> Seq2SeqBatch:
+    """(source ids, target ids) pairs -> a Seq2SeqBatch, padded on the right. The decoder reads
+    EOS + target and predicts target + EOS: EOS is both its start token and its stop token.
+    Targets are IGNORE at padding."""
     src_len = max(len(src) for src, _ in pairs)
     tgt_len = max(len(tgt) for _, tgt in pairs) + 1
     src = torch.full((len(pairs), src_len), pad_id)
@@ -188,7 +188,7 @@ def seq2seq_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int, eos_id:
         tgt_in[i, :len(t) + 1] = torch.tensor([eos_id, *t], dtype=torch.int64)
         targets[i, :len(t) + 1] = torch.tensor([*t, eos_id], dtype=torch.int64)
     src_pad = torch.arange(src_len)[None, :] < torch.tensor([len(s) for s, _ in pairs])[:, None]
-    return src, src_pad, tgt_in, targets
+    return Seq2SeqBatch(src, src_pad, tgt_in, targets)
 
 
 class DenoisingSpans(SeededSampler):
@@ -201,7 +201,7 @@ class DenoisingSpans(SeededSampler):
     missing. The target is the whole clean text: the decoder learns to copy what it sees through
     cross attention and to write what it does not -- the skills a rewriting task needs.
 
-    Batches: as seq2seq_batch.
+    Batches: Seq2SeqBatch, as seq2seq_batch.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, tokenizer: Tokenizer,

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit import checkpoint, corpus, distributed, objectives, prepare
+from lmkit.batches import IGNORE, Batch, to_device
 from lmkit.config import PRESETS, DistillConfig, ModelConfig, RunConfig, resolve
 from lmkit.device import autocast, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.finetune import FinetuneSpec, task_plan
-from lmkit.models import build_model, count_parameters
-from lmkit.models.heads import SequenceClassifier
-from lmkit.objectives import IGNORE, Batch
+from lmkit.models import ARCHS, build_model, count_parameters
+from lmkit.models.arch import Distillation, Scored
+from lmkit.models.heads import CLASSIFIER_DISTILLATION, SequenceClassifier
 from lmkit.project import Project
 from lmkit.train import (
     Log,
@@ -54,16 +55,6 @@ from lmkit.train import (
     truncate_metrics,
     validate,
 )
-
-# Loss weights per kind of model, before --set distill.*: DistilBERT's 5 : 2 : 1 for BERT (soft
-# MLM, hard MLM, cosine); elsewhere the soft targets lead and the hard labels keep the student honest.
-DISTILL_DEFAULTS: dict[str, dict[str, float]] = {
-    "gpt": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
-    "bert": {"soft_weight": 5.0, "hard_weight": 2.0, "cosine_weight": 1.0},
-    "classify": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
-    "seq2seq": {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
-}
-
 
 # --- losses -------------------------------------------------------------------------------------
 
@@ -94,48 +85,18 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Outputs:
-    """What distillation compares, for the N positions (or examples) that are predicted."""
-
-    logits: torch.Tensor  # (N, K)
-    labels: torch.Tensor  # (N,), IGNORE where there is no label
-    hidden: torch.Tensor | None  # (M, C) final hidden states of the real tokens (or examples)
-
-
-def outputs(model: nn.Module, batch: Batch, kind: str) -> Outputs:
-    """Run MODEL on BATCH (laid out as lmkit.data / lmkit.tasks make them for KIND)."""
-    if kind == "gpt":
-        inputs, targets = batch
-        hidden = model.hidden_states(inputs)  # (B, T, C)
-        scored = targets != IGNORE
-        return Outputs(model.lm_head(hidden[scored]), targets[scored], hidden[scored])
-    if kind == "bert":
-        ids, types, pad, mlm_labels, _ = batch
-        hidden = model.hidden_states(ids, types, pad)
-        chosen = mlm_labels != IGNORE
-        return Outputs(model.mlm_logits(hidden[chosen]), mlm_labels[chosen], hidden[pad])
-    if kind == "classify":
-        ids, types, pad, labels = batch
-        summary = model.summary(ids, types, pad)  # (B, C)
-        return Outputs(model.head(model.dropout(summary)), labels, summary)
-    src, src_pad, tgt_in, targets = batch  # seq2seq
-    scored = targets != IGNORE
-    return Outputs(model(src, src_pad, tgt_in)[0][scored], targets[scored], None)
-
-
-@dataclass
 class DistillLoss:
     """loss_fn(student, batch) for the training loop; the teacher rides along, frozen."""
 
     teacher: nn.Module
     cfg: DistillConfig
-    kind: str
+    scored: Callable[[nn.Module, Batch], Scored]  # what both models' outputs are compared on
     cosine: bool  # widths match and cosine_weight > 0
 
     def __call__(self, student: nn.Module, batch: Batch) -> torch.Tensor:
-        s = outputs(student, batch, self.kind)
+        s = self.scored(student, batch)
         with torch.no_grad():
-            t = outputs(self.teacher, batch, self.kind)
+            t = self.scored(self.teacher, batch)
         loss = torch.zeros((), device=s.logits.device)
         if self.cfg.soft_weight:
             soft = soft_target_loss(s.logits, t.logits, self.cfg.temperature, self.cfg.kl, self.cfg.jsd_beta)
@@ -232,12 +193,26 @@ class Summary:
                 "speedup": round(self.student_speed / self.teacher_speed, 3)}
 
 
-def kind_of(ckpt: checkpoint.Checkpoint) -> str:
-    if ckpt.task == "classify":
-        return "classify"
-    if ckpt.task not in ("lm", "seq2seq") or ckpt.meta.get("finetune", {}).get("task") == "instruct":
+DISTILLABLE_TASKS = ("lm", "classify", "seq2seq")  # a pretrained model, a classifier, a finetuned rewriter
+
+
+def kind_of(ckpt: checkpoint.Checkpoint) -> tuple[str, str]:
+    """(architecture, "classify" or "lm"): a student must be of its teacher's kind."""
+    if ckpt.task not in DISTILLABLE_TASKS or ckpt.meta.get("finetune", {}).get("task") == "instruct":
         raise CheckpointError(f"{ckpt.path} is a checkpoint for task {ckpt.task!r}, which lmkit cannot distill yet")
-    return ckpt.config.model.arch
+    return ckpt.config.model.arch, "classify" if ckpt.task == "classify" else "lm"
+
+
+def distillation_of(ckpt: checkpoint.Checkpoint) -> Distillation:
+    """How the teacher CKPT's kind of model is distilled: any classifier alike, else as its architecture says."""
+    return CLASSIFIER_DISTILLATION if kind_of(ckpt)[1] == "classify" else ARCHS[ckpt.config.model.arch].distillation
+
+
+def same_width(student: ModelConfig, teacher: ModelConfig) -> bool:
+    """Every layer of STUDENT has the shape of the teacher's (only depth, context and dropout may differ),
+    so the student can start from the teacher's layers."""
+    return dataclasses.replace(student, n_layer=teacher.n_layer, max_seq_len=teacher.max_seq_len,
+                               dropout=teacher.dropout) == teacher
 
 
 def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
@@ -253,7 +228,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
         DataError, ConfigError: bad data or settings.
     """
     teacher_ckpt = checkpoint.Checkpoint(Path(spec.teacher))
-    kind = kind_of(teacher_ckpt)
+    kind, traits = kind_of(teacher_ckpt), distillation_of(teacher_ckpt)
     tokenizer = teacher_ckpt.tokenizer()
     start_ckpt = checkpoint.Checkpoint(Path(spec.student)) if spec.student else None
     if start_ckpt and start_ckpt.tokenizer_fingerprint != teacher_ckpt.tokenizer_fingerprint:
@@ -261,14 +236,15 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
                               f"the teacher {teacher_ckpt.path} uses {teacher_ckpt.tokenizer_fingerprint}; "
                               "distillation compares their outputs token by token, so they must share one")
     if start_ckpt and kind_of(start_ckpt) != kind:
-        raise CheckpointError(f"the student {start_ckpt.path} is a {kind_of(start_ckpt)} model; the teacher is {kind}")
+        raise CheckpointError(f"the student {start_ckpt.path} is a {' '.join(kind_of(start_ckpt))} model; the "
+                              f"teacher is a {' '.join(kind)} model")
 
     layers = list(spec.layers) if spec.layers is not None else None
     base_model = start_ckpt.config.model if start_ckpt else student_config(teacher_ckpt.config.model, spec.preset,
                                                                            layers)
     # The teacher's own recipe (steps, batch, learning rate): same steps and data, smaller model.
     defaults = dataclasses.replace(teacher_ckpt.config, model=base_model,
-                                   distill=DistillConfig(**DISTILL_DEFAULTS[kind]))
+                                   distill=DistillConfig(**traits.weights))
     cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
     if cfg.model.max_seq_len > teacher_ckpt.config.model.max_seq_len:
         raise ConfigError(f"the student's max_seq_len {cfg.model.max_seq_len} exceeds the teacher's "
@@ -287,24 +263,22 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
-    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer, identity)
+    plan = _plan(project, spec, cfg, teacher_ckpt, tokenizer, identity)
     if start_ckpt:
         student = start_ckpt.model(device, model_config=cfg.model)
         origin = f"from {start_ckpt.path}"
     else:
         student = build_model(cfg.model)
-        if kind == "classify":
+        if teacher_ckpt.task == "classify":
             student = SequenceClassifier(student, len(teacher_ckpt.labels))
         student = student.to(device)
-        same_width = (cfg.model.d_model, cfg.model.n_head, cfg.model.ff_dim) == (
-            teacher_ckpt.config.model.d_model, teacher_ckpt.config.model.n_head, teacher_ckpt.config.model.ff_dim)
-        if same_width:
+        if same_width(cfg.model, teacher_ckpt.config.model):
             chosen = layers or evenly_spaced(cfg.model.n_layer, teacher_ckpt.config.model.n_layer)
             init_from_teacher(student, teacher, chosen)
             origin = f"from the teacher's embeddings and layers {chosen}"
         else:
             origin = "from random weights (its width differs from the teacher's)"
-    cosine = _attach_loss(plan, teacher, kind, cfg, teacher_ckpt.config.model, log)
+    cosine = _attach_loss(plan, teacher, traits, cfg, teacher_ckpt.config.model, log)
 
     run = start_run(project, cfg, distributed.World())
     log(f"{run}: distilling {teacher_ckpt.path} ({count_parameters(teacher):,} parameters) into a "
@@ -313,7 +287,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
         f"{cfg.distill.hard_weight:g} / cosine {cfg.distill.cosine_weight if cosine else 0:g}")
     result = run_training(project, run, cfg, student, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
-    return result, _summary(result, teacher, teacher_ckpt.path, plan, kind, cfg, device)
+    return result, _summary(result, teacher, teacher_ckpt, plan, cfg, device)
 
 
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
@@ -334,20 +308,20 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if _identity(spec, teacher_ckpt) != saved:
         raise CheckpointError(f"the teacher {spec.teacher} has changed since {ckpt.run} started, so it cannot "
                               "resume exactly; start a new distillation")
-    kind = kind_of(teacher_ckpt)
+    traits = distillation_of(teacher_ckpt)
     device = pick_device(cfg.train.device)
     teacher = teacher_ckpt.model(device).requires_grad_(False).eval()
     tokenizer = ckpt.tokenizer()
-    plan = _plan(project, spec, kind, cfg, teacher_ckpt, tokenizer, saved)
+    plan = _plan(project, spec, cfg, teacher_ckpt, tokenizer, saved)
     if plan.meta.get("data") != ckpt.meta.get("data"):
         raise DataError(f"the distillation data of {ckpt.run} changed since it started, so it cannot resume exactly")
-    _attach_loss(plan, teacher, kind, cfg, teacher_ckpt.config.model, log)
+    _attach_loss(plan, teacher, traits, cfg, teacher_ckpt.config.model, log)
     student = ckpt.model(device)
     truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
     result = run_training(project, ckpt.run, cfg, student, tokenizer, plan, state=state, snapshot=snapshot,
                           device=device, progress=progress)
-    return result, _summary(result, teacher, teacher_ckpt.path, plan, kind, cfg, device)
+    return result, _summary(result, teacher, teacher_ckpt, plan, cfg, device)
 
 
 def _single_process() -> None:
@@ -362,28 +336,28 @@ def _identity(spec: DistillSpec, teacher: checkpoint.Checkpoint) -> dict[str, An
             "teacher_weights": checkpoint.weights_fingerprint(teacher.path)}
 
 
-def _attach_loss(plan: RunPlan, teacher: nn.Module, kind: str, cfg: RunConfig, teacher_model: ModelConfig,
-                 log: Log) -> bool:
+def _attach_loss(plan: RunPlan, teacher: nn.Module, traits: Distillation, cfg: RunConfig,
+                 teacher_model: ModelConfig, log: Log) -> bool:
     """Make PLAN's loss the distillation loss against TEACHER; True when the cosine term is on."""
     cosine = cfg.distill.cosine_weight > 0 and cfg.model.d_model == teacher_model.d_model
     if cfg.distill.cosine_weight > 0 and not cosine:
         log("cosine loss off: the student's width differs from the teacher's")
-    if cosine and kind == "seq2seq":
+    if cosine and not traits.compares_hidden:
         cosine = False
-        log("cosine loss off: not defined for the encoder-decoder")
-    plan.loss_fn = DistillLoss(teacher, cfg.distill, kind, cosine)
+        log(f"cosine loss off: not defined for {cfg.model.arch}")
+    plan.loss_fn = DistillLoss(teacher, cfg.distill, traits.scored, cosine)
     return cosine
 
 
-def _summary(result: TrainResult, teacher: nn.Module, teacher_path: Path, plan: RunPlan, kind: str,
+def _summary(result: TrainResult, teacher: nn.Module, teacher_ckpt: checkpoint.Checkpoint, plan: RunPlan,
              cfg: RunConfig, device: torch.device) -> Summary:
     """Teacher vs the run's final student (its best checkpoint when it keeps one)."""
     final = result.outcome.best_checkpoint or result.outcome.checkpoint
     student = checkpoint.Checkpoint(final).model(device)
-    return summarize(teacher, student, teacher_path, final, plan, kind, cfg, device)
+    return summarize(teacher, student, teacher_ckpt.path, final, plan, distillation_of(teacher_ckpt), cfg, device)
 
 
-def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teacher: checkpoint.Checkpoint,
+def _plan(project: Project, spec: DistillSpec, cfg: RunConfig, teacher: checkpoint.Checkpoint,
           tokenizer: Any, identity: dict[str, Any]) -> RunPlan:
     """Batches and validation as for training the teacher's task on SPEC.data: pretraining batches
     from a corpus for a pretrained teacher, the task's examples for a finetuned one."""
@@ -396,9 +370,8 @@ def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teache
         plan = pretraining_plan(cfg, prepared, tokenizer)
         plan.keep_best, plan.meta["distill"] = True, identity
         return plan
-    task = "classify" if kind == "classify" else "seq2seq"
-    plan = task_plan(project, FinetuneSpec(task, spec.data, spec.teacher, spec.val), cfg, tokenizer)
-    if task == "classify" and plan.meta["labels"] != teacher.labels:
+    plan = task_plan(project, FinetuneSpec(teacher.task, spec.data, spec.teacher, spec.val), cfg, tokenizer)
+    if teacher.task == "classify" and plan.meta["labels"] != teacher.labels:
         raise DataError(f"{spec.data} has labels {plan.meta['labels']}; the teacher classifies into {teacher.labels}")
     plan.meta.pop("finetune", None)
     plan.meta["distill"] = identity
@@ -407,26 +380,22 @@ def _plan(project: Project, spec: DistillSpec, kind: str, cfg: RunConfig, teache
 
 @torch.no_grad()
 def summarize(teacher: nn.Module, student: nn.Module, teacher_path: Path, student_path: Path, plan: RunPlan,
-              kind: str, cfg: RunConfig, device: torch.device) -> Summary:
+              traits: Distillation, cfg: RunConfig, device: torch.device) -> Summary:
     """Sizes, same-run inference speed (median of 3 passes over the validation batches) and
-    validation quality of teacher and student."""
-    batches = [tuple(t.to(device) for t in b) for b in plan.val_batches]
-    metric = "val_accuracy" if kind == "classify" else "val_mlm_accuracy" if kind == "bert" else "val_loss"
-    quality = [validate(m, plan.val_batches, plan.metrics_fn, device, cfg.train.precision)[metric]
+    validation quality (traits.metric) of teacher and student."""
+    batches = [to_device(b, device) for b in plan.val_batches]
+    quality = [validate(m, plan.val_batches, plan.metrics_fn, device, cfg.train.precision)[traits.metric]
                for m in (teacher, student)]
-    if kind == "classify":
-        units, unit = sum(b[0].size(0) for b in batches), "examples/s"
-    else:
-        units, unit = sum(int((b[-1] != IGNORE).sum()) if kind == "seq2seq" else b[0].numel() for b in batches), \
-            "tokens/s"
-    speeds = [units / _median_seconds(lambda m=m: [outputs(m, b, kind) for b in batches], device) for m in
+    units = sum(b.size for b in batches)  # examples of a classifier, else tokens
+    unit = "examples/s" if isinstance(student, SequenceClassifier) else "tokens/s"
+    speeds = [units / _median_seconds(lambda m=m: [traits.scored(m, b) for b in batches], device) for m in
               (teacher, student)]
 
     def megabytes(path: Path) -> float:
         return round((path / "model.safetensors").stat().st_size / 1e6, 3)
 
     return Summary(count_parameters(teacher), count_parameters(student), megabytes(teacher_path),
-                   megabytes(student_path), round(speeds[0], 1), round(speeds[1], 1), unit, metric, quality[0],
+                   megabytes(student_path), round(speeds[0], 1), round(speeds[1], 1), unit, traits.metric, quality[0],
                    quality[1])
 
 

@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from lmkit.batches import Batch, map_tensors
 from lmkit.errors import ConfigError
-from lmkit.objectives import Batch
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ def shard(batch: Batch, world: World) -> Batch:
     if not world.enabled:
         return batch
     rows = batch[0].size(0) // world.size
-    return tuple(t[world.rank * rows:(world.rank + 1) * rows] for t in batch)
+    return map_tensors(batch, lambda t: t[world.rank * rows:(world.rank + 1) * rows])
 
 
 def main_first(world: World, work: Callable[[], T]) -> T:

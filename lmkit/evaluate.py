@@ -16,17 +16,79 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmkit import data, metrics, objectives, tasks
+from lmkit import corpus, data, metrics, objectives, tasks
+from lmkit.batches import to_device
 from lmkit.config import SampleConfig
 from lmkit.device import autocast
-from lmkit.errors import DataError
+from lmkit.errors import CheckpointError, DataError
 from lmkit.tokenizer import Tokenizer
+
+Records = list[dict[str, Any]]  # one JSON object per example: the input, its target and the output
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `lmkit eval` scores; each evaluation reads the options that apply to it."""
+
+    stride: int | None = None  # language models: tokens between window starts (default: half the context)
+    batch_size: int | None = None  # sequences per forward pass (default: each evaluation's own)
+    sampler: SampleConfig = field(default_factory=lambda: SampleConfig(greedy=True))  # seq2seq decoding
+
+
+def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device,
+                        task: str | None = None) -> tuple[Any, Records | None]:
+    """Score checkpoint CKPT on the file PATH as its architecture and task say: a language model on
+    text, a classifier on labelled examples, an encoder-decoder on source/target pairs. TASK, when
+    given, must be what the checkpoint is scored as.
+
+    Returns:
+        The evaluation (a dataclass with to_dict()), and per-example records when there are any.
+    """
+    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
+
+    corpus.check_files([path])  # before the model loads: a missing or empty file fails at once
+    arch = ARCHS[ckpt.config.model.arch]
+    scored_as = "classify" if ckpt.task == "classify" else arch.eval_task
+    if task not in (None, scored_as):
+        if task == ckpt.task:  # a pretrained encoder-decoder: task lm, but it maps text to text
+            raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint: it is scored with --task {scored_as}")
+        raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint for task {ckpt.task!r}; "
+                              f"'lmkit eval --task {task}' needs one for task {task!r}")
+    model, tokenizer = ckpt.model(device), ckpt.tokenizer()
+    if ckpt.task == "classify":
+        examples = tasks.read_labelled(path)
+        result, preds = evaluate_classifier(model, tokenizer, examples, ckpt.labels, device, options.batch_size or 8)
+        return result, [pred.record(example) for example, pred in zip(examples, preds)]
+    return arch.evaluate(model, tokenizer, path, options, device)
+
+
+def evaluate_text(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
+                  device: torch.device) -> tuple[LMEvaluation, None]:
+    """A causal language model on the text file PATH (see evaluate_lm)."""
+    return evaluate_lm(model, tokenizer, corpus.read_text(path), device, stride=options.stride,
+                       batch_size=options.batch_size or 8), None
+
+
+def evaluate_masked_text(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
+                         device: torch.device) -> tuple[BertEvaluation, None]:
+    """A masked-LM on the text file PATH (see evaluate_bert)."""
+    return evaluate_bert(model, tokenizer, corpus.read_text(path), device, batch_size=options.batch_size or 8), None
+
+
+def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
+                   device: torch.device) -> tuple[Seq2SeqEvaluation, Records]:
+    """An encoder-decoder on the source/target pairs of PATH (see evaluate_seq2seq)."""
+    pairs = tasks.read_source_targets(path)
+    result, outputs = evaluate_seq2seq(model, tokenizer, pairs, options.sampler, device, options.batch_size or 64)
+    return result, [{"source": p.source, "target": p.target, "output": o} for p, o in zip(pairs, outputs)]
 
 
 @dataclass(frozen=True)
@@ -118,12 +180,12 @@ def evaluate_bert(model: nn.Module, tokenizer: Tokenizer, text: str, device: tor
     seq_len = model.config.max_seq_len
     pairs = data.BertPairs(tokens, seq_len, batch_size, seed, tokenizer)
     n_batches = min(500, max(2, math.ceil(2 * len(tokens) / (seq_len - 3) / batch_size)))
-    batches = [tuple(t.to(device) for t in batch) for batch in pairs.fixed_batches(n_batches)]
+    batches = [to_device(batch, device) for batch in pairs.fixed_batches(n_batches)]
     model.eval()
     with autocast(device):
         metrics = objectives.mlm_nsp_metrics(model, batches)
-    mlm_labels = torch.cat([b[3][b[3] != objectives.IGNORE] for b in batches])
-    nsp_labels = torch.cat([b[4] for b in batches])
+    mlm_labels = torch.cat([b.mlm_labels[b.mlm_labels != objectives.IGNORE] for b in batches])
+    nsp_labels = torch.cat([b.nsp_labels for b in batches])
     return BertEvaluation(
         mlm_loss=metrics["val_mlm_loss"], mlm_accuracy=metrics["val_mlm_accuracy"],
         nsp_accuracy=metrics["val_nsp_accuracy"],
@@ -150,14 +212,18 @@ class Prediction:
 def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
                    labels: list[str], device: torch.device, batch_size: int = 32) -> list[Prediction]:
     """A classifier's label and probabilities for each example (its own label is not used)."""
+    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
+
     placeholder = [tasks.LabelledText(e.text, labels[0], e.text_b) for e in examples]
-    rows = tasks.encode_labelled(placeholder, tokenizer, labels, model.config.arch, model.config.max_seq_len)
+    layout = ARCHS[model.config.arch].pair_layout(tokenizer)
+    rows = tasks.encode_labelled(placeholder, tokenizer, labels, layout, model.config.max_seq_len)
     collate = tasks.collate_labelled(tokenizer.pad_id)
     model.eval()
     predictions = []
     with autocast(device):
-        for ids, types, pad, _ in tasks.fixed_batches(rows, batch_size, collate):
-            logits, _ = model(ids.to(device), types.to(device), pad.to(device))
+        for batch in tasks.fixed_batches(rows, batch_size, collate):
+            b = to_device(batch, device)
+            logits, _ = model(b.ids, b.token_types, b.pad_mask)
             for row in logits.float().softmax(dim=-1).tolist():
                 best = max(range(len(labels)), key=row.__getitem__)
                 predictions.append(Prediction(labels[best], row[best], dict(zip(labels, row))))
@@ -236,7 +302,7 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tas
     seconds = time.perf_counter() - start
     rows = tasks.encode_source_targets(pairs, tokenizer, model.config.max_seq_len)
     collate = tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id)
-    batches = [tuple(t.to(device) for t in b) for b in tasks.fixed_batches(rows, batch_size, collate)]
+    batches = [to_device(b, device) for b in tasks.fixed_batches(rows, batch_size, collate)]
     with autocast(device):
         loss = objectives.seq2seq_metrics(model, batches)["val_loss"]
     targets = [p.target for p in pairs]

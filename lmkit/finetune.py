@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from lmkit import checkpoint, corpus, distributed, lora, objectives, prepare, ta
 from lmkit.config import ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
-from lmkit.models import build_model, count_parameters
+from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
 from lmkit.tokenizer import Tokenizer
@@ -39,7 +39,7 @@ from lmkit.train import (
 
 Task = Literal["classify", "instruct", "lm", "seq2seq"]
 TASKS: tuple[str, ...] = ("classify", "instruct", "lm", "seq2seq")
-ARCHS_FOR_TASK = {"classify": ("gpt", "bert"), "instruct": ("gpt",), "seq2seq": ("seq2seq",)}
+TASKS_WITH_HEADS = ("classify",)  # their checkpoints are the base model plus a head: not a base for more
 
 # Finetuning recipes (override any with --set train.*): short runs at a lower learning rate than
 # pretraining, validated often, keeping the best checkpoint by the task's own metric.
@@ -84,11 +84,12 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         DataError, ConfigError: bad task data or settings.
     """
     base = checkpoint.Checkpoint(Path(spec.base))
-    if base.config.model.arch not in ARCHS_FOR_TASK.get(spec.task, (base.config.model.arch,)):
+    if spec.task not in ARCHS[base.config.model.arch].tasks:
+        able = [arch.name for arch in ARCHS.values() if spec.task in arch.tasks]
         raise CheckpointError(f"{base.path} is a {base.config.model.arch} checkpoint; 'lmkit finetune --task "
-                              f"{spec.task}' needs a {' or '.join(ARCHS_FOR_TASK[spec.task])} one")
-    if base.task != "lm" and not (spec.task == "seq2seq" == base.task):  # a seq2seq model may learn more pairs
-        base.require_task("lm", "finetune")
+                              f"{spec.task}' needs a {', '.join(able[:-1]) + ' or ' if able[1:] else ''}{able[-1]} one")
+    if base.task != "lm" and (base.task != spec.task or spec.task in TASKS_WITH_HEADS):
+        base.require_task("lm", "finetune")  # a finetuned rewriter may learn more pairs; a classifier is final
     dropout = FINETUNE_DROPOUT[spec.task]
     model_defaults = base.config.model if dropout is None else dataclasses.replace(base.config.model, dropout=dropout)
     defaults = dataclasses.replace(base.config, model=model_defaults, train=TrainConfig(**FINETUNE_TRAIN[spec.task]))
@@ -175,7 +176,7 @@ def merge_checkpoint(adapter_path: Path, out: Path) -> Path:
 
 def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
     """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data."""
-    tcfg, max_len, arch = cfg.train, cfg.model.max_seq_len, cfg.model.arch
+    tcfg = cfg.train
     files = _files(spec)
     meta: dict[str, Any] = {"finetune": dataclasses.asdict(spec), "data": {"sources": corpus.fingerprint(
         corpus.check_files(files))}}
@@ -187,33 +188,61 @@ def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: T
         plan = pretraining_plan(cfg, prepared, tokenizer)
         plan.meta, plan.keep_best = meta, True
         return plan
-    if spec.task == "classify":
-        examples = tasks.read_labelled(files[0])
-        train, val = ((examples, tasks.read_labelled(files[1])) if spec.val
-                      else tasks.stratified_split(examples, VAL_FRACTION, tcfg.seed))
-        labels = tasks.label_set(train)
-        collate = tasks.collate_labelled(tokenizer.pad_id)
-        rows = tasks.encode_labelled(train, tokenizer, labels, arch, max_len)
-        val_rows = tasks.encode_labelled(val, tokenizer, labels, arch, max_len)
-        loss_fn, metrics_fn = objectives.classify_loss, objectives.classify_metrics
-        meta["labels"] = labels
-    elif spec.task == "seq2seq":
-        pairs, val_pairs = _pairs_and_val(tasks.read_source_targets, spec)
-        collate = tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id)
-        rows = tasks.encode_source_targets(pairs, tokenizer, max_len)
-        val_rows = tasks.encode_source_targets(val_pairs, tokenizer, max_len)
-        loss_fn, metrics_fn = objectives.seq2seq_loss, objectives.seq2seq_metrics
-    else:
-        pairs, val_pairs = _pairs_and_val(tasks.read_prompt_completions, spec)
-        collate = tasks.collate_prompt_completions(tokenizer.pad_id)
-        rows = tasks.encode_prompt_completions(pairs, tokenizer, max_len)
-        val_rows = tasks.encode_prompt_completions(val_pairs, tokenizer, max_len)
-        loss_fn, metrics_fn = objectives.causal_lm_loss, objectives.causal_lm_metrics
-    mean_len = sum(len(r[0]) for r in rows) / len(rows)
-    return RunPlan(tasks.EpochBatches(rows, tcfg.batch_size, tcfg.seed, collate),
-                   tasks.fixed_batches(val_rows, tcfg.batch_size, collate), loss_fn, metrics_fn,
+    data = TASK_DATA[spec.task](spec, cfg, tokenizer)
+    meta.update(data.meta)
+    mean_len = sum(len(r[0]) for r in data.rows) / len(data.rows)
+    return RunPlan(tasks.EpochBatches(data.rows, tcfg.batch_size, tcfg.seed, data.collate),
+                   tasks.fixed_batches(data.val_rows, tcfg.batch_size, data.collate), data.loss_fn, data.metrics_fn,
                    int(tcfg.batch_size * mean_len), task=spec.task if spec.task != "instruct" else "lm",
                    meta=meta, keep_best=True)
+
+
+@dataclass
+class TaskData:
+    """A finetuning task's examples, encoded, and how they are batched and scored."""
+
+    rows: list[Any]  # encoded training examples; row[0] is the token ids
+    val_rows: list[Any]
+    collate: Callable[[Any], Any]  # rows -> a batch
+    loss_fn: objectives.LossFn
+    metrics_fn: objectives.MetricsFn
+    meta: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata (a classifier's labels)
+
+
+def _classify_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
+    examples = tasks.read_labelled(Path(spec.data))
+    train, val = ((examples, tasks.read_labelled(Path(spec.val))) if spec.val
+                  else tasks.stratified_split(examples, VAL_FRACTION, cfg.train.seed))
+    labels = tasks.label_set(train)
+    layout = ARCHS[cfg.model.arch].pair_layout(tokenizer)
+
+    def encode(examples: list[tasks.LabelledText]) -> list[tasks.Encoded]:
+        return tasks.encode_labelled(examples, tokenizer, labels, layout, cfg.model.max_seq_len)
+
+    return TaskData(encode(train), encode(val), tasks.collate_labelled(tokenizer.pad_id), objectives.classify_loss,
+                    objectives.classify_metrics, {"labels": labels})
+
+
+def _seq2seq_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
+    pairs, val_pairs = _pairs_and_val(tasks.read_source_targets, spec)
+    max_len = cfg.model.max_seq_len
+    return TaskData(tasks.encode_source_targets(pairs, tokenizer, max_len),
+                    tasks.encode_source_targets(val_pairs, tokenizer, max_len),
+                    tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id), objectives.seq2seq_loss,
+                    objectives.seq2seq_metrics)
+
+
+def _instruct_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
+    pairs, val_pairs = _pairs_and_val(tasks.read_prompt_completions, spec)
+    max_len = cfg.model.max_seq_len
+    return TaskData(tasks.encode_prompt_completions(pairs, tokenizer, max_len),
+                    tasks.encode_prompt_completions(val_pairs, tokenizer, max_len),
+                    tasks.collate_prompt_completions(tokenizer.pad_id), objectives.causal_lm_loss,
+                    objectives.causal_lm_metrics)
+
+
+TASK_DATA: dict[str, Callable[[FinetuneSpec, RunConfig, Tokenizer], TaskData]] = {
+    "classify": _classify_data, "seq2seq": _seq2seq_data, "instruct": _instruct_data}
 
 
 def _files(spec: FinetuneSpec) -> list[Path]:

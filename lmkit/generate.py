@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,8 @@ from torch import nn
 from lmkit import search
 from lmkit.config import SampleConfig
 from lmkit.device import autocast, autocast_dtype
-from lmkit.errors import DataError
+from lmkit.errors import CheckpointError, DataError
+from lmkit.models import ARCHS
 from lmkit.tokenizer import Tokenizer
 
 MASK_TEXT = "[MASK]"  # in an input text: the mask token, for BERT's fill-mask and the denoiser
@@ -45,9 +47,38 @@ class Completion:
                                  **({"score": s.score} if s.score is not None else {})} for s in self.samples]}
 
 
+def decoding_of(ckpt: Any, fill_mask: bool = False) -> str:
+    """What `lmkit generate` does with the checkpoint CKPT: "classify" (label each text), "fill-mask"
+    (a masked-LM predicts each [MASK]), "rewrite" (an encoder-decoder maps each text to another) or
+    "continue" (a decoder continues each prompt), as its task and architecture say.
+
+    Raises:
+        CheckpointError: FILL_MASK asked of a model that is no masked-LM, or a finetuned decoder
+            whose task produces no text.
+    """
+    if ckpt.task == "classify":
+        return "classify"
+    arch = ARCHS[ckpt.config.model.arch]
+    if fill_mask and arch.decoding != "fill-mask":
+        masked = [a.name for a in ARCHS.values() if a.decoding == "fill-mask"]
+        raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint; 'lmkit generate --fill-mask' needs a "
+                              f"masked-LM ({' or '.join(masked)}) one")
+    if arch.decoding != "rewrite":  # a finetuned rewriter rewrites too; other finetunes are classifiers
+        ckpt.require_task("lm", "generate")
+    return arch.decoding
+
+
+def sample_config(arch: str, temperature: float | None = None, **options: Any) -> SampleConfig:
+    """The sampling settings for a model of ARCH: OPTIONS (SampleConfig fields), and the
+    architecture's own temperature when TEMPERATURE is None (an encoder-decoder decodes greedily)."""
+    default = ARCHS[arch].default_temperature
+    return SampleConfig(temperature=default if temperature is None else temperature, **options)
+
+
 class CausalStepper:
-    """GPT rows continuing one prompt. When the context reaches max_seq_len the cache is rebuilt
-    from the last half of it (learned positions cannot go further)."""
+    """Decoder rows (GPT, llama) continuing one prompt. When the context reaches max_seq_len the
+    cache is rebuilt from the last half of it, so decoding goes on over the most recent window
+    (learned positions cannot go further, and rotary ones were trained on no longer contexts)."""
 
     limit = None
 

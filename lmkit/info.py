@@ -8,7 +8,7 @@ from typing import Any
 
 from lmkit import checkpoint as ckpt_lib
 from lmkit.errors import CheckpointError
-from lmkit.models import OBJECTIVES
+from lmkit.models import ARCHS
 from lmkit.prepare import SPLITS, TokenFile
 from lmkit.project import Project
 
@@ -27,7 +27,8 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "checkpoint": str(ckpt.path),
         "arch": meta["arch"],
         "task": ckpt.task,
-        "objectives": TASK_OBJECTIVES.get(ckpt.task, OBJECTIVES.get(meta["arch"], [])),
+        "architecture": ARCHS[ckpt.config.model.arch].summary,
+        "objectives": TASK_OBJECTIVES.get(ckpt.task, list(ARCHS[ckpt.config.model.arch].objectives)),
         "layers": meta["config"]["model"]["n_layer"],
         "heads": meta["config"]["model"]["n_head"],
         "run": ckpt.run,

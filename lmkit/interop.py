@@ -1,10 +1,10 @@
-"""Hugging Face interop: GPT-2 and BERT checkpoints in (`lmkit import`) and back out (`lmkit export`).
+"""Hugging Face interop: Hub-format model directories in (`lmkit import`) and back out (`lmkit export`).
 
 A Hub-format directory is config.json + model.safetensors (or shards with an index) + the
-tokenizer (tokenizer.json and its special tokens). lmkit's GPT is GPT-2 name for name, except
-that GPT-2 stores its projections as Conv1D, (in, out), where lmkit has nn.Linear, (out, in); lmkit's
-BERT is BERT's structure with the query, key and value projections fused into one c_attn. Only
-safetensors, tokenizers and json are needed here; transformers is not.
+tokenizer (tokenizer.json and its special tokens). Each architecture declares its Hugging Face
+mapping (config keys and weight names, in lmkit.models.<arch>: GPT-2 for gpt, BERT for bert);
+this module reads and writes the files. Only safetensors, tokenizers and json are needed here;
+transformers is not.
 """
 
 from __future__ import annotations
@@ -19,26 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmkit import checkpoint
-from lmkit.config import ModelConfig, RunConfig
+from lmkit.config import RunConfig
 from lmkit.errors import CheckpointError
-from lmkit.models import build_model
+from lmkit.models import ARCHS, build_model
 from lmkit.project import Project
 from lmkit.tokenizer import SPECIAL_PIECES, HFTokenizer, Tokenizer
 
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPT-2 activations lmkit has: gelu_new and gelu_pytorch_tanh are the tanh approximation.
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _SPECIAL_KEYS = {"pad": "pad_token", "unk": "unk_token", "bos": "bos_token", "eos": "eos_token",
                  "cls": "cls_token", "sep": "sep_token", "mask": "mask_token"}
 # BERT's per-layer names -> lmkit's (query/key/value are fused separately).
-_BERT_LAYER = {"attention.output.dense": "attn.c_proj", "attention.output.LayerNorm": "ln_1",
-               "intermediate.dense": "mlp.c_fc", "output.dense": "mlp.c_proj", "output.LayerNorm": "ln_2"}
-_BERT_TOP = {"embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
-             "embeddings.token_type_embeddings": "embeddings.token_type", "embeddings.LayerNorm": "embeddings.ln",
-             "pooler.dense": "pooler"}
-_BERT_HEADS = {"cls.predictions.transform.dense": "mlm_dense", "cls.predictions.transform.LayerNorm": "mlm_ln",
-               "cls.seq_relationship": "nsp_head"}
-
 
 # --- import -------------------------------------------------------------------------------------
 
@@ -52,29 +41,30 @@ def import_hf(source: Path, project: Project) -> Path:
     """
     config = _read_json(source / "config.json", "a Hugging Face model directory")
     model_type = config.get("model_type")
-    if model_type == "gpt2":
-        model_config, weights = _gpt2_config(config), _gpt2_weights_in(_read_weights(source))
-    elif model_type == "bert":
-        model_config, weights = _bert_config(config), _bert_weights_in(_read_weights(source))
-    else:
+    hf = next((arch.hf for arch in ARCHS.values() if arch.hf and model_type in arch.hf.model_types), None)
+    if hf is None:
+        known = [t for arch in ARCHS.values() if arch.hf for t in arch.hf.model_types]
         raise CheckpointError(f"{source}: model_type {model_type!r} ({', '.join(config.get('architectures') or [])})"
-                              " is not supported; lmkit imports gpt2 and bert")
+                              f" is not supported; lmkit imports {', '.join(known)}")
+    model_config = hf.config_in(config)
+    weights = hf.weights_in(_read_weights(source))
     tokenizer = _read_tokenizer(source)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size} embeddings")
     model = build_model(model_config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    allowed = {"lm_head.weight"} | ({"pooler.weight", "pooler.bias", "nsp_head.weight", "nsp_head.bias"}
-                                    if model_type == "bert" else set())
+    allowed = hf.may_lack(config)
     if unexpected or not set(missing) <= allowed:
         raise CheckpointError(f"{source}: the weights do not match the config (missing "
                               f"{sorted(set(missing) - allowed)[:3]}, unexpected {sorted(unexpected)[:3]})")
     run = f"hf-{source.resolve().name}"
     path = project.checkpoint_dir(run, 0)
     cfg = RunConfig(preset="imported", model=model_config)
-    # Parts of lmkit's BERT that a masked-LM checkpoint lacks (pooler, NSP head) keep their fresh init.
-    fresh = sorted(set(missing) - {"lm_head.weight"})
+    # Parts that a checkpoint lacks (BERT's pooler and NSP head in a masked-LM one) keep their fresh
+    # init; a tied output layer is not missing, it is the embedding.
+    tied = {"lm_head.weight"} if model_config.tie_embeddings else set()
+    fresh = sorted(set(missing) - tied)
     checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=0,
                     extra={"imported": {"from": str(source.resolve()), "model_type": model_type,
                                         "architectures": config.get("architectures"), "initialised": fresh}})
@@ -140,78 +130,12 @@ def _read_tokenizer(source: Path) -> HFTokenizer:
     return HFTokenizer(path.read_bytes(), special, source=path)
 
 
-def _gpt2_config(config: dict[str, Any]) -> ModelConfig:
-    _unsupported(config, {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
-                          "tie_word_embeddings": True})
-    activation = config.get("activation_function", "gelu_new")
-    if activation not in _ACTIVATIONS:
-        raise CheckpointError(f"GPT-2 activation_function {activation!r} is not supported ({', '.join(_ACTIVATIONS)})")
-    n_embd = config["n_embd"]
-    return ModelConfig(arch="gpt", vocab_size=config["vocab_size"], d_model=n_embd, n_layer=config["n_layer"],
-                       n_head=config["n_head"], d_ff=config.get("n_inner") or 4 * n_embd,
-                       max_seq_len=config["n_positions"], dropout=float(config.get("resid_pdrop", 0.0)),
-                       activation=_ACTIVATIONS[activation], norm_eps=float(config.get("layer_norm_epsilon", 1e-5)))
-
-
-def _bert_config(config: dict[str, Any]) -> ModelConfig:
-    _unsupported(config, {"position_embedding_type": "absolute", "type_vocab_size": 2, "is_decoder": False,
-                          "add_cross_attention": False, "tie_word_embeddings": True})
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"BERT hidden_act {config.get('hidden_act')!r} is not supported (only gelu)")
-    return ModelConfig(arch="bert", vocab_size=config["vocab_size"], d_model=config["hidden_size"],
-                       n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
-                       d_ff=config["intermediate_size"], max_seq_len=config["max_position_embeddings"],
-                       dropout=float(config.get("hidden_dropout_prob", 0.1)), activation="gelu",
-                       norm_eps=float(config.get("layer_norm_eps", 1e-12)))
-
-
-def _unsupported(config: dict[str, Any], required: dict[str, Any]) -> None:
-    wrong = [f"{key}={config[key]!r} (lmkit has {value!r})" for key, value in required.items()
-             if key in config and config[key] != value]
-    if wrong:
-        raise CheckpointError(f"unsupported config options: {', '.join(wrong)}")
-
-
-def _gpt2_weights_in(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT-2 (GPT2LMHeadModel, or GPT2Model without the 'transformer.' prefix) -> lmkit's GPT."""
-    out = {}
-    for name, tensor in hf.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        ours = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
-        out[ours] = tensor.t().contiguous() if ours.endswith(_CONV1D) else tensor
-    return out
-
-
-def _bert_weights_in(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BERT (BertForPreTraining / BertForMaskedLM / BertModel) -> lmkit's BERT."""
-    out, qkv = {}, {}
-    for name, tensor in hf.items():
-        bare = name.removeprefix("bert.")
-        stem, _, kind = bare.rpartition(".")  # kind: weight / bias
-        if stem.startswith("encoder.layer."):
-            layer, _, part = stem.removeprefix("encoder.layer.").partition(".")
-            if part.startswith("attention.self."):
-                qkv.setdefault((layer, kind), {})[part.removeprefix("attention.self.")] = tensor
-            elif part in _BERT_LAYER:
-                out[f"layers.{layer}.{_BERT_LAYER[part]}.{kind}"] = tensor
-        elif stem in _BERT_TOP:
-            out[f"{_BERT_TOP[stem]}.{kind}"] = tensor
-        elif stem in _BERT_HEADS:
-            out[f"{_BERT_HEADS[stem]}.{kind}"] = tensor
-        elif bare in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
-            out["mlm_bias"] = tensor
-    for (layer, kind), parts in qkv.items():
-        out[f"layers.{layer}.attn.c_attn.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
-    return out
-
-
 # --- export -------------------------------------------------------------------------------------
 
 def export_hf(ckpt_path: Path, out: Path) -> Path:
-    """Write the lmkit checkpoint CKPT_PATH as a Hugging Face model directory OUT: a GPT as
-    GPT2LMHeadModel, a BERT as BertForMaskedLM, a BERT classifier as BertForSequenceClassification,
-    with the tokenizer when it is a Hugging Face one (imported).
+    """Write the lmkit checkpoint CKPT_PATH as a Hugging Face model directory OUT, as its
+    architecture's mapping says (a GPT as GPT2LMHeadModel, a BERT as BertForMaskedLM, a BERT
+    classifier as BertForSequenceClassification), with its tokenizer.
 
     Raises:
         CheckpointError: a checkpoint kind that has no transformers counterpart here.
@@ -219,32 +143,21 @@ def export_hf(ckpt_path: Path, out: Path) -> Path:
     ckpt = checkpoint.Checkpoint(ckpt_path)
     if ckpt.meta.get("weights") == "adapters":
         raise CheckpointError(f"{ckpt.path} holds LoRA adapters; merge them first (lmkit merge)")
-    cfg, state = ckpt.config.model, ckpt.model().state_dict()
-    if cfg.arch == "gpt" and ckpt.task == "lm":
-        config, weights = _gpt2_config_out(cfg), _gpt2_weights_out(state)
-    elif cfg.arch == "bert" and ckpt.task == "lm":
-        config, weights = _bert_config_out(cfg, "BertForMaskedLM"), _bert_weights_out(state, heads=True)
-    elif cfg.arch == "bert" and ckpt.task == "classify":
-        config = _bert_config_out(cfg, "BertForSequenceClassification")
-        labels = ckpt.labels
-        config.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
-        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        weights = _bert_weights_out(backbone, heads=False)
-        weights.update({"classifier.weight": state["head.weight"], "classifier.bias": state["head.bias"]})
-    else:
-        raise CheckpointError(f"{ckpt.path} is a {cfg.arch} checkpoint for task {ckpt.task!r}; lmkit exports GPT "
-                              "language models and BERT masked-LM models and classifiers")
+    cfg = ckpt.config.model
+    hf = ARCHS[cfg.arch].hf
+    if hf is None:
+        raise CheckpointError(f"{ckpt.path} is a {cfg.arch} checkpoint, which has no Hugging Face counterpart here")
+    config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.task, ckpt.labels)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer = ckpt.tokenizer()
-    config.update(_special_ids(tokenizer, cfg.arch))
+    config.update(hf.special_ids(tokenizer))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if isinstance(tokenizer, HFTokenizer):
         (out / "tokenizer.json").write_bytes(tokenizer.model_bytes)
         tokens = {_SPECIAL_KEYS[role]: tokenizer.backend.id_to_token(i) for role, i in tokenizer.special.items()}
-        tokenizer_class = "GPT2TokenizerFast" if cfg.arch == "gpt" else "BertTokenizerFast"
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens}, indent=2) + "\n",
+            {"tokenizer_class": hf.tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens}, indent=2) + "\n",
             encoding="utf-8")
     elif ckpt.config.tokenizer.model_type in ("bpe", "unigram"):
         (out / "tokenizer.json").write_bytes(sentencepiece_to_hf(tokenizer, ckpt.config.tokenizer.model_type))
@@ -292,59 +205,6 @@ def sentencepiece_to_hf(tokenizer: Tokenizer, model_type: str) -> bytes:
         pre_tokenizers.Split(Regex("\u2581+"), "merged_with_next")])
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return backend.to_str().encode("utf-8")
-
-
-def _special_ids(tokenizer: Any, arch: str) -> dict[str, int]:
-    if arch == "gpt":
-        return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    return {"pad_token_id": tokenizer.pad_id}
-
-
-def _gpt2_config_out(cfg: ModelConfig) -> dict[str, Any]:
-    activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": cfg.ff_dim, "activation_function": activation, "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.norm_eps,
-            "tie_word_embeddings": True}
-
-
-def _bert_config_out(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
-    return {"architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "intermediate_size": cfg.ff_dim, "hidden_act": "gelu", "max_position_embeddings": cfg.max_seq_len,
-            "type_vocab_size": 2, "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
-            "layer_norm_eps": cfg.norm_eps, "position_embedding_type": "absolute", "tie_word_embeddings": True}
-
-
-def _gpt2_weights_out(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.t() if name.endswith(_CONV1D) else tensor for name, tensor in state.items()
-            if name != "lm_head.weight"}  # tied to transformer.wte.weight
-
-
-def _bert_weights_out(state: dict[str, torch.Tensor], heads: bool) -> dict[str, torch.Tensor]:
-    """lmkit's BERT -> BertForMaskedLM names (HEADS: with the MLM head; without it, with the
-    pooler, as BertForSequenceClassification has)."""
-    top = {ours: theirs for theirs, ours in _BERT_TOP.items()}
-    layer_names = {ours: theirs for theirs, ours in _BERT_LAYER.items()}
-    out = {}
-    for name, tensor in state.items():
-        stem, _, kind = name.rpartition(".")
-        if stem in top and (stem != "pooler" or not heads):
-            out[f"bert.{top[stem]}.{kind}"] = tensor
-        elif stem.startswith("layers."):
-            layer, _, part = stem.removeprefix("layers.").partition(".")
-            prefix = f"bert.encoder.layer.{layer}."
-            if part == "attn.c_attn":
-                for which, chunk in zip(("query", "key", "value"), tensor.chunk(3)):
-                    out[f"{prefix}attention.self.{which}.{kind}"] = chunk
-            else:
-                out[f"{prefix}{layer_names[part]}.{kind}"] = tensor
-        elif heads and stem in ("mlm_dense", "mlm_ln"):
-            out[f"cls.predictions.transform.{'dense' if stem == 'mlm_dense' else 'LayerNorm'}.{kind}"] = tensor
-    if heads:
-        out["cls.predictions.bias"] = state["mlm_bias"]
-    return out
 
 
 def describe(path: Path) -> dict[str, Any]:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from lmkit.config import LoraConfig
+from lmkit.models import ARCHS
 
-TARGETS = {"attn": ("attn.c_attn", "attn.q_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 TRAINABLE_WITH_LORA = ("head.",)  # task heads are new: always trained in full
 
 
@@ -43,8 +43,10 @@ class LoRALinear(nn.Module):
 
 
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Freeze MODEL and wrap its target projections in LoRALinear (in place); task heads stay trainable."""
-    suffixes = TARGETS["attn"] + TARGETS["mlp"] if cfg.targets == "all" else TARGETS[cfg.targets]
+    """Freeze MODEL and wrap its target projections in LoRALinear (in place); task heads stay trainable.
+    Which projections cfg.targets names (attention, MLP or all) is declared by MODEL's architecture."""
+    targets = ARCHS[model.config.arch].lora_targets
+    suffixes = targets["attn"] + targets["mlp"] if cfg.targets == "all" else targets[cfg.targets]
     for param in model.parameters():
         param.requires_grad_(False)
     targets = [name for name, module in model.named_modules()

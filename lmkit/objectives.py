@@ -1,7 +1,7 @@
 """Training objectives: losses on model outputs, and the validation metrics that go with them.
 
 A loss function takes (model, batch) and returns a scalar; the training loop knows nothing else
-about it. Batches are tuples of tensors, laid out by lmkit.data.
+about it. Batches are the named tuples of lmkit.batches, made by lmkit.data and lmkit.tasks.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.batches import IGNORE, Batch, ClassifyBatch, LMBatch, MaskedLMBatch, Seq2SeqBatch
 from lmkit.metrics import accuracy_and_macro_f1
 
-IGNORE = -100  # target id that contributes nothing to a loss (context, padding, unmasked tokens)
+__all__ = ["IGNORE", "Batch"]  # re-exported: most modules take them from here
 
-Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+MetricsFn = Callable[[nn.Module, Sequence[Batch]], dict[str, float]]  # validation metrics, "val_loss" among them
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -34,30 +35,29 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """GPT: batch = (inputs (B, T), next tokens (B, T))."""
-    inputs, targets = batch
-    return model(inputs, targets)[1]
+def causal_lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
+    """Decoders (GPT, llama): mean next-token loss."""
+    return model(batch.inputs, batch.targets)[1]
 
 
-def mlm_nsp_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """BERT: batch = (ids, token types, pad mask, MLM labels (B, T), NSP labels (B,)); MLM + NSP."""
-    return model(*batch)[1]
+def mlm_nsp_loss(model: nn.Module, batch: MaskedLMBatch) -> torch.Tensor:
+    """BERT: MLM + NSP."""
+    return model(batch.ids, batch.token_types, batch.pad_mask, batch.mlm_labels, batch.nsp_labels)[1]
 
 
 @torch.no_grad()
-def causal_lm_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+def causal_lm_metrics(model: nn.Module, batches: Sequence[LMBatch]) -> dict[str, float]:
     """Mean next-token loss over BATCHES (already on the model's device)."""
     return {"val_loss": sum(causal_lm_loss(model, b).item() for b in batches) / len(batches)}
 
 
 @torch.no_grad()
-def mlm_nsp_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+def mlm_nsp_metrics(model: nn.Module, batches: Sequence[MaskedLMBatch]) -> dict[str, float]:
     """Loss, MLM loss and accuracy (over masked tokens) and NSP accuracy (over pairs)."""
     mlm_nats = mlm_hits = mlm_count = nsp_nats = nsp_hits = pairs = 0.0
-    for ids, types, pad, mlm_labels, nsp_labels in batches:
-        logits, _ = model(ids, types, pad, mlm_labels, nsp_labels)
-        labels = mlm_labels[mlm_labels != IGNORE]
+    for b in batches:
+        logits, _ = model(b.ids, b.token_types, b.pad_mask, b.mlm_labels, b.nsp_labels)
+        labels, nsp_labels = b.mlm_labels[b.mlm_labels != IGNORE], b.nsp_labels
         mlm_nats += F.cross_entropy(logits.mlm.float(), labels, reduction="sum").item()
         mlm_hits += (logits.mlm.argmax(-1) == labels).sum().item()
         mlm_count += labels.numel()
@@ -69,17 +69,18 @@ def mlm_nsp_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, flo
             "val_nsp_accuracy": nsp_hits / pairs}
 
 
-def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Encoder-decoder: batch = (source, source pad mask, decoder inputs, targets), as data.seq2seq_batch."""
-    return model(*batch)[1]
+def seq2seq_loss(model: nn.Module, batch: Seq2SeqBatch) -> torch.Tensor:
+    """Encoder-decoder: mean loss per target token, teacher forced."""
+    return model(batch.src, batch.src_pad, batch.tgt_in, batch.targets)[1]
 
 
 @torch.no_grad()
-def seq2seq_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+def seq2seq_metrics(model: nn.Module, batches: Sequence[Seq2SeqBatch]) -> dict[str, float]:
     """Mean loss per target token, and the share of target tokens predicted exactly (teacher forced)."""
     nats = hits = count = 0.0
-    for src, src_pad, tgt_in, targets in batches:
-        logits, _ = model(src, src_pad, tgt_in)
+    for b in batches:
+        logits, _ = model(b.src, b.src_pad, b.tgt_in)
+        targets = b.targets
         scored = targets != IGNORE
         nats += next_token_loss(logits, targets, reduction="sum").item()
         hits += (logits.argmax(-1)[scored] == targets[scored]).sum().item()
@@ -87,17 +88,18 @@ def seq2seq_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, flo
     return {"val_loss": nats / count, "val_token_accuracy": hits / count}
 
 
-def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Sequence classification: batch = (ids, token types, pad mask, labels (B,))."""
-    return model(*batch)[1]
+def classify_loss(model: nn.Module, batch: ClassifyBatch) -> torch.Tensor:
+    """Sequence classification: mean cross-entropy of the labels."""
+    return model(batch.ids, batch.token_types, batch.pad_mask, batch.labels)[1]
 
 
 @torch.no_grad()
-def classify_metrics(model: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+def classify_metrics(model: nn.Module, batches: Sequence[ClassifyBatch]) -> dict[str, float]:
     """Loss, accuracy and macro-F1 over BATCHES."""
     nats, truth, predicted = 0.0, [], []
-    for ids, types, pad, labels in batches:
-        logits, _ = model(ids, types, pad)
+    for b in batches:
+        logits, _ = model(b.ids, b.token_types, b.pad_mask)
+        labels = b.labels
         nats += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         truth += labels.tolist()
         predicted += logits.argmax(-1).tolist()

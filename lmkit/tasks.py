@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lmkit import corpus, data
+from lmkit.batches import IGNORE, Batch, ClassifyBatch, LMBatch
 from lmkit.errors import DataError
-from lmkit.objectives import IGNORE, Batch
 from lmkit.tokenizer import Tokenizer
 
 
@@ -167,10 +167,21 @@ def label_set(examples: Sequence[LabelledText]) -> list[str]:
 Encoded = tuple[list[int], list[int], int]  # ids, token types, label index
 
 
-def encode_labelled(examples: Sequence[LabelledText], tokenizer: Tokenizer, labels: list[str], arch: str,
+@dataclass(frozen=True)
+class PairLayout:
+    """The special tokens around a classifier's input `start a (mid b) end`, declared by each
+    architecture: BERT's [CLS] a [SEP] b [SEP]; a decoder's a EOS b EOS, read at the last EOS."""
+
+    start: list[int]
+    mid: list[int]
+    end: list[int]
+
+
+def encode_labelled(examples: Sequence[LabelledText], tokenizer: Tokenizer, labels: list[str], layout: PairLayout,
                     max_len: int) -> list[Encoded]:
-    """BERT: [CLS] a [SEP] (b [SEP]), types 0 then 1. GPT: a (EOS b) EOS, classified at the last
-    EOS. Long texts are cut at the end (pairs: the longer text first) to fit MAX_LEN."""
+    """LAYOUT.start a (mid b) end; token types 0, then 1 from b on. Long texts are cut at the end
+    (pairs: the longer text first) to fit MAX_LEN."""
+    start, mid, end = layout.start, layout.mid, layout.end
     index = {label: i for i, label in enumerate(labels)}
     encoded = []
     for example in examples:
@@ -178,10 +189,6 @@ def encode_labelled(examples: Sequence[LabelledText], tokenizer: Tokenizer, labe
             raise DataError(f"label {example.label!r} does not occur in the training data ({', '.join(labels)})")
         a = tokenizer.encode(example.text)
         b = tokenizer.encode(example.text_b) if example.text_b is not None else None
-        if arch == "bert":
-            start, mid, end = [tokenizer.cls_id], [tokenizer.sep_id], [tokenizer.sep_id]
-        else:
-            start, mid, end = [], [tokenizer.eos_id], [tokenizer.eos_id]
         room = max_len - len(start) - len(end) - (len(mid) if b is not None else 0)
         a, b = _fit(a, b, room)
         ids = start + a + end if b is None else start + a + mid + b + end
@@ -276,8 +283,8 @@ def fixed_batches(rows: Sequence, batch_size: int, collate) -> list[Batch]:  # n
 
 
 def collate_labelled(pad_id: int):  # noqa: ANN201
-    """Rows -> (ids (B, T), token types (B, T), pad mask (B, T), labels (B,)), padded on the right."""
-    def collate(rows: Sequence[Encoded]) -> Batch:
+    """Rows -> a ClassifyBatch, padded on the right."""
+    def collate(rows: Sequence[Encoded]) -> ClassifyBatch:
         length = max(len(ids) for ids, _, _ in rows)
         ids = torch.full((len(rows), length), pad_id)
         types = torch.zeros((len(rows), length), dtype=torch.int64)
@@ -286,14 +293,14 @@ def collate_labelled(pad_id: int):  # noqa: ANN201
             types[i, :len(row_types)] = torch.tensor(row_types)
         lengths = torch.tensor([len(r[0]) for r in rows])
         pad = torch.arange(length)[None, :] < lengths[:, None]
-        return ids, types, pad, torch.tensor([label for _, _, label in rows])
+        return ClassifyBatch(ids, types, pad, torch.tensor([label for _, _, label in rows]))
     return collate
 
 
 def collate_prompt_completions(pad_id: int):  # noqa: ANN201
-    """Rows -> (inputs (B, T), targets (B, T)): targets are IGNORE on the prompt and padding, so
-    only completion tokens (and the final EOS) are learned."""
-    def collate(rows: Sequence[tuple[list[int], int]]) -> Batch:
+    """Rows -> an LMBatch whose targets are IGNORE on the prompt and padding, so only completion
+    tokens (and the final EOS) are learned."""
+    def collate(rows: Sequence[tuple[list[int], int]]) -> LMBatch:
         length = max(len(ids) for ids, _ in rows) - 1
         inputs = torch.full((len(rows), length), pad_id)
         targets = torch.full((len(rows), length), IGNORE)
@@ -301,5 +308,5 @@ def collate_prompt_completions(pad_id: int):  # noqa: ANN201
             row = torch.tensor(ids)
             inputs[i, :len(ids) - 1] = row[:-1]
             targets[i, n_prompt - 1:len(ids) - 1] = row[n_prompt:]  # target j is token j + 1
-        return inputs, targets
+        return LMBatch(inputs, targets)
     return collate

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from lmkit import distill
+from lmkit.batches import LMBatch
 from lmkit.config import DistillConfig, ModelConfig
 from lmkit.errors import CheckpointError
+from lmkit.models import causal
 from lmkit.models.gpt import GPT
 from lmkit.project import Project
 from tests.test_train import losses, signal_at
@@ -70,9 +72,9 @@ def test_the_student_learns_while_the_teacher_stays_frozen() -> None:
     teacher = GPT(cfg).requires_grad_(False).eval()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = GPT(ModelConfig(vocab_size=64, d_model=16, n_layer=1, n_head=2, max_seq_len=16))
-    loss_fn = distill.DistillLoss(teacher, DistillConfig(), "gpt", cosine=False)
+    loss_fn = distill.DistillLoss(teacher, DistillConfig(), causal.scored, cosine=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    batch = (torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16)))
+    batch = LMBatch(torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16)))
     losses = []
     for _ in range(30):
         loss = loss_fn(student, batch)

@@ -16,6 +16,7 @@ from lmkit.checkpoint import Checkpoint
 from lmkit.config import ConfigError
 from lmkit.errors import CheckpointError
 from lmkit.evaluate import evaluate_classifier
+from lmkit.models import causal
 from lmkit.project import Project
 from tests.conftest import SAMPLE_HELDOUT
 from tests.conftest import STYLE_LABELS as LABELS
@@ -103,7 +104,7 @@ def test_lora_checkpoints_hold_adapters_that_merge_into_the_same_model(tiny_proj
     merged = Checkpoint(ft.merge_checkpoint(adapters.path, tmp_path / "merged"))
     assert merged.meta["weights"] == "full" and merged.labels == LABELS
     val = tasks.read_labelled(task_files["val"])
-    encoded = tasks.encode_labelled(val, adapters.tokenizer(), LABELS, "gpt", 32)
+    encoded = tasks.encode_labelled(val, adapters.tokenizer(), LABELS, causal.pair_layout(adapters.tokenizer()), 32)
     batch = tasks.collate_labelled(adapters.tokenizer().pad_id)(encoded)[:3]
     with torch.no_grad():
         torch.testing.assert_close(merged.model()(*batch)[0], model(*batch)[0], rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 
 from lmkit import tasks
 from lmkit.errors import DataError
+from lmkit.models import ARCHS, causal
 from lmkit.objectives import IGNORE
 from lmkit.tokenizer import Tokenizer
 
@@ -57,16 +58,16 @@ def test_labels_map_to_ids_and_back(tokenizer) -> None:
     examples = [tasks.LabelledText(f"line {i}", label) for i, label in enumerate(["b", "a", "c", "a", "b"])]
     labels = tasks.label_set(examples)
     assert labels == ["a", "b", "c"]  # sorted: the same ids whatever order the file has
-    encoded = tasks.encode_labelled(examples, tokenizer, labels, "gpt", 32)
+    encoded = tasks.encode_labelled(examples, tokenizer, labels, causal.pair_layout(tokenizer), 32)
     assert [labels[label_id] for _, _, label_id in encoded] == [e.label for e in examples]
     unknown = [tasks.LabelledText("x", "d")]
     with pytest.raises(DataError, match="label 'd' does not occur"):
-        tasks.encode_labelled(unknown, tokenizer, labels, "gpt", 32)
+        tasks.encode_labelled(unknown, tokenizer, labels, causal.pair_layout(tokenizer), 32)
 
 
 def test_bert_pairs_get_cls_sep_and_token_types_and_fit_the_context(tokenizer) -> None:
     pair = tasks.LabelledText("word " * 40, "x", "other " * 10)
-    (ids, types, _), = tasks.encode_labelled([pair], tokenizer, ["x"], "bert", 32)
+    (ids, types, _), = tasks.encode_labelled([pair], tokenizer, ["x"], ARCHS["bert"].pair_layout(tokenizer), 32)
     assert len(ids) == 32 and ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
     assert ids.count(tokenizer.sep_id) == 2
     first_sep = ids.index(tokenizer.sep_id)

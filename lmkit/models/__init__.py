@@ -1,22 +1,24 @@
-"""The model zoo: one module per architecture, all returning (logits, loss)."""
+"""The model zoo: one module per architecture, each declaring its ARCH; this is the one table of them.
+
+An architecture's module holds its model (all models return (logits, loss)) and everything else
+that differs by architecture (lmkit.models.arch.Arch); lmkit looks it up here by cfg.model.arch.
+Presets are plain data in lmkit.presets, so that configs resolve without importing torch.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from lmkit.config import ModelConfig
-from lmkit.models.bert import BERT
-from lmkit.models.gpt import GPT
-from lmkit.models.seq2seq import Seq2Seq
+from lmkit.models import bert, gpt, llama, seq2seq
+from lmkit.models.arch import Arch
 
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT, "seq2seq": Seq2Seq}
-OBJECTIVES: dict[str, list[str]] = {"gpt": ["causal-lm"], "bert": ["masked-lm", "next-sentence"],
-                                   "seq2seq": ["denoising (text infilling)"]}
+ARCHS: dict[str, Arch] = {"llama": llama.ARCH, "gpt": gpt.ARCH, "bert": bert.ARCH, "seq2seq": seq2seq.ARCH}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model of cfg.arch."""
-    return MODELS[cfg.arch](cfg)
+    return ARCHS[cfg.arch].model(cfg)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -7,11 +7,16 @@ GPT-2 checkpoints map onto it name for name (its Conv1D weights transposed).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from lmkit import objectives
+from lmkit import evaluate, objectives
 from lmkit.config import ModelConfig
+from lmkit.errors import CheckpointError
+from lmkit.models import causal
+from lmkit.models.arch import Arch, HFMapping, require_options
 from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
 
 
@@ -78,3 +83,77 @@ class GPT(nn.Module):
         cfg = self.config
         return [KVCache(batch, cfg.n_head, cfg.d_model // cfg.n_head, cfg.max_seq_len, device, dtype)
                 for _ in range(cfg.n_layer)]
+
+    def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, C): the state a classifier reads, at the last real token."""
+        return causal.last_token_state(self.hidden_states(idx), pad_mask)
+
+
+# --- Hugging Face GPT-2 -------------------------------------------------------------------------
+# lmkit's GPT is GPT-2 name for name, except that GPT-2 stores its projections as Conv1D, (in, out),
+# where lmkit has nn.Linear, (out, in).
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPT-2 activations lmkit has: gelu_new and gelu_pytorch_tanh are the tanh approximation.
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def config_from_hf(config: dict[str, Any]) -> ModelConfig:
+    require_options(config, {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+                             "tie_word_embeddings": True})
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS:
+        raise CheckpointError(f"GPT-2 activation_function {activation!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    n_embd = config["n_embd"]
+    return ModelConfig(arch="gpt", vocab_size=config["vocab_size"], d_model=n_embd, n_layer=config["n_layer"],
+                       n_head=config["n_head"], d_ff=config.get("n_inner") or 4 * n_embd,
+                       max_seq_len=config["n_positions"], dropout=float(config.get("resid_pdrop", 0.0)),
+                       activation=_ACTIVATIONS[activation], norm_eps=float(config.get("layer_norm_epsilon", 1e-5)))
+
+
+def weights_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2 (GPT2LMHeadModel, or GPT2Model without the 'transformer.' prefix) -> lmkit's GPT."""
+    out = {}
+    for name, tensor in hf.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        ours = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        out[ours] = tensor.t().contiguous() if ours.endswith(_CONV1D) else tensor
+    return out
+
+
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str,
+              labels: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A GPT language model as GPT2LMHeadModel (config.json, weights)."""
+    activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation)
+    if task != "lm" or activation is None or not (cfg.bias and cfg.tie_embeddings):
+        raise CheckpointError(f"GPT-2 has no counterpart of a gpt {task} model with activation {cfg.activation}, "
+                              f"bias={cfg.bias}, tie_embeddings={cfg.tie_embeddings}; lmkit exports GPT language "
+                              "models in GPT-2's layout")
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+              "n_inner": cfg.ff_dim, "activation_function": activation, "resid_pdrop": cfg.dropout,
+              "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.norm_eps,
+              "tie_word_embeddings": True}
+    weights = {name: tensor.t() if name.endswith(_CONV1D) else tensor for name, tensor in state.items()
+               if name != "lm_head.weight"}  # tied to transformer.wte.weight
+    return config, weights
+
+
+ARCH = Arch(
+    name="gpt",
+    summary="GPT-2 layout: learned positions, LayerNorm, GELU MLP (for GPT-2 interop)",
+    model=GPT,
+    objectives=("causal-lm",),
+    pretraining=causal.pretraining,
+    distillation=causal.DISTILLATION,
+    tasks=("classify", "instruct", "lm"),
+    decoding="continue",
+    evaluate=evaluate.evaluate_text,
+    pair_layout=causal.pair_layout,
+    lora_targets={"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
+    hf=HFMapping(model_types=("gpt2",), config_in=config_from_hf, weights_in=weights_from_hf,
+                 may_lack=lambda config: {"lm_head.weight"}, export=export_hf,
+                 special_ids=lambda tok: {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id},
+                 tokenizer_class="GPT2TokenizerFast"),
+)

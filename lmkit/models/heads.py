@@ -1,4 +1,4 @@
-"""Task heads on top of a pretrained backbone (GPT or BERT)."""
+"""Task heads on top of a pretrained backbone (any architecture with a sequence_summary)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from lmkit import objectives
+from lmkit.batches import ClassifyBatch
+from lmkit.models.arch import Distillation, Scored
 
 
 class SequenceClassifier(nn.Module):
-    """Class logits for whole sequences: a linear layer over one summary state per sequence --
-    BERT's pooled [CLS] state (through its pretrained pooler), or GPT's last real token (the
-    only position that has seen the whole text)."""
+    """Class logits for whole sequences: a linear layer over one summary state per sequence, the
+    one its backbone gives (BERT's pooled [CLS] state, a decoder's last real token)."""
 
     def __init__(self, backbone: nn.Module, n_labels: int) -> None:
         super().__init__()
@@ -24,13 +25,7 @@ class SequenceClassifier(nn.Module):
 
     def summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, C): the state the head reads."""
-        if self.config.arch == "bert":
-            hidden = self.backbone.hidden_states(idx, token_types, pad_mask)  # (B, T, C)
-            return torch.tanh(self.backbone.pooler(hidden[:, 0]))
-        # Causal attention: right padding never reaches the real positions, so no mask is needed.
-        hidden = self.backbone.hidden_states(idx)  # (B, T, C)
-        last = pad_mask.sum(dim=1) - 1  # (B,)
-        return hidden[torch.arange(idx.size(0), device=idx.device), last]
+        return self.backbone.sequence_summary(idx, token_types, pad_mask)
 
     def forward(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -38,3 +33,14 @@ class SequenceClassifier(nn.Module):
         logits = self.head(self.dropout(self.summary(idx, token_types, pad_mask)))
         loss = objectives.classification_loss(logits, labels) if labels is not None else None
         return logits, loss
+
+
+def scored(model: SequenceClassifier, batch: ClassifyBatch) -> Scored:
+    """Class logits and the summary states they are read from."""
+    summary = model.summary(batch.ids, batch.token_types, batch.pad_mask)  # (B, C)
+    return Scored(model.head(model.dropout(summary)), batch.labels, summary)
+
+
+# Any classifier, whatever its backbone: the soft targets lead, the labels keep the student honest.
+CLASSIFIER_DISTILLATION = Distillation(scored, {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0},
+                                       "val_accuracy")

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from lmkit import objectives
-from lmkit.config import ModelConfig
+from lmkit import data, evaluate, objectives
+from lmkit.batches import IGNORE, Seq2SeqBatch
+from lmkit.config import ModelConfig, RunConfig
+from lmkit.models.arch import Arch, Distillation, Pretraining, Scored
 from lmkit.models.gpt import Block as EncoderBlock
 from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
+from lmkit.tokenizer import Tokenizer
 
 
 class DecoderBlock(nn.Module):
@@ -134,3 +138,41 @@ class Seq2Seq(nn.Module):
         cache = [KVCache(rows, cfg.n_head, cfg.d_model // cfg.n_head, cfg.max_seq_len, src.device, dtype)
                  for _ in range(cfg.n_layer)]
         return DecoderState(src_pad, memory_kv, cache)
+
+
+def pretraining(cfg: RunConfig, train: np.ndarray, val: np.ndarray, tokenizer: Tokenizer) -> Pretraining:
+    """Text infilling (BART): spans of the text hidden behind one [MASK] each, the whole text the target."""
+    tcfg, seq_len = cfg.train, cfg.model.max_seq_len
+
+    def spans(tokens: np.ndarray, seed: int) -> data.DenoisingSpans:
+        return data.DenoisingSpans(tokens, seq_len, tcfg.batch_size, seed, tokenizer, cfg.data.mask_prob)
+
+    val_batches = spans(val, tcfg.seed + 1).fixed_batches(tcfg.eval_batches)
+    # Texts vary in length: count the target tokens of an average (validation) batch.
+    target_tokens = sum(b.size for b in val_batches) // len(val_batches)
+    return Pretraining(spans(train, tcfg.seed), val_batches, objectives.seq2seq_loss, objectives.seq2seq_metrics,
+                       target_tokens)
+
+
+def scored(model: Seq2Seq, batch: Seq2SeqBatch) -> Scored:
+    """Decoder logits at the target tokens (teacher forced); hidden states are not compared."""
+    chosen = batch.targets != IGNORE
+    logits = model(batch.src, batch.src_pad, batch.tgt_in)[0]
+    return Scored(logits[chosen], batch.targets[chosen], None)
+
+
+ARCH = Arch(
+    name="seq2seq",
+    summary="encoder-decoder (the 2017 Transformer, pre-norm), pretrained by denoising",
+    model=Seq2Seq,
+    objectives=("denoising (text infilling)",),
+    pretraining=pretraining,
+    distillation=Distillation(scored, {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0}, "val_loss",
+                              compares_hidden=False),
+    tasks=("seq2seq", "lm"),  # lm: more denoising on new text
+    decoding="rewrite",
+    evaluate=evaluate.evaluate_pairs,
+    eval_task="seq2seq",
+    default_temperature=0.0,  # a rewrite has one right answer more often than not: decode greedily
+    lora_targets={"attn": ("attn.c_attn", "attn.q_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
+)

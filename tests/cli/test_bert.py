@@ -37,4 +37,4 @@ def test_pretrain_bert_then_eval_info_and_fill_mask(tmp_path, small_corpus) -> N
 
 def test_fill_mask_needs_a_bert_checkpoint(ckpt_project) -> None:
     assert_user_error(lmkit("generate", "-p", ckpt_project, "--fill-mask", "Good [MASK]."),
-                      "is a gpt checkpoint; 'lmkit generate --fill-mask' needs a bert one")
+                      "is a gpt checkpoint; 'lmkit generate --fill-mask' needs a masked-LM (bert) one")

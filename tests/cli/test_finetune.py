@@ -21,7 +21,7 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
     assert_user_error(lmkit("finetune", train, "--task", "instruct", "--from", base, "-p", project),
                       "train.jsonl:1: missing field 'prompt' (found: text, label)")
     assert_user_error(lmkit("finetune", task_files["instruct"], "--task", "instruct", "--from",
-                            tiny_bert_project.root, "-p", project), "needs a gpt one")
+                            tiny_bert_project.root, "-p", project), "needs a llama or gpt one")
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--scratch", "--lora-rank", "4"),
                       "leave out --lora-rank")
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--merge"), "it needs --lora-rank")
@@ -31,7 +31,7 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
     assert_user_error(lmkit("finetune", val, "--task", "lm", "--val", val, "--from", base, "-p", project),
                       "leave out --val")
     assert_user_error(lmkit("eval", "-p", base, "--task", "classify", val),
-                      "is a checkpoint for task 'lm'; 'lmkit eval --task classify' needs one for task 'classify'")
+                      "is a gpt checkpoint for task 'lm'; 'lmkit eval --task classify' needs one for task 'classify'")
 
     trained = lmkit("finetune", train, "--from", base, "--val", val, "-p", project, *QUICK, "--json")
     assert trained.exit_code == 0, trained.output

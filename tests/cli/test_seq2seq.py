@@ -82,7 +82,7 @@ def test_seq2seq_user_errors(tiny_seq2seq_project, tiny_project, pairs_file, tas
     s2s, gpt = tiny_seq2seq_project.root, tiny_project.root
     project = tmp_path / "p"
     assert_user_error(lmkit("finetune", task_files["train"], "--task", "classify", "--from", s2s, "-p", project),
-                      "'lmkit finetune --task classify' needs a gpt or bert one")
+                      "'lmkit finetune --task classify' needs a llama, gpt or bert one")
     assert_user_error(lmkit("finetune", pairs_file, "--task", "seq2seq", "--from", gpt, "-p", project),
                       "'lmkit finetune --task seq2seq' needs a seq2seq one")
     no_tab = tmp_path / "bad.tsv"

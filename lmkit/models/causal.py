@@ -1,0 +1,46 @@
+"""What the decoder-only architectures (GPT and llama) share: causal-LM pretraining on random
+windows, what distillation compares, and how a classifier reads a text (at its last token)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmkit import data, objectives
+from lmkit.batches import IGNORE, LMBatch
+from lmkit.config import RunConfig
+from lmkit.models.arch import Distillation, Pretraining, Scored
+from lmkit.tasks import PairLayout
+from lmkit.tokenizer import Tokenizer
+
+
+def pretraining(cfg: RunConfig, train: np.ndarray, val: np.ndarray, tokenizer: Tokenizer) -> Pretraining:
+    """Next-token prediction on random windows of max_seq_len tokens; validation on fixed windows."""
+    tcfg, seq_len = cfg.train, cfg.model.max_seq_len
+    return Pretraining(data.LMWindows(train, seq_len, tcfg.batch_size, seed=tcfg.seed),
+                       data.eval_batches(val, seq_len, tcfg.batch_size, tcfg.eval_batches),
+                       objectives.causal_lm_loss, objectives.causal_lm_metrics, tcfg.batch_size * seq_len)
+
+
+def scored(model: nn.Module, batch: LMBatch) -> Scored:
+    """Logits and final hidden states at every position that has a target."""
+    hidden = model.hidden_states(batch.inputs)  # (B, T, C)
+    chosen = batch.targets != IGNORE
+    return Scored(model.lm_head(hidden[chosen]), batch.targets[chosen], hidden[chosen])
+
+
+# The soft targets lead and the hard labels keep the student honest.
+DISTILLATION = Distillation(scored, {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0}, "val_loss")
+
+
+def pair_layout(tokenizer: Tokenizer) -> PairLayout:
+    """a (EOS b) EOS: a classifier reads the last EOS, the one position that has seen the whole text."""
+    return PairLayout([], [tokenizer.eos_id], [tokenizer.eos_id])
+
+
+def last_token_state(hidden: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) states, (B, T) mask of real tokens (padding on the right) -> (B, C) at each row's last token.
+    Causal attention: right padding never reaches the real positions, so the states need no mask."""
+    last = pad_mask.sum(dim=1) - 1  # (B,)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]

@@ -1,0 +1,96 @@
+"""The optimizers of the training loop: AdamW, or Muon for the hidden weight matrices with AdamW for
+everything else (as nanochat and the modded-nanogpt speedrun train), behind one object whose
+param_groups, step, zero_grad and state_dict the loop, the gradient scaler and checkpoints use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmkit.config import TrainConfig
+from lmkit.errors import ConfigError
+
+# Linear layers that are not hidden matrices: the output layer and a task head read out of the
+# residual stream (Muon's orthogonalised updates suit the square-ish maps inside the blocks).
+OUTPUT_LAYERS = ("lm_head", "head")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | MuonAndAdamW:
+    """cfg.optimizer over MODEL's trainable parameters: weight decay on matrices and embeddings,
+    not on biases and norms.
+
+    AdamW's fused kernel (one pass over all parameters) is ~5-10% faster per step than the default
+    on CPU for the presets, and faster on CUDA.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = _hidden_matrices(model) if cfg.optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in hidden]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = params[0].device.type in ("cpu", "cuda")
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              fused=fused)
+    if not hidden:
+        return adamw
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); use adamw")
+    # match_rms_adamw scales each matrix's update to AdamW's typical RMS, so one learning rate and
+    # schedule (train.lr) serves both optimizers, as in Moonshot's Muon.
+    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    return MuonAndAdamW(adamw, muon)
+
+
+def _hidden_matrices(model: nn.Module) -> set[int]:
+    """ids of the trainable weights of the linear layers inside the blocks (not the output layers)."""
+    return {id(module.weight) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module.weight.requires_grad
+            and name.rpartition(".")[2] not in OUTPUT_LAYERS}
+
+
+class MuonAndAdamW:
+    """Two optimizers stepped as one. State dicts use one numbering of the parameters (AdamW's
+    first, then Muon's), like a single torch optimizer's, so checkpoints keep their format."""
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer) -> None:
+        self.adamw, self.muon = adamw, muon
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Both optimizers' groups (their own dicts, so lr updates reach them; load_state_dict replaces them)."""
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self, closure: Any = None) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        first, second = self.adamw.state_dict(), self.muon.state_dict()
+        offset = sum(len(g["params"]) for g in first["param_groups"])
+        return {"state": {**first["state"], **{i + offset: s for i, s in second["state"].items()}},
+                "param_groups": first["param_groups"] + [{**g, "params": [i + offset for i in g["params"]]}
+                                                         for g in second["param_groups"]]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        n_groups = len(self.adamw.param_groups)
+        groups = state_dict["param_groups"]
+        offset = sum(len(g["params"]) for g in groups[:n_groups])
+        state = {int(i): s for i, s in state_dict["state"].items()}
+        self.adamw.load_state_dict({"state": {i: s for i, s in state.items() if i < offset},
+                                    "param_groups": groups[:n_groups]})
+        self.muon.load_state_dict({"state": {i - offset: s for i, s in state.items() if i >= offset},
+                                   "param_groups": [{**g, "params": [i - offset for i in g["params"]]}
+                                                    for g in groups[n_groups:]]})

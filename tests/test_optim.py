@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import copy as copy_module
+import dataclasses
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lmkit import train
+from lmkit.config import ModelConfig, TrainConfig
+from lmkit.errors import ConfigError
+from lmkit.models import build_model
+from lmkit.optim import MuonAndAdamW, make_optimizer
+from lmkit.project import Project
+from tests.conftest import tiny_run_config
+from tests.test_train import fresh_copy, losses, signal_at
+
+LLAMA = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=48,
+                    max_seq_len=16, bias=False, activation="silu")
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
+    model = build_model(dataclasses.replace(LLAMA, tie_embeddings=False))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"))
+    assert isinstance(optimizer, MuonAndAdamW) and isinstance(optimizer.muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]}
+    adamw = {names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert "model.layers.0.self_attn.q_proj.weight" in muon and "model.layers.1.mlp.down_proj.weight" in muon
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= adamw
+    assert not muon & adamw and len(muon | adamw) == len(names)
+    assert len(optimizer.param_groups) == len(optimizer.adamw.param_groups) + len(optimizer.muon.param_groups)
+
+
+def test_state_dict_round_trip_continues_exactly() -> None:
+    torch.manual_seed(0)
+    model = build_model(LLAMA)
+    idx = torch.randint(0, 64, (4, 16))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"))
+
+    def step(m: torch.nn.Module, opt) -> None:  # noqa: ANN001
+        m(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(model, optimizer)
+    copy = build_model(LLAMA)
+    copy.load_state_dict(model.state_dict())
+    restored = make_optimizer(copy, TrainConfig(optimizer="muon"))
+    restored.load_state_dict(copy_module.deepcopy(optimizer.state_dict()))  # as if read from disk: not shared
+    for group in restored.param_groups:  # the loop sets the learning rate through these
+        group["lr"] = 1e-3
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    step(model, optimizer)
+    step(copy, restored)
+    for a, b in zip(model.parameters(), copy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_interrupted_muon_run_resumes_exactly(tiny_project: Project, tmp_path) -> None:
+    cfg = tiny_run_config(max_steps=16, eval_interval=8, save_interval=100, optimizer="muon")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="llama", bias=False, activation="silu",
+                                                             n_kv_head=2))
+    straight = fresh_copy(tiny_project, tmp_path / "a")
+    train.pretrain(straight, [], cfg)
+    interrupted = fresh_copy(tiny_project, tmp_path / "b")
+    first = train.pretrain(interrupted, [], cfg, progress=signal_at(7, signal.SIGINT))
+    assert first.state.step == 7
+    with safe_open(interrupted.latest_checkpoint() / "trainer.safetensors", "pt") as saved:
+        assert any(name.endswith(".momentum_buffer") for name in saved.keys())  # Muon's state is kept
+    train.resume(interrupted)
+    assert losses(interrupted, "run1") == losses(straight, "run1")
+
+
+def test_muon_with_fsdp_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="muon needs whole weight matrices"):
+        TrainConfig(optimizer="muon", strategy="fsdp")
