@@ -1,4 +1,5 @@
-"""`lmkit import` and `lmkit export`: Hugging Face GPT-2 and BERT model directories in and out."""
+"""`lmkit import` and `lmkit export`: Hugging Face model directories (GPT-2, BERT, Llama, Qwen2, Qwen3,
+Mistral) in and out."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def import_model(
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Import a Hugging Face GPT-2 or BERT model (and its tokenizer) as the project's latest
-    checkpoint, for generate, eval, finetune and distill."""
+    """Import a Hugging Face GPT-2, BERT, Llama, Qwen2/3 or Mistral model (and its tokenizer) as the
+    project's latest checkpoint, for generate, eval, finetune and distill."""
     from lmkit import interop
     from lmkit import project as proj
 
@@ -51,7 +52,7 @@ def export_model(
     = ExportFormat.hf,
     project: ProjectDir = None,
 ) -> None:
-    """Export a GPT, BERT or BERT-classifier checkpoint as a directory that transformers'
+    """Export a GPT, llama, BERT or BERT-classifier checkpoint as a directory that transformers'
     Auto classes load (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification)."""
     from lmkit import checkpoint as ckpt_lib
     from lmkit import interop

@@ -150,7 +150,7 @@ def _project_tokenizer(root: Optional[Path]):  # -> lmkit.tokenizer.Tokenizer | 
     try:  # config.json read directly: encoding text should not wait for torch to import
         latest = p.latest_checkpoint()
         info = json.loads((latest / "config.json").read_text(encoding="utf-8"))["tokenizer"]
-        return tok.load_tokenizer(latest / info["file"], info.get("special"))
+        return tok.load_tokenizer(latest / info["file"], info.get("special"), info.get("options"))
     except (CheckpointError, OSError, ValueError, KeyError):
         raise LmkitError(f"no tokenizer in {p.root} — run 'lmkit tokenize train CORPUS -p {p.root}' "
                          "or 'lmkit pretrain CORPUS' first") from None

@@ -32,7 +32,7 @@ from lmkit.fileio import atomic_dir, atomic_write_json
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
-from lmkit.tokenizer import AnyTokenizer, load_tokenizer
+from lmkit.tokenizer import AnyTokenizer, HFTokenizer, load_tokenizer
 
 FORMAT = "lmkit-checkpoint"
 FORMAT_VERSION = 1
@@ -82,7 +82,8 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "weights": "adapters" if adapters_only else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                      "file": tokenizer.file_name, **({"special": tokenizer.special} if tokenizer.special else {})},
+                      "file": tokenizer.file_name, **({"special": tokenizer.special} if tokenizer.special else {}),
+                      **({"options": tokenizer.options()} if isinstance(tokenizer, HFTokenizer) else {})},
         "tied_weights": aliases,
         "metrics": metrics or {},
         **(extra or {}),
@@ -222,7 +223,7 @@ class Checkpoint:
 
     def tokenizer(self) -> AnyTokenizer:
         info = self.meta["tokenizer"]
-        tokenizer = load_tokenizer(self.path / info["file"], info.get("special"))
+        tokenizer = load_tokenizer(self.path / info["file"], info.get("special"), info.get("options"))
         if tokenizer.fingerprint != self.tokenizer_fingerprint:
             raise CheckpointError(f"{self.path}: tokenizer.model does not match the fingerprint in config.json")
         return tokenizer
@@ -249,13 +250,9 @@ class Checkpoint:
             model = SequenceClassifier(model, len(self.labels))
         if adapters:
             lora.add_adapters(model, self.config.lora)
-        try:
-            weights = load_file(self.path / "model.safetensors")
-        except (FileNotFoundError, SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read {self.path}/model.safetensors: {err}") from None
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        stored, missing, unexpected = load_weights(model, self.path / "model.safetensors")
         if adapters:  # everything trainable must be in the file; the frozen rest came from the base
-            complete = {n for n, p in model.named_parameters() if p.requires_grad} <= set(weights)
+            complete = {n for n, p in model.named_parameters() if p.requires_grad} <= stored
         else:
             complete = set(missing) == set(self.meta.get("tied_weights", {}))
         if not complete or unexpected:
@@ -283,6 +280,32 @@ class Checkpoint:
             return _unflatten_trainer(load_file(self.path / "trainer.safetensors"), meta)
         except (ValueError, KeyError, OSError, SafetensorError) as err:
             raise CheckpointError(f"{self.path}: the training state is damaged ({err})") from None
+
+
+def load_weights(model: nn.Module, path: Path) -> tuple[set[str], list[str], list[str]]:
+    """Copy the tensors of the safetensors file PATH into MODEL's parameters and buffers of the same
+    names, one tensor at a time (so loading holds the model plus one tensor, not two copies of the
+    weights); converts dtypes (bf16 on disk -> the model's fp32).
+
+    Returns:
+        (names in the file, model names the file lacks, file names the model lacks)
+
+    Raises:
+        CheckpointError: an unreadable file, or a tensor whose shape differs from the model's.
+    """
+    state = model.state_dict()  # views of the parameters themselves: copying into them loads the model
+    try:
+        with safe_open(path, "pt") as f, torch.no_grad():
+            stored = set(f.keys())
+            for name in sorted(stored & state.keys()):
+                tensor = f.get_tensor(name)
+                if tensor.shape != state[name].shape:
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                                          f"{tuple(state[name].shape)}")
+                state[name].copy_(tensor)
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    return stored, sorted(state.keys() - stored), sorted(stored - state.keys())
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

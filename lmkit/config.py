@@ -404,7 +404,7 @@ def render_template() -> str:
     lines = [
         "# lmkit project config. Uncomment a line to change it; command-line flags and --set win over this file.",
         "# Presets (tiny, default, small) set model and train values first; see `lmkit pretrain --help`.",
-        '# arch = "gpt"',
+        f'# arch = "{DEFAULT_ARCH}"  # or: {", ".join(a for a in ARCHS if a != DEFAULT_ARCH)}',
         '# preset = "default"',
     ]
     for name, cls in SECTIONS.items():

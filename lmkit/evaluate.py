@@ -1,14 +1,15 @@
-"""Evaluating a model. GPT on a text: mean loss per token, perplexity and bits per byte. BERT on a
-text: masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
+"""Evaluating a model. A decoder (GPT, llama) on a text: mean loss per token, perplexity and bits
+per byte. BERT on a text: masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
 A classifier on labelled examples: accuracy, macro-F1, per-class scores, confusion matrix. An
 encoder-decoder on source/target pairs: BLEU and chrF (sacrebleu, so that figures compare with
 published ones), exact match, and the same scores for copying the source unchanged.
 
-For GPT, every token of the text is scored, each with as much context as the model allows: windows of
-max_seq_len tokens slide by STRIDE, and each window scores only the tokens that no earlier window
-scored. The text is preceded by EOS (a document start, as in training), so the first token is
-scored too. Bits per byte divides the total by the text's UTF-8 size, which makes models with
-different tokenizers comparable.
+For a decoder, every token of the text is scored, each with as much context as the model allows:
+windows of max_seq_len tokens slide by STRIDE, and each window scores only the tokens that no
+earlier window scored. The text is encoded as a document start (after EOS, as in training; with an
+imported Llama-family model's own BOS, if it has one), so the first token is scored too. Bits per
+byte divides the total by the text's UTF-8 size, which makes models with different tokenizers
+comparable. Which evaluation a checkpoint gets is its architecture's choice (Arch.evaluate).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def evaluate_lm(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch
     Raises:
         DataError: TEXT has no tokens.
     """
-    ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+    ids = tokenizer.encode_document(text)
     n_targets = len(ids) - 1
     if n_targets < 1:
         raise DataError("nothing to evaluate: the text is empty")
@@ -121,12 +122,13 @@ def evaluate_lm(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch
     stride = min(stride or max(1, window // 2), window)
     tokens = torch.tensor(ids)
 
+    width = min(window, n_targets)  # a short text needs no padding to a long model's whole context
     inputs, targets = [], []
     scored_until = 0  # targets [0, scored_until) have been scored by earlier windows
     for begin in range(0, n_targets, stride):
         end = min(begin + window, n_targets)
-        x = torch.full((window,), tokenizer.pad_id)
-        y = torch.full((window,), objectives.IGNORE)
+        x = torch.full((width,), tokenizer.pad_id)
+        y = torch.full((width,), objectives.IGNORE)
         x[: end - begin] = tokens[begin:end]
         y[: end - begin] = tokens[begin + 1:end + 1]
         y[: scored_until - begin] = objectives.IGNORE  # already scored with less context

@@ -82,14 +82,18 @@ class CausalStepper:
 
     limit = None
 
-    def __init__(self, model: nn.Module, prompt: list[int], rows: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, prompt: list[int], rows: int, device: torch.device,
+                 max_new_tokens: int | None = None) -> None:
         self.model, self.window, self.rows = model, model.config.max_seq_len, rows
         self.dtype = autocast_dtype(device, "auto") or torch.float32
         self.context = torch.tensor(prompt, device=device)[-self.window:].expand(rows, -1)  # (N, T)
+        # The cache holds what this text can reach, not the whole context of a long-context model.
+        reach = self.context.size(1) + (max_new_tokens if max_new_tokens is not None else self.window)
+        self.cache_len = min(self.window, reach)
         self._restart()
 
     def _restart(self) -> None:
-        self.cache = self.model.new_cache(self.rows, self.context.device, self.dtype)
+        self.cache = self.model.new_cache(self.rows, self.context.device, self.dtype, self.cache_len)
         self._logits = self.model(self.context, cache=self.cache)[0][:, -1]  # (N, V)
 
     def logits(self) -> torch.Tensor:
@@ -101,7 +105,7 @@ class CausalStepper:
             for layer in self.cache:
                 layer.reorder(parents)
         self.context = torch.cat([self.context, tokens[:, None]], dim=1)
-        if self.cache[0].length == self.window:
+        if self.cache[0].length == self.cache_len:
             self.context = self.context[:, -(self.window // 2):]
             self._restart()
         else:
@@ -163,9 +167,9 @@ def _search(stepper: search.Stepper, n_inputs: int, cfg: SampleConfig, tokenizer
     """Run the search cfg asks for; the samples of each input."""
     stopped = texts.stopped if cfg.stop else None
     if cfg.beam > 1:
-        found = search.beam_search(stepper, n_inputs, cfg, tokenizer.eos_id, prefixes=prefixes, stopped=stopped)
+        found = search.beam_search(stepper, n_inputs, cfg, tokenizer.stop_ids, prefixes=prefixes, stopped=stopped)
         return [[Sample(texts.final(h.tokens), h.tokens, h.finish_reason, h.score) for h in hyps] for hyps in found]
-    rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, tokenizer.eos_id, prefixes=prefixes,
+    rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, tokenizer.stop_ids, prefixes=prefixes,
                          generator=generator, stopped=stopped, on_token=texts.stream if texts.on_text else None)
     samples = [Sample(texts.final(h.tokens), h.tokens, h.finish_reason) for h in rows]
     for row, s in enumerate(samples):
@@ -185,8 +189,10 @@ def generate(
     """Continue PROMPT with a GPT cfg.num_samples times (in one batch), or return the best
     cfg.num_samples of a beam search, until EOS, a stop string or cfg.max_new_tokens.
 
-    The prompt is preceded by EOS, the separator between documents in training data, so a prompt
-    reads as the start of a text.
+    The prompt is encoded as the start of a document (tokenizer.encode_document): after EOS, the
+    separator between documents in lmkit's training data, or as transformers encodes it for an
+    imported Llama-family model (with its BOS, if it has one). Generation stops at any of the
+    tokenizer's stop ids.
 
     Args:
         on_text: called with (sample index, new text) as soon as text is final, for streaming
@@ -194,10 +200,10 @@ def generate(
     """
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    prompt_ids = tokenizer.encode_document(prompt)
     rows = cfg.beam if cfg.beam > 1 else cfg.num_samples
     with autocast(device):
-        stepper = CausalStepper(model, prompt_ids, rows, device)
+        stepper = CausalStepper(model, prompt_ids, rows, device, cfg.max_new_tokens)
         samples = _search(stepper, 1, cfg, tokenizer, generator, _Texts(tokenizer, cfg.stop, on_text),
                           [prompt_ids] * rows)
     return Completion(prompt, seed, samples[0])

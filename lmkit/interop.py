@@ -2,7 +2,8 @@
 
 A Hub-format directory is config.json + model.safetensors (or shards with an index) + the
 tokenizer (tokenizer.json and its special tokens). Each architecture declares its Hugging Face
-mapping (config keys and weight names, in lmkit.models.<arch>: GPT-2 for gpt, BERT for bert);
+mapping (config keys and weight names, in lmkit.models.<arch>: GPT-2 for gpt, BERT for bert,
+Llama, Qwen2, Qwen3 and Mistral for llama);
 this module reads and writes the files. Only safetensors, tokenizers and json are needed here;
 transformers is not.
 """
@@ -47,13 +48,21 @@ def import_hf(source: Path, project: Project) -> Path:
         raise CheckpointError(f"{source}: model_type {model_type!r} ({', '.join(config.get('architectures') or [])})"
                               f" is not supported; lmkit imports {', '.join(known)}")
     model_config = hf.config_in(config)
-    weights = hf.weights_in(_read_weights(source))
-    tokenizer = _read_tokenizer(source)
+    tokenizer = _read_tokenizer(source, config, hf.tokenizer_prompts)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size} embeddings")
     model = build_model(model_config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    files = _weight_files(source)
+    if hf.weights_in is None:  # lmkit's names: stream the tensors in, one at a time (one copy of the weights)
+        stored, unexpected = set(), set()
+        for file in files:
+            found, _, extra = checkpoint.load_weights(model, file)
+            stored |= found
+            unexpected |= set(extra)
+        missing = sorted(set(model.state_dict()) - stored)
+    else:
+        missing, unexpected = model.load_state_dict(hf.weights_in(_read_weights(files)), strict=False)
     allowed = hf.may_lack(config)
     if unexpected or not set(missing) <= allowed:
         raise CheckpointError(f"{source}: the weights do not match the config (missing "
@@ -67,7 +76,8 @@ def import_hf(source: Path, project: Project) -> Path:
     fresh = sorted(set(missing) - tied)
     checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=0,
                     extra={"imported": {"from": str(source.resolve()), "model_type": model_type,
-                                        "architectures": config.get("architectures"), "initialised": fresh}})
+                                        "architectures": config.get("architectures"), "initialised": fresh,
+                                        "config": config}})
     checkpoint.set_latest(project, path)
     return path
 
@@ -84,9 +94,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _read_weights(source: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of the shards its index names. Pickled weights
-    (pytorch_model.bin) are refused: loading a pickle can run arbitrary code."""
+def _weight_files(source: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names. Pickled weights (pytorch_model.bin) are
+    refused: loading a pickle can run arbitrary code."""
     files = [source / "model.safetensors"]
     index = source / "model.safetensors.index.json"
     if index.is_file():
@@ -96,6 +106,11 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{source} holds pickled weights (pytorch_model.bin), which lmkit does not load; "
                                   "save them as safetensors first (transformers: model.save_pretrained(DIR))")
         raise CheckpointError(f"{source} has no model.safetensors")
+    return files
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of FILES, floating point ones as fp32."""
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         try:
@@ -105,8 +120,16 @@ def _read_weights(source: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
 
 
-def _read_tokenizer(source: Path) -> HFTokenizer:
-    """tokenizer.json with the special tokens of tokenizer_config.json / special_tokens_map.json."""
+def _read_tokenizer(source: Path, config: dict[str, Any], tokenizer_prompts: bool) -> HFTokenizer:
+    """tokenizer.json with the special tokens of tokenizer_config.json / special_tokens_map.json.
+
+    TOKENIZER_PROMPTS (Llama-family models): prompts are encoded as AutoTokenizer encodes them, with
+    the special tokens its post-processor adds, and that post-processor is the one transformers
+    uses: tokenizer.json's, unless tokenizer_config.json sets add_bos_token / add_eos_token or
+    there is none (then BOS / EOS as those say, default none). Generation stops at the model's
+    eos_token_id (generation_config.json's, else config.json's; one or a list). The chat template
+    (tokenizer_config.json's chat_template, or chat_template.jinja) is kept.
+    """
     path = source / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{source} has no tokenizer.json (a 'fast' tokenizer file); save the tokenizer with "
@@ -121,13 +144,43 @@ def _read_tokenizer(source: Path) -> HFTokenizer:
         backend = Backend.from_file(str(path))
     except Exception as err:  # tokenizers raises plain Exception on a bad file
         raise CheckpointError(f"{path} is not a readable tokenizer ({err})") from None
-    special = {}
+    special, tokens = {}, {}
     for role, key in _SPECIAL_KEYS.items():
         token = named.get(key)
         token = token.get("content") if isinstance(token, dict) else token
         if isinstance(token, str) and backend.token_to_id(token) is not None:
-            special[role] = backend.token_to_id(token)
-    return HFTokenizer(path.read_bytes(), special, source=path)
+            special[role], tokens[role] = backend.token_to_id(token), token
+    json_bytes = path.read_bytes()
+    if not tokenizer_prompts:
+        return HFTokenizer(json_bytes, special, source=path)
+    settings = _read_json(source / "tokenizer_config.json", "a tokenizer directory") if (
+        source / "tokenizer_config.json").is_file() else {}
+    if {"add_bos_token", "add_eos_token"} & set(settings) or backend.post_processor is None:
+        backend.post_processor = _template(settings, tokens, special)
+        json_bytes = backend.to_str().encode("utf-8")
+    generation = _read_json(source / "generation_config.json", "a generation config") if (
+        source / "generation_config.json").is_file() else {}
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    stop_ids = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    template = settings.get("chat_template")
+    if (source / "chat_template.jinja").is_file():
+        template = (source / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return HFTokenizer(json_bytes, special, source=path, prompts="tokenizer", stop_ids=stop_ids,
+                       chat_template=template if isinstance(template, str) else None)
+
+
+def _template(settings: dict[str, Any], tokens: dict[str, str], ids: dict[str, int]) -> Any:
+    """The post-processor transformers builds from add_bos_token / add_eos_token (both default off)."""
+    from tokenizers import processors
+
+    bos = settings.get("add_bos_token", False) and "bos" in tokens
+    eos = settings.get("add_eos_token", False) and "eos" in tokens
+    single = f"{tokens['bos'] + ':0 ' if bos else ''}$A:0{' ' + tokens['eos'] + ':0' if eos else ''}"
+    pair = f"{single}{' ' + tokens['bos'] + ':1' if bos else ''} $B:1{' ' + tokens['eos'] + ':1' if eos else ''}"
+    special = ([(tokens["bos"], ids["bos"])] if bos else []) + ([(tokens["eos"], ids["eos"])] if eos else [])
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -147,18 +200,21 @@ def export_hf(ckpt_path: Path, out: Path) -> Path:
     hf = ARCHS[cfg.arch].hf
     if hf is None:
         raise CheckpointError(f"{ckpt.path} is a {cfg.arch} checkpoint, which has no Hugging Face counterpart here")
-    config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.task, ckpt.labels)
+    imported = ckpt.meta.get("imported", {}).get("config", {})
+    config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.task, ckpt.labels, imported)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer = ckpt.tokenizer()
-    config.update(hf.special_ids(tokenizer))
+    for key, value in hf.special_ids(tokenizer).items():
+        config.setdefault(key, value)  # an imported model's own ids stay
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if isinstance(tokenizer, HFTokenizer):
         (out / "tokenizer.json").write_bytes(tokenizer.model_bytes)
         tokens = {_SPECIAL_KEYS[role]: tokenizer.backend.id_to_token(i) for role, i in tokenizer.special.items()}
+        template = {"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {}
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": hf.tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens}, indent=2) + "\n",
-            encoding="utf-8")
+            {"tokenizer_class": hf.tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens, **template},
+            indent=2) + "\n", encoding="utf-8")
     elif ckpt.config.tokenizer.model_type in ("bpe", "unigram"):
         (out / "tokenizer.json").write_bytes(sentencepiece_to_hf(tokenizer, ckpt.config.tokenizer.model_type))
         tokens = {_SPECIAL_KEYS[role]: piece for role, piece in SPECIAL_PIECES.items()}

@@ -92,7 +92,13 @@ def _max_steps(stepper: Stepper, cfg: SampleConfig) -> int:
     return min(cfg.max_new_tokens, stepper.limit or cfg.max_new_tokens)
 
 
-def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int, *,
+def _stop_ids(eos: int | Sequence[int]) -> tuple[frozenset[int], int]:
+    """(every end-of-text id, the one that pads finished rows): a model may have several (Llama 3)."""
+    ids = frozenset([eos] if isinstance(eos, int) else eos)
+    return ids, min(ids)
+
+
+def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int | Sequence[int], *,
            prefixes: Sequence[list[int]] | None = None, generator: torch.Generator | None = None,
            stopped: Stopped | None = None,
            on_token: Callable[[int, list[int]], None] | None = None) -> list[Hypothesis]:
@@ -105,6 +111,7 @@ def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int, *,
     Returns:
         one Hypothesis per row (score 0: sampling does not rank).
     """
+    eos_ids, eos_id = _stop_ids(eos_id)
     prefixes = prefixes or [[] for _ in range(n_rows)]
     done = [Hypothesis([], 0.0, "length") for _ in range(n_rows)]
     finished = torch.zeros(n_rows, dtype=torch.bool)
@@ -117,7 +124,7 @@ def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int, *,
         for row, token in enumerate(next_ids.tolist()):
             if finished[row]:
                 continue
-            if token == eos_id:
+            if token in eos_ids:
                 done[row].finish_reason, finished[row] = "eos", True
                 continue
             done[row].tokens.append(token)
@@ -131,7 +138,7 @@ def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int, *,
     return done
 
 
-def beam_search(stepper: Stepper, n_inputs: int, cfg: SampleConfig, eos_id: int, *,
+def beam_search(stepper: Stepper, n_inputs: int, cfg: SampleConfig, eos_id: int | Sequence[int], *,
                 prefixes: Sequence[list[int]] | None = None, stopped: Stopped | None = None) -> list[list[Hypothesis]]:
     """The cfg.num_samples best continuations of each input by beam search of width K = cfg.beam.
 
@@ -150,6 +157,7 @@ def beam_search(stepper: Stepper, n_inputs: int, cfg: SampleConfig, eos_id: int,
         (finish_reason "length").
     """
     K, lp = cfg.beam, cfg.length_penalty
+    eos_ids, eos_id = _stop_ids(eos_id)
     n_rows = n_inputs * K
     prefixes = prefixes or [[] for _ in range(n_rows)]
     generated: list[list[int]] = [[] for _ in range(n_rows)]
@@ -174,7 +182,7 @@ def beam_search(stepper: Stepper, n_inputs: int, cfg: SampleConfig, eos_id: int,
                 if done[b] or score == -math.inf or len(live) == K:
                     break
                 row, token = b * K + index // V, index % V
-                if token == eos_id:
+                if token in eos_ids:
                     if rank < K:
                         _keep(finished[b], Hypothesis(list(generated[row]), score / length ** lp, "eos"), K)
                     continue

@@ -210,14 +210,15 @@ def _fit(a: list[int], b: list[int] | None, room: int) -> tuple[list[int], list[
 
 def encode_prompt_completions(examples: Sequence[PromptCompletion], tokenizer: Tokenizer,
                               max_len: int) -> list[tuple[list[int], int]]:
-    """EOS prompt completion EOS (EOS first, as `generate` puts it); returns (ids, prompt length).
+    """prompt completion EOS, the prompt encoded as `generate` encodes it (after EOS, or as an
+    imported model's tokenizer starts a text); returns (ids, prompt length).
 
     A prompt that does not fit loses its beginning; a completion its end. The leading EOS counts
     with the prompt: it is never a target.
     """
     encoded = []
     for example in examples:
-        prompt = [tokenizer.eos_id, *tokenizer.encode(example.prompt)]
+        prompt = tokenizer.encode_document(example.prompt) or [tokenizer.eos_id]  # never empty: see collate
         completion = [*tokenizer.encode(example.completion), tokenizer.eos_id]
         completion = completion[: max_len - min(len(prompt), max_len // 2)]
         prompt = prompt[-(max_len - len(completion)):]

@@ -14,8 +14,9 @@ import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -154,6 +155,18 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
 
+    def encode_document(self, text: str) -> list[int]:
+        """TEXT as the start of a document, as the model reads a prompt: after the end-of-text
+        token that separates documents in lmkit's training data."""
+        return [self.eos_id, *self.encode(text)]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end a generated text."""
+        return [self.eos_id]
+
+    chat_template: str | None = None  # lmkit's own models have none (yet)
+
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
 
@@ -192,7 +205,12 @@ class HFTokenizer:
 
     file_name = "tokenizer.json"
 
-    def __init__(self, json_bytes: bytes, special: dict[str, int], source: Path | None = None) -> None:
+    def __init__(self, json_bytes: bytes, special: dict[str, int], source: Path | None = None, *,
+                 prompts: str = "eos", stop_ids: Sequence[int] = (), chat_template: str | None = None) -> None:
+        """PROMPTS: "eos" (a document starts after an end-of-text token, as lmkit's own and GPT-2
+        read prompts) or "tokenizer" (as transformers encodes them: the tokenizer's post-processor
+        adds its BOS, or nothing). STOP_IDS: the tokens that end a generated text (config.json's
+        eos_token_id, which may be a list; default: eos). CHAT_TEMPLATE: tokenizer_config.json's."""
         from tokenizers import Tokenizer as Backend
 
         try:
@@ -216,6 +234,10 @@ class HFTokenizer:
         self.n_special = 0  # the specials are not the lowest ids: see special_ids
         newline = self.backend.encode("\n", add_special_tokens=False).ids
         self.newline_id = newline[0] if len(newline) == 1 else -1
+        if prompts not in ("eos", "tokenizer"):
+            raise CheckpointError(f"unknown prompt convention {prompts!r}")
+        self.prompts, self.chat_template = prompts, chat_template
+        self.stop_ids = list(stop_ids) or [self.eos_id]
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -227,6 +249,17 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
+    def encode_document(self, text: str) -> list[int]:
+        """TEXT as the start of a document (a prompt): AutoTokenizer's ids for it, or, for GPT-2
+        style models, its ids after the end-of-text token."""
+        if self.prompts == "tokenizer":
+            return self.backend.encode(text, add_special_tokens=True).ids
+        return [self.eos_id, *self.encode(text)]
+
+    def options(self) -> dict[str, object]:
+        """What a checkpoint records, beside the file and the special ids, to rebuild this tokenizer."""
+        return {"prompts": self.prompts, "stop_ids": self.stop_ids, "chat_template": self.chat_template}
+
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
 
@@ -234,13 +267,14 @@ class HFTokenizer:
 AnyTokenizer = Tokenizer | HFTokenizer
 
 
-def load_tokenizer(path: Path, special: dict[str, int] | None = None) -> AnyTokenizer:
-    """The tokenizer in file PATH: tokenizer.json (Hugging Face, with its SPECIAL ids) or a
-    sentencepiece model."""
+def load_tokenizer(path: Path, special: dict[str, int] | None = None,
+                   options: dict[str, Any] | None = None) -> AnyTokenizer:
+    """The tokenizer in file PATH: tokenizer.json (Hugging Face, with its SPECIAL ids and the
+    OPTIONS of HFTokenizer.options()) or a sentencepiece model."""
     if path.name == HFTokenizer.file_name:
         if not path.is_file():
             raise CheckpointError(f"no tokenizer at {path}")
-        return HFTokenizer(path.read_bytes(), special or {}, source=path)
+        return HFTokenizer(path.read_bytes(), special or {}, source=path, **(options or {}))
     return Tokenizer.load(path)
 
 

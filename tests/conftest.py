@@ -47,7 +47,7 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory, sample_text: str) -> 
 
 def tiny_run_config(**train_overrides: object) -> RunConfig:
     """The tiny preset shrunk further: vocab 512, context 32, a few dozen steps."""
-    cfg = config.resolve(flags={"preset": "tiny", "tokenizer.vocab_size": 512, "model.max_seq_len": 32,
+    cfg = config.resolve(flags={"arch": "gpt", "preset": "tiny", "tokenizer.vocab_size": 512, "model.max_seq_len": 32,
                                 "train.max_steps": 40, "train.eval_interval": 20, "train.log_interval": 1,
                                 "train.batch_size": 8, "train.warmup_steps": 5})
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
@@ -98,6 +98,21 @@ def tiny_seq2seq_project(tmp_path_factory: pytest.TempPathFactory, tiny_project:
     """The tiny project's tokenizer and data, with a short encoder-decoder (denoising) run."""
     project = _sibling_project(tmp_path_factory, tiny_project, "tiny_seq2seq")
     train.pretrain(project, [], tiny_seq2seq_config())
+    return project
+
+
+def tiny_llama_config(**train_overrides: object) -> RunConfig:
+    cfg = config.resolve(flags={"arch": "llama", "preset": "tiny", "model.max_seq_len": 32, "model.qk_norm": True,
+                                "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
+                                "train.batch_size": 8, "train.warmup_steps": 5})
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project) -> Project:
+    """The tiny project's tokenizer and data, with a short run of the modern decoder (GQA, QK-norm)."""
+    project = _sibling_project(tmp_path_factory, tiny_project, "tiny_llama")
+    train.pretrain(project, [], tiny_llama_config())
     return project
 
 

@@ -10,10 +10,12 @@ from lmkit.config import ConfigError, RunConfig
 
 def test_defaults_come_from_the_default_preset() -> None:
     cfg = config.resolve()
-    assert cfg.preset == "default" and cfg.model.arch == "gpt"
-    assert cfg.model == config.ModelConfig() and cfg.train == config.TrainConfig()  # the default preset
+    assert cfg.preset == "default" and cfg.model.arch == "llama"  # the measured winner (lmkit/presets.py)
+    assert cfg.model.n_kv_head == 2 and not cfg.model.bias and cfg.model.activation == "silu"
+    gpt = config.resolve(flags={"arch": "gpt"})
+    assert gpt.model == config.ModelConfig(arch="gpt") and gpt.train == config.TrainConfig()  # gpt: the defaults
     small = config.resolve(flags={"preset": "small"})
-    assert small.model.d_model == config.PRESETS["gpt"]["small"]["model"]["d_model"]
+    assert small.model.d_model == config.PRESETS["llama"]["small"]["model"]["d_model"]
 
 
 def test_precedence_preset_file_config_set_flags(tmp_path) -> None:

@@ -81,11 +81,12 @@ class _CountThenStop(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.config = ModelConfig(vocab_size=300, max_seq_len=64)
+        self.config = ModelConfig(arch="gpt", vocab_size=300, max_seq_len=64)
         self.calls = 0
 
-    def new_cache(self, batch, device, dtype):
-        return GPT(dataclasses.replace(self.config, d_model=8, n_head=1, n_layer=1)).new_cache(batch, device, dtype)
+    def new_cache(self, batch, device, dtype, length=None):
+        return GPT(dataclasses.replace(self.config, d_model=8, n_head=1, n_layer=1)).new_cache(batch, device, dtype,
+                                                                                              length)
 
     def forward(self, idx, cache=None):
         cache[0].length += idx.size(1)

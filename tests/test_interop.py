@@ -166,9 +166,9 @@ def test_import_errors_name_the_problem(gpt2_dir, tmp_path) -> None:
     other = tmp_path / "other"
     shutil.copytree(gpt2_dir, other)
     config = json.loads((other / "config.json").read_text())
-    llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    (other / "config.json").write_text(json.dumps(llama))
-    with pytest.raises(CheckpointError, match="model_type 'llama' \\(LlamaForCausalLM\\) is not supported"):
+    gemma = {**config, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}
+    (other / "config.json").write_text(json.dumps(gemma))
+    with pytest.raises(CheckpointError, match="model_type 'gemma' \\(GemmaForCausalLM\\) is not supported"):
         interop.import_hf(other, project)
     (other / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx=True"):

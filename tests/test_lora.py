@@ -71,3 +71,12 @@ def test_a_merged_model_gives_the_logits_of_base_plus_adapters(classifier) -> No
     merged_logits, _ = merged(*batch(9))
     assert not torch.allclose(with_adapters, base_logits)  # training moved the outputs
     torch.testing.assert_close(merged_logits, with_adapters, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_adapters_cover_attention_and_the_gated_mlp() -> None:
+    model = build_model(ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2,
+                                    d_ff=48, max_seq_len=16, bias=False, activation="silu"))
+    lora.add_adapters(model, LoraConfig(rank=2, targets="all"))
+    wrapped = sorted(name for name, module in model.named_modules() if isinstance(module, lora.LoRALinear))
+    assert len(wrapped) == 2 * 7 and "model.layers.1.mlp.gate_proj" in wrapped
+    assert "model.layers.0.self_attn.k_proj" in wrapped and "lm_head" not in wrapped

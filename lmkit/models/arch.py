@@ -66,12 +66,19 @@ class HFMapping:
 
     model_types: tuple[str, ...]  # config.json "model_type" values imported onto this architecture
     config_in: Callable[[dict[str, Any]], ModelConfig]
-    weights_in: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    # Hub weight names -> lmkit's (all tensors at once: BERT fuses q, k and v); None: the names are
+    # lmkit's already, and the tensors stream in one at a time
+    weights_in: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
     may_lack: Callable[[dict[str, Any]], set[str]]  # lmkit weights a Hub checkpoint may lack (fresh init or tied)
-    # (model config, lmkit state dict, task, labels) -> (HF config.json, HF weights); raises for tasks it lacks
-    export: Callable[[ModelConfig, dict[str, torch.Tensor], str, list[str]], tuple[dict[str, Any], dict[str, Any]]]
+    # (model config, lmkit state dict, task, labels, the imported config.json or {}) -> (HF config.json,
+    # HF weights); raises for tasks it lacks
+    export: Callable[[ModelConfig, dict[str, torch.Tensor], str, list[str], dict[str, Any]],
+                     tuple[dict[str, Any], dict[str, Any]]]
     special_ids: Callable[[Any], dict[str, int]]  # the config.json token ids of a tokenizer
     tokenizer_class: str  # written in tokenizer_config.json for an imported tokenizer
+    # Prompts as transformers encodes them (the tokenizer's own special tokens, a BOS where it adds
+    # one); False: as lmkit's own models read them, after an end-of-text token (GPT-2's convention)
+    tokenizer_prompts: bool = False
 
 
 @dataclass(frozen=True)

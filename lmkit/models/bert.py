@@ -190,8 +190,8 @@ def weights_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str,
-              labels: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, labels: list[str],
+              imported: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A BERT language model as BertForMaskedLM, a BERT classifier as BertForSequenceClassification."""
     config = {"model_type": "bert", "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,

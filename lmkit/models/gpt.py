@@ -79,9 +79,11 @@ class GPT(nn.Module):
         loss = objectives.next_token_loss(logits, targets) if targets is not None else None
         return logits, loss
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list[KVCache]:
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                  length: int | None = None) -> list[KVCache]:
+        """One cache per layer for LENGTH positions (default: the whole context)."""
         cfg = self.config
-        return [KVCache(batch, cfg.n_head, cfg.d_model // cfg.n_head, cfg.max_seq_len, device, dtype)
+        return [KVCache(batch, cfg.n_head, cfg.d_model // cfg.n_head, length or cfg.max_seq_len, device, dtype)
                 for _ in range(cfg.n_layer)]
 
     def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
@@ -122,8 +124,8 @@ def weights_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str,
-              labels: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, labels: list[str],
+              imported: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A GPT language model as GPT2LMHeadModel (config.json, weights)."""
     activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation)
     if task != "lm" or activation is None or not (cfg.bias and cfg.tie_embeddings):
