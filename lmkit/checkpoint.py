@@ -295,17 +295,32 @@ def load_weights(model: nn.Module, path: Path) -> tuple[set[str], list[str], lis
     """
     state = model.state_dict()  # views of the parameters themselves: copying into them loads the model
     try:
-        with safe_open(path, "pt") as f, torch.no_grad():
+        with safe_open(path, "pt") as f:  # checks the header against the file's size
             stored = set(f.keys())
+        # Read each tensor's bytes with plain file reads: safe_open's tensors are views of a memory
+        # map, whose pages would all count as resident at once (a second copy of the weights).
+        with open(path, "rb") as f, torch.no_grad():
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
             for name in sorted(stored & state.keys()):
-                tensor = f.get_tensor(name)
-                if tensor.shape != state[name].shape:
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                info = header[name]
+                if tuple(info["shape"]) != tuple(state[name].shape):
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(info['shape'])}, the model's is "
                                           f"{tuple(state[name].shape)}")
-                state[name].copy_(tensor)
-    except (FileNotFoundError, SafetensorError, OSError) as err:
+                start, end = info["data_offsets"]
+                f.seek(8 + header_size + start)
+                data = bytearray(end - start)
+                f.readinto(data)
+                if data:
+                    state[name].copy_(torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).view(info["shape"]))
+    except (FileNotFoundError, SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
     return stored, sorted(state.keys() - stored), sorted(stored - state.keys())
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # safetensors' names
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:
