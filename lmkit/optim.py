@@ -65,10 +65,6 @@ class MuonAndAdamW:
         """Both optimizers' groups (their own dicts, so lr updates reach them; load_state_dict replaces them)."""
         return self.adamw.param_groups + self.muon.param_groups
 
-    @property
-    def state(self) -> dict[Any, Any]:
-        return {**self.adamw.state, **self.muon.state}
-
     def step(self, closure: Any = None) -> None:
         self.adamw.step()
         self.muon.step()

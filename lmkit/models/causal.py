@@ -39,8 +39,22 @@ def pair_layout(tokenizer: Tokenizer) -> PairLayout:
     return PairLayout([], [tokenizer.eos_id], [tokenizer.eos_id])
 
 
-def last_token_state(hidden: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) states, (B, T) mask of real tokens (padding on the right) -> (B, C) at each row's last token.
-    Causal attention: right padding never reaches the real positions, so the states need no mask."""
-    last = pad_mask.sum(dim=1) - 1  # (B,)
-    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+class CausalLM(nn.Module):
+    """What a decoder-only model (GPT, llama) does on top of its own hidden_states(idx, cache) and
+    lm_head: next-token logits and loss, and the state a classifier reads."""
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for IDX (B, T); with TARGETS (B, T) also the mean next-token loss over
+        the positions whose target is not objectives.IGNORE. With CACHE (a list of KVCache), IDX
+        continues the cached positions."""
+        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, C) -> (B, T, V)
+        loss = objectives.next_token_loss(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, (B, T) mask of real tokens (padding on the right) -> (B, C) at each row's last
+        real token. Causal attention: right padding never reaches the real positions, so no mask."""
+        hidden = self.hidden_states(idx)  # (B, T, C)
+        last = pad_mask.sum(dim=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit import evaluate, objectives
+from lmkit import evaluate
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
@@ -39,7 +39,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(causal.CausalLM):
+    """GPT-2: embeddings + positions -> blocks -> LayerNorm (hidden_states); forward and the
+    classifier's summary are causal.CausalLM's."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -71,24 +74,12 @@ class GPT(nn.Module):
             x = run_block(block, self.grad_checkpoint and self.training, x, cache[i] if cache else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) for IDX (B, T); with TARGETS (B, T) also the mean next-token loss over
-        the positions whose target is not objectives.IGNORE."""
-        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, C) -> (B, T, V)
-        loss = objectives.next_token_loss(logits, targets) if targets is not None else None
-        return logits, loss
-
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32,
                   length: int | None = None) -> list[KVCache]:
         """One cache per layer for LENGTH positions (default: the whole context)."""
         cfg = self.config
         return [KVCache(batch, cfg.n_head, cfg.d_model // cfg.n_head, length or cfg.max_seq_len, device, dtype)
                 for _ in range(cfg.n_layer)]
-
-    def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, C): the state a classifier reads, at the last real token."""
-        return causal.last_token_state(self.hidden_states(idx), pad_mask)
 
 
 # --- Hugging Face GPT-2 -------------------------------------------------------------------------

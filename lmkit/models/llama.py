@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit import evaluate, objectives
+from lmkit import evaluate
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
@@ -47,7 +47,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(causal.CausalLM):
+    """Embeddings -> blocks (rotary positions inside attention) -> RMSNorm (hidden_states); forward
+    and the classifier's summary are causal.CausalLM's."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -81,14 +84,6 @@ class Llama(nn.Module):
             x = run_block(block, self.grad_checkpoint and self.training, x, rotary, cache[i] if cache else None)
         return self.model.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) for IDX (B, T); with TARGETS (B, T) also the mean next-token loss over
-        the positions whose target is not objectives.IGNORE."""
-        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, C) -> (B, T, V)
-        loss = objectives.next_token_loss(logits, targets) if targets is not None else None
-        return logits, loss
-
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32,
                   length: int | None = None) -> list[KVCache]:
         """One cache per layer for LENGTH positions (default: the whole context), of n_kv_head heads:
@@ -96,10 +91,6 @@ class Llama(nn.Module):
         cfg = self.config
         return [KVCache(batch, cfg.kv_heads, cfg.attention_head_dim, length or cfg.max_seq_len, device, dtype)
                 for _ in range(cfg.n_layer)]
-
-    def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, C): the state a classifier reads, at the last real token."""
-        return causal.last_token_state(self.hidden_states(idx), pad_mask)
 
 
 # --- Hugging Face Llama, Qwen2, Qwen3, Mistral ---------------------------------------------------
