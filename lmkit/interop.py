@@ -94,6 +94,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    """A JSON object a Hub directory may have (tokenizer and generation settings); {} when absent."""
+    return _read_json(path, "a Hugging Face model directory") if path.is_file() else {}
+
+
 def _weight_files(source: Path) -> list[Path]:
     """model.safetensors, or the shards its index names. Pickled weights (pytorch_model.bin) are
     refused: loading a pickle can run arbitrary code."""
@@ -134,10 +139,8 @@ def _read_tokenizer(source: Path, config: dict[str, Any], tokenizer_prompts: boo
     if not path.is_file():
         raise CheckpointError(f"{source} has no tokenizer.json (a 'fast' tokenizer file); save the tokenizer with "
                               "transformers' AutoTokenizer.save_pretrained first")
-    named: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (source / name).is_file():
-            named.update(_read_json(source / name, "a tokenizer directory"))
+    settings = _read_optional_json(source / "tokenizer_config.json")
+    named = {**_read_optional_json(source / "special_tokens_map.json"), **settings}
     from tokenizers import Tokenizer as Backend
 
     try:
@@ -153,13 +156,10 @@ def _read_tokenizer(source: Path, config: dict[str, Any], tokenizer_prompts: boo
     json_bytes = path.read_bytes()
     if not tokenizer_prompts:
         return HFTokenizer(json_bytes, special, source=path)
-    settings = _read_json(source / "tokenizer_config.json", "a tokenizer directory") if (
-        source / "tokenizer_config.json").is_file() else {}
     if {"add_bos_token", "add_eos_token"} & set(settings) or backend.post_processor is None:
         backend.post_processor = _template(settings, tokens, special)
         json_bytes = backend.to_str().encode("utf-8")
-    generation = _read_json(source / "generation_config.json", "a generation config") if (
-        source / "generation_config.json").is_file() else {}
+    generation = _read_optional_json(source / "generation_config.json")
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     stop_ids = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     template = settings.get("chat_template")
