@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmkit import search, train  # noqa: E402
+from lmkit.batches import LMBatch  # noqa: E402
 from lmkit.config import ModelConfig, SampleConfig, TokenizerConfig, TrainConfig  # noqa: E402
 from lmkit.corpus import split_lines  # noqa: E402
 from lmkit.generate import CausalStepper  # noqa: E402
@@ -149,7 +150,7 @@ def training(shape: Shape, repeats: int, steps: int, peak: float) -> dict:
     cfg = TrainConfig(grad_accum=1, grad_clip=1.0)
     ours_opt = train.make_optimizer(model, cfg)
     ours_params = [p for p in model.parameters() if p.requires_grad]
-    batches = iter(lambda: (inputs, targets), None)
+    batches = iter(lambda: LMBatch(inputs, targets), None)
 
     def ours() -> None:
         for _ in range(steps):

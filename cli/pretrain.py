@@ -39,7 +39,8 @@ def pretrain(
         show_default=False, help="Text files (.txt, .jsonl, .gz) (default: the project's prepared data).")] = None,
     arch: Annotated[Optional[str], typer.Option(show_default=False, help=ARCH_HELP)] = None,
     preset: Annotated[Optional[str], typer.Option(
-        show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores) or small.")] = None,
+        show_default=False, help="tiny (seconds, for smoke tests), default (~10 min on 2 CPU cores), small, or "
+        "for llama long (~22 min on 2 CPU cores, context 128: the transfer-learning model).")] = None,
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,

@@ -2,6 +2,11 @@
 unpacks, moves between devices and splits between ranks as a tuple.
 
 Shapes: B rows, T positions (S source positions for the encoder-decoder).
+
+A batch's loss_units() are what each term of its objective's loss is averaged over (scored
+tokens, pairs, examples): a training step divides the summed losses of all its micro-batches, on
+all ranks, by their units added up, so the step's loss is the one of the whole global batch
+however it is split.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ class LMBatch(NamedTuple):
         """Tokens read, for throughput figures."""
         return self.inputs.numel()
 
+    def loss_units(self) -> torch.Tensor:
+        """(1,) the scored targets: what the loss is averaged over."""
+        return (self.targets != IGNORE).sum().reshape(1)
+
 
 class MaskedLMBatch(NamedTuple):
     """BERT pretraining: masked tokens to restore and whether sentence B follows sentence A."""
@@ -38,6 +47,11 @@ class MaskedLMBatch(NamedTuple):
     @property
     def size(self) -> int:
         return self.ids.numel()
+
+    def loss_units(self) -> torch.Tensor:
+        """(2,) masked tokens and pairs: what the MLM and NSP losses are averaged over."""
+        return torch.stack([(self.mlm_labels != IGNORE).sum(), torch.tensor(self.nsp_labels.numel(),
+                                                                             device=self.nsp_labels.device)])
 
 
 class ClassifyBatch(NamedTuple):
@@ -53,6 +67,10 @@ class ClassifyBatch(NamedTuple):
         """Examples, for throughput figures."""
         return self.ids.size(0)
 
+    def loss_units(self) -> torch.Tensor:
+        """(1,) the labelled examples."""
+        return (self.labels != IGNORE).sum().reshape(1)
+
 
 class Seq2SeqBatch(NamedTuple):
     """Encoder-decoder, teacher forced: the decoder reads tgt_in and predicts targets."""
@@ -66,6 +84,10 @@ class Seq2SeqBatch(NamedTuple):
     def size(self) -> int:
         """Target tokens predicted."""
         return int((self.targets != IGNORE).sum())
+
+    def loss_units(self) -> torch.Tensor:
+        """(1,) the target tokens."""
+        return (self.targets != IGNORE).sum().reshape(1)
 
 
 Batch = LMBatch | MaskedLMBatch | ClassifyBatch | Seq2SeqBatch

@@ -77,6 +77,10 @@ class ModelConfig:
     activation: Literal["gelu_tanh", "gelu", "silu"] = "gelu_tanh"  # GPT-2: the tanh approximation; llama: silu
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # What a classifier on this model reads: "auto" is the architecture's own summary state (BERT's
+    # pooled [CLS], a decoder's last real token); "mean" averages the final hidden states of the
+    # real tokens, which every position's training shaped, not just one.
+    pooling: Literal["auto", "mean"] = "auto"
     # The modern decoder (llama) only:
     n_kv_head: int = 0  # key/value heads of grouped-query attention; 0 means n_head (multi-head), 1 multi-query
     head_dim: int = 0  # 0 means d_model // n_head
@@ -103,6 +107,7 @@ class ModelConfig:
                f"the head dimension {self.attention_head_dim} must be even for rotary positions")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        _check(self.pooling in ("auto", "mean"), f"model.pooling={self.pooling!r} must be auto or mean")
         _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
         _check(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1")
         _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,

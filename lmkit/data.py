@@ -95,11 +95,11 @@ class BertPairs(SeededSampler):
     """Endless BERT pretraining batches from a token array, sampled as BERT did it.
 
     Each example is `[CLS] A [SEP] B [SEP]`, padded to SEQ_LEN: A is a run of whole lines (a
-    "sentence" here is a line), B is the text right after A (label 0, is next) or, half of the
-    time, text from a random place far away (label 1). 10% of examples are shorter than SEQ_LEN, as
-    in BERT, so the model also sees short inputs. Masks are drawn anew every time (dynamic
-    masking): of the real tokens, MASK_PROB are chosen for prediction; of those 80% become [MASK],
-    10% a random token, 10% stay. Specials and padding are never chosen.
+    "sentence" here is a line), B the text from the line after A (label 0, is next) or, half of
+    the time, from a random line away from A (label 1), as long as the room left (see _pair).
+    10% of examples are shorter than SEQ_LEN, as in BERT, so the model also sees short inputs.
+    Masks are drawn anew every time (dynamic masking): of the real tokens, MASK_PROB are chosen
+    for prediction; of those 80% become [MASK], 10% a random token, 10% stay. Specials and padding are never chosen.
 
     Batches: MaskedLMBatch.
     """
@@ -132,29 +132,58 @@ class BertPairs(SeededSampler):
         return MaskedLMBatch(masked, types, pad, labels, nsp)
 
     def _pair(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(A, B, label) with len(A) + len(B) <= seq_len - 3; label 0 when B follows A."""
+        """(A, B, label) with len(A) + len(B) <= seq_len - 3; label 0 when B follows A.
+
+        The label must not be readable from the pair's form, or next-sentence accuracy measures the
+        form: both kinds of B start at a line start and fill the room A leaves (cut mid-line, as
+        BERT truncated its pairs: cutting at a line end would let B's end tell the label, as long
+        lines cluster in prose and A's lines predict its true continuation's); a pair whose B
+        would run past the end of the text is drawn again, whatever its kind, so neither kind is
+        cut short; a random B never overlaps A or A's true continuation.
+        """
+        start, a_end, b_start, b_end, label = self.pair_spans()
+        return torch.from_numpy(self.tokens[start:a_end]), torch.from_numpy(self.tokens[b_start:b_end]), label
+
+    def pair_spans(self) -> tuple[int, int, int, int, int]:
+        """(A's start, A's end, B's start, B's end, label) of the next pair, as positions in self.tokens."""
+        is_random = bool(torch.rand((), generator=self.generator) < 0.5)
+        for _ in range(100):
+            spans = self._try_spans(is_random)
+            if spans is not None:
+                return spans
+        raise DataError(f"{len(self.tokens)} tokens are too few to draw next-sentence pairs whose random half "
+                        "does not overlap the first half's text; add text or lower model.max_seq_len")
+
+    def _random_line_start(self) -> int:
+        return int(self.line_starts[self._randint(0, len(self.line_starts))])
+
+    def _try_spans(self, is_random: bool) -> tuple[int, int, int, int, int] | None:
+        """One draw of pair_spans, or None when it must be drawn again."""
         budget = self.max_pair
         if torch.rand((), generator=self.generator) < 0.1:
             budget = self._randint(2, budget + 1)
-        n = len(self.tokens)
-        start = int(self.line_starts[self._randint(0, len(self.line_starts))])
-        start = min(start, n - budget)  # room for a full pair
-        # A ends at the last line boundary before a random split point (or at the split point
-        # itself when the first line is longer than that).
+        n, starts = len(self.tokens), self.line_starts
+        start = self._random_line_start()
+        if start + budget > n:
+            return None
+        # A: whole lines up to a random split point (its first line cut there when it is longer).
         split = start + self._randint(1, budget)
-        boundary = self.line_starts[np.searchsorted(self.line_starts, split, side="right") - 1]
-        a_end = int(boundary) if boundary > start else split
-        a = torch.from_numpy(self.tokens[start:a_end])
-        b_len = budget - len(a)
-        is_random = bool(torch.rand((), generator=self.generator) < 0.5)
-        b_start = a_end
+        boundary = int(starts[np.searchsorted(starts, split, side="right") - 1])
+        a_end = boundary if boundary > start else split
+        b_len = budget - (a_end - start)
+        following = int(starts[np.searchsorted(starts, a_end)]) if a_end <= starts[-1] else n  # next line start
+        b_start = following
         if is_random:
-            for _ in range(10):  # a random line, preferably away from A's own neighbourhood
-                b_start = int(self.line_starts[self._randint(0, len(self.line_starts))])
-                if abs(b_start - a_end) > self.seq_len:
+            b_start = self._random_line_start()
+            for _ in range(10):  # away from A and from A's true continuation
+                if b_start + b_len <= start or b_start >= following + b_len:
                     break
-        b = torch.from_numpy(self.tokens[b_start:b_start + b_len])
-        return a, b, int(is_random)
+                b_start = self._random_line_start()
+            else:
+                return None
+        if b_start + b_len > n:
+            return None
+        return start, a_end, b_start, b_start + b_len, int(is_random)
 
     def _mask(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """80/10/10 masking of MASK_PROB of the real tokens; at least one per row."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit import checkpoint, corpus, distributed, objectives, prepare
+from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit.batches import IGNORE, Batch, to_device
 from lmkit.config import PRESETS, DistillConfig, ModelConfig, RunConfig, resolve
 from lmkit.device import autocast, pick_device
@@ -94,18 +94,24 @@ class DistillLoss:
     cosine: bool  # widths match and cosine_weight > 0
 
     def __call__(self, student: nn.Module, batch: Batch) -> torch.Tensor:
+        """Summed losses in the first term of batch.loss_units() (the scored tokens or examples,
+        the rows of Scored.logits), zeros for the others (BERT's NSP is not distilled)."""
         s = self.scored(student, batch)
         with torch.no_grad():
             t = self.scored(self.teacher, batch)
+        rows = s.logits.size(0)
         loss = torch.zeros((), device=s.logits.device)
         if self.cfg.soft_weight:
             soft = soft_target_loss(s.logits, t.logits, self.cfg.temperature, self.cfg.kl, self.cfg.jsd_beta)
-            loss = loss + self.cfg.soft_weight * soft
+            loss = loss + self.cfg.soft_weight * soft * rows
         if self.cfg.hard_weight and (s.labels != IGNORE).any():
-            loss = loss + self.cfg.hard_weight * objectives.classification_loss(s.logits, s.labels)
+            hard = F.cross_entropy(s.logits.float(), s.labels, ignore_index=IGNORE, reduction="sum")
+            loss = loss + self.cfg.hard_weight * hard
         if self.cosine:
-            loss = loss + self.cfg.cosine_weight * cosine_loss(s.hidden, t.hidden)
-        return loss
+            # per hidden row, counted as the scored rows (the same rows but for BERT, whose cosine
+            # covers every real token: there it is each micro-batch's mean, weighed by its masked tokens)
+            loss = loss + self.cfg.cosine_weight * cosine_loss(s.hidden, t.hidden) * rows
+        return torch.cat([loss.reshape(1), loss.new_zeros(len(batch.loss_units()) - 1)])
 
 
 # --- the student --------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ copy of the model wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU),
 gradients across ranks in backward.
 
 Every rank draws the same global batch from the same seeded sampler and trains on its own slice
-of the rows, so `train.batch_size` is the global micro-batch whatever N is, the averaged gradient
-is the single-process one, and the sampler state in a checkpoint resumes any number of ranks.
+of the rows, so `train.batch_size` is the global micro-batch whatever N is, and the sampler state
+in a checkpoint resumes any number of ranks. Losses are summed over scored units and divided by
+the units of the whole global batch (counted with one all-reduce before the first forward), so
+the gradient is the single-process one even when ranks score different numbers of tokens.
 Rank 0 alone writes checkpoints, metrics and messages; creating the tokenizer, the prepared data
 and the run folder happens on rank 0 while the others wait.
 
@@ -114,13 +116,13 @@ def broadcast(world: World, value: T) -> T:
     return box[0]
 
 
-def mean(world: World, value: torch.Tensor) -> torch.Tensor:
-    """VALUE averaged over ranks."""
+def total(world: World, value: torch.Tensor) -> torch.Tensor:
+    """VALUE summed over ranks."""
     if not world.enabled:
         return value
     value = value.detach().clone()
     dist.all_reduce(value)
-    return value / world.size
+    return value
 
 
 def agree(world: World, finished: bool, signum: int | None) -> tuple[bool, int | None]:
@@ -134,8 +136,8 @@ def agree(world: World, finished: bool, signum: int | None) -> tuple[bool, int |
 
 
 def mean_metrics(world: World, metrics: dict[str, float], weight: int) -> dict[str, float]:
-    """Metrics measured on each rank's part of the validation batches, averaged with each rank's
-    number of batches as its weight."""
+    """Metrics measured on each rank's part of the validation batches, averaged with WEIGHT, each
+    rank's scored units (tokens, examples), as the weight: the loss per token of all of them."""
     if not world.enabled:
         return metrics
     keys = sorted(metrics)

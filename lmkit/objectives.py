@@ -1,7 +1,10 @@
 """Training objectives: losses on model outputs, and the validation metrics that go with them.
 
-A loss function takes (model, batch) and returns a scalar; the training loop knows nothing else
-about it. Batches are the named tuples of lmkit.batches, made by lmkit.data and lmkit.tasks.
+A loss function takes (model, batch) and returns the SUMMED losses of its terms, a (K,) tensor
+(K = 1, or MLM and NSP for BERT), to be divided by the units of the whole global batch
+(batch.loss_units(), added up over micro-batches and ranks): a mean of per-micro-batch means would
+weigh a token of a sparse micro-batch more than one of a dense one. The training loop knows
+nothing else about it. Batches are the named tuples of lmkit.batches, made by lmkit.data and lmkit.tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from lmkit.metrics import accuracy_and_macro_f1
 
 __all__ = ["IGNORE", "Batch"]  # re-exported: most modules take them from here
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # (K,) summed losses, one per term of batch.loss_units()
 MetricsFn = Callable[[nn.Module, Sequence[Batch]], dict[str, float]]  # validation metrics, "val_loss" among them
 
 
@@ -36,19 +39,28 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def causal_lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
-    """Decoders (GPT, llama): mean next-token loss."""
-    return model(batch.inputs, batch.targets)[1]
+    """Decoders (GPT, llama): (1,) summed next-token loss."""
+    return next_token_loss(model(batch.inputs)[0], batch.targets, reduction="sum").reshape(1)
 
 
 def mlm_nsp_loss(model: nn.Module, batch: MaskedLMBatch) -> torch.Tensor:
-    """BERT: MLM + NSP."""
-    return model(batch.ids, batch.token_types, batch.pad_mask, batch.mlm_labels, batch.nsp_labels)[1]
+    """BERT: (2,) summed MLM loss (over masked tokens) and NSP loss (over pairs)."""
+    logits, _ = model(batch.ids, batch.token_types, batch.pad_mask, batch.mlm_labels)
+    mlm = F.cross_entropy(logits.mlm.float(), batch.mlm_labels[batch.mlm_labels != IGNORE], reduction="sum")
+    return torch.stack([mlm, F.cross_entropy(logits.nsp.float(), batch.nsp_labels, reduction="sum")])
+
+
+def mean_loss(loss_fn: LossFn, model: nn.Module, batches: Sequence[Batch]) -> float:
+    """LOSS_FN over BATCHES as one batch: each term's sum over all of them divided by its units."""
+    sums = torch.stack([loss_fn(model, b) for b in batches]).sum(0)
+    units = torch.stack([b.loss_units() for b in batches]).sum(0)
+    return (sums / units.clamp(min=1)).sum().item()
 
 
 @torch.no_grad()
 def causal_lm_metrics(model: nn.Module, batches: Sequence[LMBatch]) -> dict[str, float]:
-    """Mean next-token loss over BATCHES (already on the model's device)."""
-    return {"val_loss": sum(causal_lm_loss(model, b).item() for b in batches) / len(batches)}
+    """Next-token loss per scored token over BATCHES (already on the model's device)."""
+    return {"val_loss": mean_loss(causal_lm_loss, model, batches)}
 
 
 @torch.no_grad()
@@ -70,8 +82,8 @@ def mlm_nsp_metrics(model: nn.Module, batches: Sequence[MaskedLMBatch]) -> dict[
 
 
 def seq2seq_loss(model: nn.Module, batch: Seq2SeqBatch) -> torch.Tensor:
-    """Encoder-decoder: mean loss per target token, teacher forced."""
-    return model(batch.src, batch.src_pad, batch.tgt_in, batch.targets)[1]
+    """Encoder-decoder: (1,) summed loss of the target tokens, teacher forced."""
+    return next_token_loss(model(batch.src, batch.src_pad, batch.tgt_in)[0], batch.targets, reduction="sum").reshape(1)
 
 
 @torch.no_grad()
@@ -89,8 +101,9 @@ def seq2seq_metrics(model: nn.Module, batches: Sequence[Seq2SeqBatch]) -> dict[s
 
 
 def classify_loss(model: nn.Module, batch: ClassifyBatch) -> torch.Tensor:
-    """Sequence classification: mean cross-entropy of the labels."""
-    return model(batch.ids, batch.token_types, batch.pad_mask, batch.labels)[1]
+    """Sequence classification: (1,) summed cross-entropy of the labels."""
+    logits, _ = model(batch.ids, batch.token_types, batch.pad_mask)
+    return F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum").reshape(1)
 
 
 @torch.no_grad()

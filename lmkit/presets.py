@@ -36,6 +36,15 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             # 1800 steps of dropout-0.1 training take what GPT's 2500 take here (~450 s on 2 cores)
             "train": {"batch_size": 32, "max_steps": 1800, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 100},
         },
+        # For transfer learning on 2 CPU cores (~22 min on shakespeare_pretrain.txt, 1.5M tokens, ~6.5
+        # epochs): wider, and a context of 128 that holds a whole genre passage (117 tokens on
+        # average; the default's 64 cuts half of it off). bench/transfer.py measures what it buys.
+        "long": {
+            "model": {"d_model": 192, "n_layer": 4, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 128,
+                      "dropout": 0.1, **_LLAMA_MODEL},
+            "train": {"batch_size": 32, "max_steps": 2400, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 200,
+                      "eval_interval": 200},
+        },
         "small": {
             "tokenizer": {"vocab_size": 4096},
             "model": {"d_model": 384, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "d_ff": 1024, "max_seq_len": 256,

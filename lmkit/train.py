@@ -203,7 +203,7 @@ def train_loop(
         finished = _finished(state, cfg)
         while not finished and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
-            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler)
+            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler, world)
             state.step += 1
             state.tokens_seen += tokens_per_step
             state.elapsed = elapsed_before + time.perf_counter() - start
@@ -213,8 +213,8 @@ def train_loop(
             if not (evaluating or finished or stop["signal"] or state.step % cfg.log_interval == 0):
                 continue
 
-            # The one host sync per log interval (plus, with several ranks, the mean over them).
-            latest["train_loss"] = distributed.mean(world, step_loss).item()
+            # The one host sync per log interval (plus, with several ranks, the sum of their shares).
+            latest["train_loss"] = distributed.total(world, step_loss).item()
             now = time.perf_counter()
             record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
                       "elapsed": round(state.elapsed, 3),
@@ -255,31 +255,38 @@ _NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # passes losses and ste
 
 def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch], loss_fn: LossFn,
                     optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig, device: torch.device,
-                    scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss (on DEVICE, unsynced).
+                    scaler: torch.amp.GradScaler | None = None,
+                    world: distributed.World = distributed.World()) -> torch.Tensor:
+    """One optimizer step over cfg.grad_accum micro-batches; returns this rank's share of the step's
+    loss (on DEVICE, unsynced; the shares of all ranks add up to the loss of the global batch).
 
-    With an enabled SCALER (fp16) the loss is scaled up for backward and the gradients unscaled
-    before clipping; a step whose gradients overflowed is skipped and the scale lowered.
+    Token-weighted: each loss term is summed over every micro-batch of every rank and divided by
+    its units (scored tokens, pairs, examples) in the whole global batch, counted before the first
+    forward; so the gradient is the one of the global batch in one piece, however many scored
+    tokens each micro-batch holds. With an enabled SCALER (fp16) the loss is scaled up for
+    backward and the gradients unscaled before clipping; a step whose gradients overflowed is
+    skipped and the scale lowered.
     """
     scaler = scaler or _NO_SCALER
     for group in optimizer.param_groups:
         group["lr"] = lr
+    micro_batches = [to_device(next(batches), device, non_blocking=True) for _ in range(cfg.grad_accum)]
+    units = distributed.total(world, torch.stack([b.loss_units() for b in micro_batches]).sum(0)).clamp(min=1)
     total = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum):
-        batch = to_device(next(batches), device, non_blocking=True)
+    for micro, batch in enumerate(micro_batches):
         with distributed.no_sync(model, micro < cfg.grad_accum - 1):  # ranks sync on the last micro-batch
             with autocast(device, cfg.precision):
-                loss = loss_fn(model, batch)
-            # Dividing by grad_accum makes the summed gradients those of the mean over the whole batch.
-            scaler.scale(loss / cfg.grad_accum).backward()
-        total += loss.detach()
+                share = (loss_fn(model, batch) / units).sum()
+            # DDP and FSDP average gradients over ranks; times world.size makes that their sum.
+            scaler.scale(share * world.size).backward()
+        total += share.detach()
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum
+    return total
 
 
 # --- pretraining: build what is missing, then train ---------------------------------------------
@@ -520,7 +527,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
 
     def validation() -> dict[str, float]:
         metrics = validate(scored, mine, plan.metrics_fn, device, tcfg.precision)
-        return distributed.mean_metrics(world, metrics, len(mine))
+        return distributed.mean_metrics(world, metrics, int(sum(b.loss_units()[0] for b in mine)))
 
     outcome = train_loop(
         train_model, distributed.batches(plan.batches, world), plan.loss_fn, tcfg, state=state, optimizer=optimizer,

@@ -18,6 +18,8 @@ Outputs (in ``--out``, default this folder):
 * ``shakespeare_heldout.txt`` -- the plays in ``HELDOUT_PLAYS`` (not in train).
 * ``shakespeare_all.txt``     -- every modern-spelling play (no poems), in
   sorted source-filename order.
+* ``shakespeare_pretrain.txt`` -- every play of the task train split (no val or
+  test play of the task datasets), in sorted source-filename order.
 * ``genre_{train,val,test}.csv``      -- genre classification: ``text,label``
   rows, passages of ~250-320 characters labelled comedy / history / tragedy.
 * ``speech_{train,val,test}.jsonl``   -- ``{"prompt", "completion"}`` pairs of
@@ -420,6 +422,12 @@ def build_all(src: Sources) -> str:
     return join_plays(list(src.modern.values()))  # already in sorted filename order
 
 
+def build_pretrain(src: Sources) -> str:
+    """Every play of the task datasets' train split, whole: the most text a model may be pretrained
+    on without having read a val or test play of the genre, speech or spelling tasks."""
+    return join_plays(_pick(src.modern, task_splits()["train"]))
+
+
 # --------------------------------------------------------------------------
 # Task datasets (for fine-tuning): genre classification, speech pairs,
 # Folio -> modern spelling. All three share one split BY PLAY.
@@ -795,6 +803,7 @@ OUTPUTS: dict[str, tuple[Callable[[Sources], str], Callable[[Sources], str]]] = 
         lambda s: f"{len(HELDOUT_PLAYS)} play ({', '.join(HELDOUT_PLAYS)})",
     ),
     "shakespeare_all.txt": (build_all, lambda s: f"{len(s.modern)} plays"),
+    "shakespeare_pretrain.txt": (build_pretrain, lambda s: f"{len(task_splits()['train'])} plays (task train split)"),
 }
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmkit import data
+from lmkit.errors import DataError
 from lmkit.objectives import IGNORE
 from lmkit.prepare import TokenFile
 from lmkit.project import Project
@@ -83,14 +84,70 @@ def test_masks_are_dynamic_and_the_sampler_resumes(train_tokens, tokenizer) -> N
 
 
 def test_is_next_pairs_are_continuous_text(train_tokens, tokenizer) -> None:
+    """A next B starts at the first line start after A: right after A, or after the rest of A's
+    line when A is the start of one long line."""
     sampler = data.BertPairs(train_tokens, 48, 1, 3, tokenizer)
-    stream = sampler.tokens.tolist()
-    for _ in range(30):
-        a, b, label = sampler._pair()
+    line_starts = sampler.line_starts.tolist()
+    seen_next = 0
+    for _ in range(200):
+        start, a_end, b_start, b_end, label = sampler.pair_spans()
+        assert start in line_starts and b_start in line_starts and start < a_end and b_start < b_end
         if label == 0:
-            joined = a.tolist() + b.tolist()
-            starts = [i for i in range(len(stream)) if stream[i:i + len(joined)] == joined]
-            assert starts, "A followed by B must occur in the text"
+            seen_next += 1
+            assert b_start == min(s for s in line_starts if s >= a_end)
+    assert seen_next > 50
+
+
+def _form_features(sampler: data.BertPairs, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_pairs, 9) features of each pair's form only -- where A and B start and end relative to
+    lines, their lengths -- and (n_pairs,) next-sentence labels. Also checks that no random B
+    overlaps A or A's true continuation."""
+    line_starts = set(sampler.line_starts.tolist()) | {len(sampler.tokens)}
+    rows, labels = [], []
+    for _ in range(n_pairs):
+        start, a_end, b_start, b_end, label = sampler.pair_spans()
+        following = min(s for s in line_starts if s >= a_end)
+        if label == 1:
+            assert b_end <= start or b_start >= following + (b_end - b_start), "a random B overlaps A's text"
+        la, lb = (a_end - start) / sampler.max_pair, (b_end - b_start) / sampler.max_pair
+        rows.append([1.0, b_start not in line_starts, b_end not in line_starts, a_end not in line_starts,
+                     la, lb, la * la, lb * lb, la * lb])
+        labels.append(label)
+    return torch.tensor(rows, dtype=torch.float64), torch.tensor(labels, dtype=torch.float64)
+
+
+def test_next_sentence_labels_cannot_be_read_from_the_pairs_form(train_tokens, tokenizer) -> None:
+    """A classifier that sees only where A and B start and end and how long they are -- fitted on
+    5k pairs, scored on 5k others -- stays at chance."""
+    features, labels = _form_features(data.BertPairs(train_tokens, 64, 1, 0, tokenizer), 10_000)
+    assert features[:, 1].sum() == 0, "every B starts at a line start"
+    weights = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
+    fit, held = slice(0, 5000), slice(5000, None)
+    optimizer = torch.optim.LBFGS([weights], max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(features[fit] @ weights, labels[fit])
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    logistic = ((features[held] @ weights > 0).double() == labels[held]).double().mean().item()
+    # and a lookup table: the majority label of each (B ends mid-line, A ends mid-line, B's length) cell
+    cells = [tuple(row) for row in torch.cat([features[:, 2:4], (features[:, 5:6] * 16).round()], 1).tolist()]
+    votes: dict[tuple, list[float]] = {}
+    for cell, label in zip(cells[:5000], labels[fit].tolist()):
+        votes.setdefault(cell, []).append(label)
+    majority = {cell: float(sum(v) * 2 > len(v)) for cell, v in votes.items()}
+    table = sum(majority.get(cell, 0.0) == label for cell, label in zip(cells[5000:], labels[held].tolist())) / 5000
+    assert max(logistic, table) <= 0.52, (logistic, table)
+    assert labels.mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_next_sentence_pairs_need_room_for_a_random_half(tokenizer) -> None:
+    tokens = np.asarray(tokenizer.encode("To be, or not to be, that is the question."), dtype=np.int64)
+    with pytest.raises(DataError, match="too few"):
+        next(data.BertPairs(tokens, 64, 4, 0, tokenizer))
 
 
 def test_denoising_examples_hide_spans_of_the_clean_target(train_tokens, tokenizer) -> None:

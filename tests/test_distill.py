@@ -77,7 +77,7 @@ def test_the_student_learns_while_the_teacher_stays_frozen() -> None:
     batch = LMBatch(torch.randint(0, 64, (8, 16)), torch.randint(0, 64, (8, 16)))
     losses = []
     for _ in range(30):
-        loss = loss_fn(student, batch)
+        loss = (loss_fn(student, batch) / batch.loss_units()).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

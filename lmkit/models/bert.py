@@ -21,7 +21,7 @@ from lmkit.batches import IGNORE, MaskedLMBatch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
 from lmkit.models.arch import Arch, Distillation, HFMapping, Pretraining, Scored, require_options
-from lmkit.models.layers import MLP, Attention, init_weights, run_block
+from lmkit.models.layers import MLP, Attention, init_weights, mean_over_tokens, run_block
 from lmkit.tasks import PairLayout
 from lmkit.tokenizer import Tokenizer
 
@@ -120,8 +120,10 @@ class BERT(nn.Module):
 
     def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, C): the state a classifier reads, the pooled [CLS] state (through the
-        pretrained pooler)."""
+        pretrained pooler), or with config.pooling "mean" the mean over the real tokens."""
         hidden = self.hidden_states(idx, token_types, pad_mask)  # (B, T, C)
+        if self.config.pooling == "mean":
+            return mean_over_tokens(hidden, pad_mask)
         return torch.tanh(self.pooler(hidden[:, 0]))
 
 
@@ -201,6 +203,9 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, label
     if task == "lm":
         return {"architectures": ["BertForMaskedLM"], **config}, _weights_to_hf(state, heads=True)
     if task == "classify":
+        if cfg.pooling != "auto":
+            raise CheckpointError(f"BertForSequenceClassification reads the pooled [CLS] state; this classifier "
+                                  f"reads model.pooling={cfg.pooling!r}, so it has no transformers counterpart")
         config.update(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
         backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}

@@ -11,6 +11,7 @@ from lmkit import data, objectives
 from lmkit.batches import IGNORE, LMBatch
 from lmkit.config import RunConfig
 from lmkit.models.arch import Distillation, Pretraining, Scored
+from lmkit.models.layers import mean_over_tokens
 from lmkit.tasks import PairLayout
 from lmkit.tokenizer import Tokenizer
 
@@ -54,7 +55,10 @@ class CausalLM(nn.Module):
 
     def sequence_summary(self, idx: torch.Tensor, token_types: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, (B, T) mask of real tokens (padding on the right) -> (B, C) at each row's last
-        real token. Causal attention: right padding never reaches the real positions, so no mask."""
+        real token, or with config.pooling "mean" the mean over its real tokens. Causal attention:
+        right padding never reaches the real positions, so no mask."""
         hidden = self.hidden_states(idx)  # (B, T, C)
+        if self.config.pooling == "mean":
+            return mean_over_tokens(hidden, pad_mask)
         last = pad_mask.sum(dim=1) - 1  # (B,)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]

@@ -340,3 +340,9 @@ def init_weights(module: nn.Module, n_layer: int, scale_residual: bool = True) -
             nn.init.ones_(sub.weight)
             if getattr(sub, "bias", None) is not None:
                 nn.init.zeros_(sub.bias)
+
+
+def mean_over_tokens(hidden: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) states, (B, T) mask of real tokens -> (B, C): the mean state of each row's real tokens."""
+    weights = pad_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)

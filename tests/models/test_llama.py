@@ -8,6 +8,7 @@ import torch
 from lmkit.config import ModelConfig
 from lmkit.errors import ConfigError
 from lmkit.models import build_model, count_parameters
+from lmkit.models.heads import SequenceClassifier
 from lmkit.models.layers import GroupedQueryAttention, RotaryEmbedding, apply_rotary
 from lmkit.models.llama import Llama
 
@@ -154,3 +155,25 @@ def test_rms_norm_equals_torch_forward_and_backward() -> None:
     reference_grads = torch.autograd.grad(reference(x), [x, reference.weight], grad)
     for a, b in zip(ours_grads, reference_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_mean_pooling_averages_the_real_tokens_and_ignores_padding(arch: str, llama_config) -> None:
+    cfg = dataclasses.replace(llama_config, pooling="mean") if arch == "llama" else ModelConfig(
+        arch="bert", vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16, pooling="mean")
+    torch.manual_seed(0)
+    classifier = SequenceClassifier(build_model(cfg), 3).eval()
+    ids = torch.randint(5, 64, (2, 10))
+    pad_mask = torch.ones(2, 10, dtype=torch.bool)
+    pad_mask[1, 6:] = False
+    types = torch.zeros_like(ids)
+    summary = classifier.summary(ids, types, pad_mask)
+    hidden = classifier.backbone.hidden_states(ids) if arch == "llama" else \
+        classifier.backbone.hidden_states(ids, types, pad_mask)
+    assert torch.allclose(summary[0], hidden[0].mean(0), atol=1e-6)
+    assert torch.allclose(summary[1], hidden[1, :6].mean(0), atol=1e-6)
+    padded_differently = ids.clone()
+    padded_differently[1, 6:] = 0
+    assert torch.allclose(classifier.summary(padded_differently, types, pad_mask)[1], summary[1], atol=1e-6)
+    with pytest.raises(ConfigError, match="pooling"):
+        ModelConfig(pooling="max")
