@@ -9,8 +9,9 @@ rate picked on validation and the test set scored once per run:
 
 Setups: `pretrained` (every weight trained), `scratch` (`lmkit finetune --scratch`: the base's shape
 and tokenizer, fresh weights) and `lora` (`--lora-rank 8 --lora-targets all` on the pretrained
-model: the adapters and the head only). For each setup, every learning rate of --lrs runs with
-seed 0; the one with the best validation score then runs with the other --seeds too, and the table
+model: the adapters and the head only). For each setup, every learning rate of --lrs (and for
+the classifier every --poolings: the last token's state or the mean of all) runs with seed 0; the
+one with the best validation score then runs with the other --seeds too, and the table
 gives the mean (and spread) of their test scores. Genre: accuracy on genre_test.csv (6 plays in no
 pretraining text); for scale, naive Bayes on word counts of the same training rows. Speech: loss per
 completion token on speech_test.jsonl (lower is better).
@@ -65,20 +66,20 @@ def test_score(task: str, checkpoint: str) -> float:
         return objectives.causal_lm_metrics(model, batches)["val_loss"]
 
 
-def run_one(args: argparse.Namespace, setup: str, lr: float, seed: int, train: Path) -> dict:
+def run_one(args: argparse.Namespace, setup: str, lr: float, pooling: str | None, seed: int, train: Path) -> dict:
     kind, _, val, _, metric, _ = TASKS[args.task]
-    name = f"{args.task}-{args.train_examples or 'all'}-{setup}-lr{lr:g}-seed{seed}"
+    name = f"{args.task}-{args.train_examples or 'all'}-{setup}-lr{lr:g}{f'-{pooling}' if pooling else ''}-seed{seed}"
     project = args.out / name
     start = time.monotonic()
-    pooling = ["--set", f"model.pooling={args.pooling}"] if kind == "classify" else []
+    pooling_flags = ["--set", f"model.pooling={pooling}"] if pooling else []
     trained = lmkit("finetune", str(train), "--task", kind, "--val", str(DATA / val), "--from", args.base,
                     "-p", str(project), "--max-steps", str(args.steps), "--seed", str(seed),
                     "--set", f"train.lr={lr}", "--set", f"train.min_lr={lr / 10}",
-                    "--set", f"train.batch_size={args.batch}", *pooling, "-q", *SETUPS[setup])
+                    "--set", f"train.batch_size={args.batch}", *pooling_flags, "-q", *SETUPS[setup])
     seconds = time.monotonic() - start
     info = lmkit("info", trained["best_checkpoint"])
     return {"task": args.task, "examples": args.train_examples, "setup": setup, "lr": lr, "seed": seed,
-            "steps": args.steps, "batch": args.batch, "pooling": args.pooling if pooling else None,
+            "steps": args.steps, "batch": args.batch, "pooling": pooling,
             "best_step": trained["best_step"], "val": trained["best"], "metric": metric,
             "test": test_score(args.task, trained["best_checkpoint"]),
             "trainable": info["trainable_parameters"], "parameters": info["parameters"], "seconds": round(seconds, 1)}
@@ -132,27 +133,28 @@ def naive_bayes_accuracy(train: Path) -> float:
     return sum(predict(row["text"]) == row["label"] for row in test) / len(test)
 
 
-def picked_lr(runs: list[dict], higher_is_better: bool) -> float:
-    """The learning rate whose seed-0 run scored best on validation."""
-    first = [r for r in runs if r["seed"] == 0]
-    return (max if higher_is_better else min)(first, key=lambda r: r["val"])["lr"]
+def picked(runs: list[dict], higher_is_better: bool) -> tuple[float, str | None]:
+    """The (learning rate, pooling) whose seed-0 run scored best on validation."""
+    best = (max if higher_is_better else min)((r for r in runs if r["seed"] == 0), key=lambda r: r["val"])
+    return best["lr"], best["pooling"]
 
 
 def table(results: list[dict], task: str) -> str:
     higher = TASKS[task][5]
     score = "test accuracy" if task == "genre" else "test loss / token"
-    lines = ["| setup | lr | seed | best step | val | test | trainable | time |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setup | lr | pooling | seed | best step | val | test | trainable | time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         share = f"{r['trainable']:,} ({r['trainable'] / r['parameters']:.1%})"
-        lines.append(f"| {r['setup']} | {r['lr']:g} | {r['seed']} | {r['best_step']} | {r['val']:.3f} | "
-                     f"{r['test']:.3f} | {share} | {r['seconds']:.0f}s |")
-    lines += ["", f"Learning rate picked on validation; {score}, mean over seeds (min-max):", "",
-              f"| setup | lr | seeds | {score} |", "|---|---|---|---|"]
+        lines.append(f"| {r['setup']} | {r['lr']:g} | {r['pooling'] or '-'} | {r['seed']} | {r['best_step']} | "
+                     f"{r['val']:.3f} | {r['test']:.3f} | {share} | {r['seconds']:.0f}s |")
+    lines += ["", f"Learning rate and pooling picked on validation; {score}, mean over seeds (min-max):", "",
+              f"| setup | lr | pooling | seeds | {score} |", "|---|---|---|---|---|"]
     for setup in dict.fromkeys(r["setup"] for r in results):
         runs = [r for r in results if r["setup"] == setup]
-        lr = picked_lr(runs, higher)
-        tests = [r["test"] for r in runs if r["lr"] == lr]
-        lines.append(f"| {setup} | {lr:g} | {len(tests)} | {statistics.mean(tests):.3f} "
+        lr, pooling = picked(runs, higher)
+        tests = [r["test"] for r in runs if (r["lr"], r["pooling"]) == (lr, pooling)]
+        lines.append(f"| {setup} | {lr:g} | {pooling or '-'} | {len(tests)} | {statistics.mean(tests):.3f} "
                      f"({min(tests):.3f}-{max(tests):.3f}) |")
     return "\n".join(lines)
 
@@ -164,10 +166,13 @@ def main() -> None:
     parser.add_argument("--task", choices=TASKS, default="genre")
     parser.add_argument("--steps", type=int, help="finetuning steps (default: 600 genre, 500 speech)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates")
+    parser.add_argument("--lrs", default="3e-4,1e-3", help="comma-separated learning rates to sweep (pretrained)")
+    parser.add_argument("--scratch-lrs", default="1e-3,3e-3", help="the same from scratch, which takes larger ones")
+    parser.add_argument("--lora-lrs", default="3e-3", help="the same for LoRA")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the picked learning rate (seed 0 sweeps)")
     parser.add_argument("--train-examples", type=int, help="finetune on a sample of this many training rows")
-    parser.add_argument("--pooling", default="mean", help="genre: the classifier's model.pooling (auto or mean)")
+    parser.add_argument("--poolings", default="auto,mean",
+                        help="genre: the classifier's model.pooling values to sweep (auto: the last token; mean)")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, from: " + ", ".join(SETUPS))
     args = parser.parse_args()
     args.steps = args.steps or (600 if args.task == "genre" else 500)
@@ -178,18 +183,18 @@ def main() -> None:
     if args.train_examples:
         sample = stratified_sample if args.task == "genre" else sample_pairs
         train = sample(args.train_examples, args.out / f"{args.task}_train_{args.train_examples}{train.suffix}")
-    key = ("task", "examples", "setup", "lr", "seed", "steps", "batch", "pooling")
+    key = ("task", "examples", "setup", "lr", "pooling", "seed", "steps", "batch")
+    poolings = args.poolings.split(",") if TASKS[args.task][0] == "classify" else [None]
 
     def results_for(setup: str) -> list[dict]:
-        pooling = args.pooling if TASKS[args.task][0] == "classify" else None
         want = {"task": args.task, "examples": args.train_examples, "setup": setup, "steps": args.steps,
-                "batch": args.batch, "pooling": pooling}
-        return [r for r in done if all(r[k] == v for k, v in want.items())]
+                "batch": args.batch}
+        return [r for r in done if all(r[k] == v for k, v in want.items()) and r["pooling"] in poolings]
 
-    def ensure(setup: str, lr: float, seed: int) -> None:
-        if any(r["lr"] == lr and r["seed"] == seed for r in results_for(setup)):
+    def ensure(setup: str, lr: float, pooling: str | None, seed: int) -> None:
+        if any((r["lr"], r["pooling"], r["seed"]) == (lr, pooling, seed) for r in results_for(setup)):
             return
-        result = run_one(args, setup, lr, seed, train)
+        result = run_one(args, setup, lr, pooling, seed, train)
         done.append(result)
         with results_file.open("a") as f:
             f.write(json.dumps({k: result[k] for k in key} | result) + "\n")
@@ -197,11 +202,13 @@ def main() -> None:
 
     setups = args.setups.split(",")
     for setup in setups:
-        for lr in (float(x) for x in args.lrs.split(",")):
-            ensure(setup, lr, 0)
-        lr = picked_lr(results_for(setup), TASKS[args.task][5])
+        lrs = {"lora": args.lora_lrs, "scratch": args.scratch_lrs}.get(setup, args.lrs)
+        for lr in (float(x) for x in lrs.split(",")):
+            for pooling in poolings:
+                ensure(setup, lr, pooling, 0)
+        lr, pooling = picked(results_for(setup), TASKS[args.task][5])
         for seed in (int(s) for s in args.seeds.split(",")):
-            ensure(setup, lr, seed)
+            ensure(setup, lr, pooling, seed)
     print(table([r for s in setups for r in results_for(s)], args.task))
     if args.task == "genre":
         print(f"\nFor scale: naive Bayes on word counts (same training rows), test accuracy "

@@ -13,7 +13,7 @@ app = typer.Typer(
     name="lmkit",
     help="Train, sample and evaluate language models, from a raw text corpus to a working model.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion [bash|zsh|fish|powershell]
     pretty_exceptions_enable=False,
     # Plain help text: Typer's rich panels import rich.markdown and friends, which alone take
     # longer (~0.2 s) than the rest of `lmkit --help`. rich stays for progress displays.

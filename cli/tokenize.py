@@ -42,7 +42,6 @@ def train(
     from lmkit import config, corpus
     from lmkit import project as proj
     from lmkit import tokenizer as tok
-    from lmkit import train as training
 
     opts = common(ctx, project, quiet=quiet)
     with user_errors():
@@ -53,7 +52,7 @@ def train(
             existing = tok.Tokenizer.load(p.tokenizer_model)
             raise config.ConfigError(f"{p.root} already has a tokenizer ({existing.fingerprint}); pass --force to "
                                      "replace it (its prepared data and checkpoints will no longer match)")
-        training.init_project(p)
+        config.write_template(p.config_file)
         files = corpus.corpus_files(corpora)
         trained = tok.train_tokenizer(corpus.iter_documents(files, cfg.data.text_field), p.tokenizer_model,
                                       cfg.tokenizer)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmkit.errors import ConfigError
+from lmkit.fileio import atomic_write_bytes
 from lmkit.presets import DEFAULT_ARCH, PRESETS
 
 ARCHS: tuple[str, ...] = tuple(PRESETS)  # the architectures, in the order help texts list them
@@ -402,6 +403,12 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(f"duration {text!r} must be positive")
     return seconds
+
+
+def write_template(path: Path) -> None:
+    """First use of a project: leave an editable, fully commented lmkit.toml at PATH, unless one is there."""
+    if not path.exists():
+        atomic_write_bytes(path, render_template().encode("utf-8"))
 
 
 def render_template() -> str:

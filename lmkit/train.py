@@ -27,7 +27,7 @@ from torch import nn
 
 from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit.batches import to_device
-from lmkit.config import RunConfig, TrainConfig, render_template
+from lmkit.config import RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json
@@ -210,7 +210,8 @@ def train_loop(
             interval_tokens += tokens_per_step
             finished, stop["signal"] = distributed.agree(world, _finished(state, cfg), stop["signal"])
             evaluating = state.step % cfg.eval_interval == 0 or finished
-            if not (evaluating or finished or stop["signal"] or state.step % cfg.log_interval == 0):
+            saving = state.step % cfg.save_interval == 0 and not finished and not stop["signal"]
+            if not (evaluating or finished or saving or stop["signal"] or state.step % cfg.log_interval == 0):
                 continue
 
             # The one host sync per log interval (plus, with several ranks, the sum of their shares).
@@ -235,7 +236,7 @@ def train_loop(
                 progress(Progress(state.step, cfg.max_steps, record["loss"], lr, record["tokens_per_sec"],
                                   state.elapsed, max(eta, 0.0), val_metrics if evaluating else None))
             interval_start, interval_tokens = time.perf_counter(), 0
-            if state.step % cfg.save_interval == 0 and not finished and not stop["signal"]:
+            if saving:
                 save(state, dict(latest))
         last_checkpoint = save(state, dict(latest))
     rate = (state.step - start_step) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
@@ -338,12 +339,6 @@ def start_run(project: Project, cfg: RunConfig, world: distributed.World) -> str
     return run
 
 
-def init_project(project: Project) -> None:
-    """First use of a project: leave an editable, fully commented lmkit.toml."""
-    if not project.config_file.exists():
-        atomic_write_bytes(project.config_file, render_template().encode("utf-8"))
-
-
 def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, continue_interrupted: bool = False,
              log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None,
              prepare_progress: Callable[[int, int], None] | None = None) -> TrainResult:
@@ -364,7 +359,7 @@ def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, continue_
     log = log if world.is_main else silent
 
     def build_tokenizer() -> Tokenizer:
-        init_project(project)
+        write_template(project.config_file)
         return ensure_tokenizer(project, corpora, cfg, log)
 
     tokenizer = distributed.main_first(world, build_tokenizer)

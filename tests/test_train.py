@@ -92,6 +92,14 @@ def test_old_checkpoints_are_pruned_but_the_latest_kept(tiny_project: Project, t
     assert [p.name for p in project.run_checkpoints("run1")] == ["step-000016", "step-000020"]
 
 
+def test_checkpoints_are_saved_at_every_save_interval_whatever_the_log_interval(tiny_project: Project,
+                                                                               tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=40, save_interval=15, log_interval=10, eval_interval=20,
+                                                keep_checkpoints=10))
+    assert [p.name for p in project.run_checkpoints("run1")] == ["step-000015", "step-000030", "step-000040"]
+
+
 def test_learning_rate_warms_up_then_decays_to_min_lr() -> None:
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
     lrs = [train.learning_rate(step, cfg) for step in range(100)]

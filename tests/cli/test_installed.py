@@ -29,12 +29,20 @@ def sh(command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
-@pytest.mark.parametrize("args", [["--help"], ["tokenize", "--help"], ["tokenize", "encode", "-p", "PROJECT"]])
-def test_help_and_tokenize_do_not_import_torch(args, tiny_project) -> None:
-    args = [str(tiny_project.root) if a == "PROJECT" else a for a in args]
+@pytest.mark.parametrize("args", [["--help"], ["tokenize", "--help"], ["tokenize", "encode", "-p", "PROJECT"],
+                                  ["tokenize", "decode", "-p", "PROJECT"],
+                                  ["tokenize", "train", "CORPUS", "-p", "NEW", "--vocab-size", "400"],
+                                  ["tokenize", "prepare", "CORPUS", "-p", "COPY"]],
+                         ids=["help", "tokenize-help", "encode", "decode", "train", "prepare"])
+def test_help_and_tokenize_do_not_import_torch(args, tiny_project, small_corpus, tmp_path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_project.tokenizer_dir, copy / "tokenizer")
+    places = {"PROJECT": tiny_project.root, "CORPUS": small_corpus, "NEW": tmp_path / "new", "COPY": copy}
+    args = [str(places.get(a, a)) for a in args]
     probe = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('TORCH' if 'torch' in sys.modules "
              f"else 'NO-TORCH')); sys.argv = ['lmkit', *{args!r}]; from cli.main import main; main()")
-    result = subprocess.run([sys.executable, "-c", probe], input="To be\n", capture_output=True, text=True)
+    stdin = "5 6 7\n" if "decode" in args else "To be\n"
+    result = subprocess.run([sys.executable, "-c", probe], input=stdin, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.endswith("NO-TORCH")
 
@@ -126,3 +134,12 @@ def test_finetune_eval_generate_and_merge_through_the_installed_command(tmp_path
     sh(f"lmkit merge {adapters} -o merged2", tmp_path)
     again = json.loads(sh(f"lmkit eval -c merged2 {val} --json", tmp_path).stdout)
     assert again["accuracy"] == report["accuracy"]
+
+
+def test_shell_completion_script_is_produced_and_completes_commands(tmp_path) -> None:
+    script = sh("lmkit --show-completion bash", tmp_path).stdout
+    assert "complete -o default -F _lmkit_completion lmkit" in script
+    completing = subprocess.run([LMKIT or "lmkit"], capture_output=True, text=True, cwd=tmp_path,
+                                env={**ENV, "_LMKIT_COMPLETE": "complete_bash", "COMP_WORDS": "lmkit pre",
+                                     "COMP_CWORD": "1"})
+    assert completing.stdout.split() == ["pretrain"]
