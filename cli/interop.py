@@ -50,6 +50,8 @@ def export_model(
         help="A checkpoint, run or project (default: the project's latest).")] = None,
     format_: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face model directory.")]
     = ExportFormat.hf,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT when it is a model directory already.")]
+    = False,
     project: ProjectDir = None,
 ) -> None:
     """Export a GPT, llama, BERT or BERT-classifier checkpoint as a directory that transformers'
@@ -61,5 +63,5 @@ def export_model(
     opts = common(ctx, project)
     with user_errors():
         source = ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False))
-        written = interop.export_hf(source, out)
+        written = interop.export_hf(source, out, force=force)
     typer.echo(str(written))

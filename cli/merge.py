@@ -16,7 +16,9 @@ def merge(
         show_default=False, help="An adapter checkpoint (default: the project's latest).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", show_default=False,
-        help="Where to write the merged checkpoint (default: beside it, named '-merged').")] = None,
+        help="Where to write the merged checkpoint (default: beside it, named '-merged'): a new or empty "
+        "folder, or an lmkit checkpoint to replace with --force.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT when it is an lmkit checkpoint.")] = False,
     project: ProjectDir = None,
 ) -> None:
     """Merge a LoRA checkpoint's adapters into a full checkpoint that needs no base."""
@@ -27,5 +29,5 @@ def merge(
     opts = common(ctx, project)
     with user_errors():
         source = ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False))
-        merged = ft.merge_checkpoint(source, out or source.with_name(source.name + "-merged"))
+        merged = ft.merge_checkpoint(source, out or source.with_name(source.name + "-merged"), force=force)
     typer.echo(str(merged))

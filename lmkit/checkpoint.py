@@ -99,6 +99,15 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether PATH is a folder lmkit wrote as a checkpoint (its config.json says so)."""
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def weights_fingerprint(path: Path) -> str:
     """sha256 (16 hex digits) of a checkpoint's model.safetensors."""
     digest = hashlib.sha256()

@@ -7,9 +7,11 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from lmkit.errors import LmkitError
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,6 +38,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def check_target_dir(path: Path, kind: str, ours: Callable[[Path], bool], force: bool) -> None:
+    """Refuse to write a KIND into the folder PATH unless it is new or empty, or -- with FORCE --
+    a KIND that lmkit wrote there before (OURS(path)): lmkit never deletes or mixes into a folder
+    it did not create.
+
+    Raises:
+        LmkitError: PATH is a file, holds other files, or holds a KIND and FORCE is off.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise LmkitError(f"{path} is a file; give a folder to write the {kind} into")
+    if not any(path.iterdir()):
+        return
+    if not ours(path):
+        raise LmkitError(f"{path} is a folder that holds other files, which lmkit will not replace or mix with; "
+                         f"give a new or empty folder for the {kind}")
+    if not force:
+        raise LmkitError(f"{path} already holds a {kind}; --force replaces it")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

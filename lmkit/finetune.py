@@ -18,6 +18,7 @@ from lmkit import checkpoint, corpus, distributed, lora, objectives, prepare, ta
 from lmkit.config import ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
+from lmkit.fileio import check_target_dir
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
@@ -133,7 +134,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
                           device=device, progress=progress)
     if merge and cfg.lora.rank and result.outcome.stopped_by is None and world.is_main:
         merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
-                                  project.checkpoints_dir / run / "merged")
+                                  project.checkpoints_dir / run / "merged", force=True)  # the run's own folder
         checkpoint.set_latest(project, merged)
         log(f"merged the adapters into {merged}")
     return result
@@ -163,12 +164,21 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
                         device=device, progress=progress)
 
 
-def merge_checkpoint(adapter_path: Path, out: Path) -> Path:
+def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False) -> Path:
     """Write a full checkpoint at OUT with the LoRA adapters of ADAPTER_PATH folded into the weights;
-    it gives the same outputs and needs neither the base checkpoint nor LoRA code."""
+    it gives the same outputs and needs neither the base checkpoint nor LoRA code. OUT must be new
+    or empty, or with FORCE an lmkit checkpoint to replace (fileio.check_target_dir).
+
+    Raises:
+        CheckpointError: ADAPTER_PATH holds no adapters, or OUT is ADAPTER_PATH itself.
+        LmkitError: OUT cannot be written (see fileio.check_target_dir).
+    """
     ckpt = checkpoint.Checkpoint(adapter_path)
     if ckpt.meta.get("weights") != "adapters":
         raise CheckpointError(f"{adapter_path} holds full weights already; there is nothing to merge")
+    if out.resolve() == ckpt.path.resolve():
+        raise CheckpointError(f"{out} is the adapter checkpoint itself; write the merged one somewhere else")
+    check_target_dir(out, "checkpoint", checkpoint.is_checkpoint_dir, force)
     model = lora.merge_adapters(ckpt.model())
     extra = {k: ckpt.meta[k] for k in ("labels", "data", "finetune") if k in ckpt.meta}
     checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run, step=ckpt.step,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from lmkit import checkpoint
 from lmkit.config import RunConfig
 from lmkit.errors import CheckpointError
+from lmkit.fileio import check_target_dir
 from lmkit.models import ARCHS, build_model
 from lmkit.project import Project
 from lmkit.tokenizer import SPECIAL_PIECES, HFTokenizer, Tokenizer
@@ -185,14 +186,22 @@ def _template(settings: dict[str, Any], tokens: dict[str, str], ids: dict[str, i
 
 # --- export -------------------------------------------------------------------------------------
 
-def export_hf(ckpt_path: Path, out: Path) -> Path:
+def is_model_dir(path: Path) -> bool:
+    """Whether PATH looks like a Hugging Face model directory (an earlier export)."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def export_hf(ckpt_path: Path, out: Path, force: bool = False) -> Path:
     """Write the lmkit checkpoint CKPT_PATH as a Hugging Face model directory OUT, as its
     architecture's mapping says (a GPT as GPT2LMHeadModel, a BERT as BertForMaskedLM, a BERT
-    classifier as BertForSequenceClassification), with its tokenizer.
+    classifier as BertForSequenceClassification), with its tokenizer. OUT must be new or empty, or
+    with FORCE a model directory (config.json and model.safetensors) to overwrite.
 
     Raises:
         CheckpointError: a checkpoint kind that has no transformers counterpart here.
+        LmkitError: OUT cannot be written (see fileio.check_target_dir).
     """
+    check_target_dir(out, "model directory", is_model_dir, force)
     ckpt = checkpoint.Checkpoint(ckpt_path)
     if ckpt.meta.get("weights") == "adapters":
         raise CheckpointError(f"{ckpt.path} holds LoRA adapters; merge them first (lmkit merge)")

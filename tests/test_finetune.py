@@ -14,7 +14,7 @@ from lmkit import finetune as ft
 from lmkit import tasks
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import ConfigError
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, LmkitError
 from lmkit.evaluate import evaluate_classifier
 from lmkit.models import causal
 from lmkit.project import Project
@@ -110,6 +110,25 @@ def test_lora_checkpoints_hold_adapters_that_merge_into_the_same_model(tiny_proj
         torch.testing.assert_close(merged.model()(*batch)[0], model(*batch)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="nothing to merge"):
         ft.merge_checkpoint(merged.path, tmp_path / "again")
+
+    # never into a folder lmkit did not write, nor over a checkpoint without --force
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "precious.txt").write_text("mine")
+    with pytest.raises(LmkitError, match="holds other files"):
+        ft.merge_checkpoint(adapters.path, notes, force=True)
+    assert (notes / "precious.txt").read_text() == "mine"
+    with pytest.raises(LmkitError, match="holds other files"):
+        ft.merge_checkpoint(adapters.path, project.root, force=True)  # the project itself
+    assert project.checkpoints_dir.is_dir() and (project.root / "runs").is_dir()
+    with pytest.raises(LmkitError, match="already holds a checkpoint; --force"):
+        ft.merge_checkpoint(adapters.path, merged.path)
+    with pytest.raises(CheckpointError, match="the adapter checkpoint itself"):
+        ft.merge_checkpoint(adapters.path, adapters.path, force=True)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(LmkitError, match="is a file"):
+        ft.merge_checkpoint(adapters.path, tmp_path / "a-file")
+    assert Checkpoint(ft.merge_checkpoint(adapters.path, merged.path, force=True)).meta["weights"] == "full"
 
 
 def test_adapters_refuse_a_base_that_changed_or_went(tiny_project, task_files, tmp_path) -> None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lmkit import evaluate, generate, interop
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import SampleConfig
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, LmkitError
 from lmkit.project import Project
 
 transformers = pytest.importorskip("transformers")
@@ -127,6 +127,13 @@ def test_export_round_trip_is_bit_identical(imported, tmp_path) -> None:
     auto = transformers.AutoTokenizer.from_pretrained(out)
     prompt = "Good morrow, cousin."
     assert auto(prompt).input_ids == transformers.AutoTokenizer.from_pretrained(source)(prompt).input_ids
+    with pytest.raises(LmkitError, match="already holds a model directory; --force"):
+        interop.export_hf(ckpt.path, out)
+    assert interop.export_hf(ckpt.path, out, force=True) == out
+    with pytest.raises(LmkitError, match="holds other files"):
+        interop.export_hf(ckpt.path, source.parent)
+    with pytest.raises(LmkitError, match="is a file"):
+        interop.export_hf(ckpt.path, out / "config.json")
 
 
 class _no_warnings:  # noqa: N801 - a context manager read as a phrase
