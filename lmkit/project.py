@@ -99,10 +99,14 @@ class Project:
         except FileNotFoundError:
             raise CheckpointError(
                 f"no checkpoint in {self.root} yet — run 'lmkit pretrain CORPUS -p {self.root}' first") from None
-        except (ValueError, KeyError):
-            raise CheckpointError(
-                f"{self.latest_pointer} is damaged; pass a checkpoint folder with --checkpoint") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            relative = None
+        if not isinstance(relative, str):
+            raise CheckpointError(f"{self.latest_pointer} is damaged; pass a checkpoint folder with --checkpoint")
         path = self.checkpoints_dir / relative
+        if not path.resolve().is_relative_to(self.checkpoints_dir.resolve()):
+            raise CheckpointError(f"{self.latest_pointer} points at {relative}, outside the project's checkpoints; "
+                                  "pass a checkpoint folder with --checkpoint")
         if not path.is_dir():
             raise CheckpointError(f"{self.latest_pointer} points at {path}, which no longer exists; "
                                   "pass a checkpoint folder with --checkpoint")

@@ -90,3 +90,17 @@ def test_bad_checkpoint_folders_are_clear_errors(tmp_path, content, message) -> 
 def test_empty_project_says_how_to_get_a_checkpoint(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="lmkit pretrain"):
         Project.open(tmp_path).latest_checkpoint()
+
+
+@pytest.mark.parametrize(("pointer", "message"), [
+    ("[]", "damaged"), ('{"path": 5}', "damaged"), ('"run1"', "damaged"), ("{broken", "damaged"),
+    ('{"path": "../../elsewhere/checkpoints/run1/step-000001"}', "outside the project's checkpoints"),
+    ('{"path": "/etc"}', "outside the project's checkpoints"),
+])
+def test_a_wrong_or_escaping_latest_pointer_is_a_clear_error(tmp_path, pointer, message) -> None:
+    project = Project.open(tmp_path / "p")
+    (tmp_path / "elsewhere" / "checkpoints" / "run1" / "step-000001").mkdir(parents=True)
+    project.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    project.latest_pointer.write_text(pointer)
+    with pytest.raises(CheckpointError, match=message):
+        project.latest_checkpoint()
