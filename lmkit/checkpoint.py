@@ -267,6 +267,10 @@ class Checkpoint:
         if not complete or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not match its config "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if broken:
+            raise CheckpointError(f"{self.path} has weights that are not finite (NaN or inf, e.g. {broken[0]}): the "
+                                  "run diverged before this step; use an earlier checkpoint")
         return model.to(device).eval()
 
     def _base_model(self, model_config: ModelConfig) -> nn.Module:

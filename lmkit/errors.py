@@ -15,3 +15,7 @@ class DataError(LmkitError):
 
 class CheckpointError(LmkitError):
     """A checkpoint is missing, damaged, or does not fit the command or tokenizer."""
+
+
+class TrainingError(LmkitError):
+    """Training cannot go on: the loss stopped being a finite number."""

@@ -29,7 +29,7 @@ from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit.batches import to_device
 from lmkit.config import RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
-from lmkit.errors import CheckpointError, ConfigError, DataError
+from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.objectives import Batch, LossFn, MetricsFn
@@ -216,6 +216,14 @@ def train_loop(
 
             # The one host sync per log interval (plus, with several ranks, the sum of their shares).
             latest["train_loss"] = distributed.total(world, step_loss).item()
+            writes = saving or evaluating or finished or bool(stop["signal"])  # a checkpoint may follow
+            if not (math.isfinite(latest["train_loss"]) and (not writes or _all_finite(params, world))):
+                # before anything is saved: the checkpoints already written stay finite
+                raise TrainingError(
+                    f"the training {'loss' if not math.isfinite(latest['train_loss']) else 'weights'} became "
+                    f"{'NaN or inf' if math.isfinite(latest['train_loss']) else latest['train_loss']} by step "
+                    f"{state.step}: the run diverged (lower train.lr, raise train.warmup_steps, or use fp32); "
+                    "nothing of it after the last checkpoint was saved")
             now = time.perf_counter()
             record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
                       "elapsed": round(state.elapsed, 3),
@@ -243,6 +251,12 @@ def train_loop(
     validation = {k: v for k, v in latest.items() if k.startswith("val_")}
     return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), validation, rate, stop["signal"],
                        best_path)
+
+
+def _all_finite(params: list[nn.Parameter], world: distributed.World) -> bool:
+    """Whether every weight is a finite number, on every rank (FSDP: each rank checks its shards)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in params)
+    return not distributed.total(world, torch.tensor(float(not local))).item()
 
 
 def _finished(state: TrainState, cfg: TrainConfig) -> bool:

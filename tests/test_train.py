@@ -9,11 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmkit import train
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import TrainConfig
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, TrainingError
 from lmkit.models import build_model
 from lmkit.prepare import TokenFile
 from lmkit.project import Project
@@ -98,6 +99,24 @@ def test_checkpoints_are_saved_at_every_save_interval_whatever_the_log_interval(
     train.pretrain(project, [], tiny_run_config(max_steps=40, save_interval=15, log_interval=10, eval_interval=20,
                                                 keep_checkpoints=10))
     assert [p.name for p in project.run_checkpoints("run1")] == ["step-000015", "step-000030", "step-000040"]
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_finite_checkpoints(tiny_project: Project,
+                                                                                  tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    with pytest.raises(TrainingError, match="training (loss|weights) became .* by step"):
+        train.pretrain(project, [], tiny_run_config(max_steps=60, lr=1e5, min_lr=1e5, warmup_steps=0, grad_clip=0.0,
+                                                    save_interval=2, log_interval=1, keep_checkpoints=100))
+    for saved in project.run_checkpoints("run1"):
+        Checkpoint(saved).model()  # whatever was written is finite: loading checks
+    train.pretrain(project, [], tiny_run_config(max_steps=2))
+    diverged = project.run_checkpoints("run2")[-1]
+    weights = load_file(diverged / "model.safetensors")
+    name = next(iter(weights))
+    weights[name][0] = math.nan
+    save_file(weights, diverged / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not finite"):
+        Checkpoint(diverged).model()
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr() -> None:
