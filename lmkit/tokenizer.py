@@ -283,10 +283,25 @@ def encode_stream(tokenizer: Tokenizer, lines: Iterable[str], pieces: bool = Fal
     line instead of being encoded, so `decode_stream` restores the text byte for byte."""
     lines = iter(lines)
     batches = iter(lambda: list(itertools.islice(lines, 1024)), [])  # sentencepiece encodes a batch in parallel
+    open_line = False  # the output line holds the ids of a long line's first pieces (corpus.iter_lines cuts them)
     for batch in batches:
         for line, ids in zip(batch, tokenizer.encode_lines([line.removesuffix("\n") for line in batch])):
-            words = tokenizer.pieces(ids) if pieces else map(str, ids)
-            yield " ".join(words) + ("\n" if line.endswith("\n") else "")
+            words = " ".join(tokenizer.pieces(ids) if pieces else map(str, ids))
+            ends = line.endswith("\n")
+            yield (" " if open_line and words else "") + words + ("\n" if ends else "")
+            open_line = not ends and (open_line or bool(words))
+
+
+def _whole_lines(pieces: Iterable[str]) -> Iterator[str]:
+    """Lines that corpus.iter_lines handed on in pieces, whole again."""
+    parts: list[str] = []
+    for piece in pieces:
+        parts.append(piece)
+        if piece.endswith("\n"):
+            yield "".join(parts)
+            parts = []
+    if parts:
+        yield "".join(parts)
 
 
 def decode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[str]:
@@ -295,7 +310,7 @@ def decode_stream(tokenizer: Tokenizer, lines: Iterable[str]) -> Iterator[str]:
     Raises:
         DataError: naming the line of a word that is not an id of this tokenizer.
     """
-    for line_no, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(_whole_lines(lines), start=1):
         try:
             ids = [int(word) for word in line.split()]
         except ValueError:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from lmkit.config import TokenizerConfig
-from lmkit.corpus import split_lines
+from lmkit.corpus import MAX_LINE_CHARS, iter_lines, split_lines
 from lmkit.errors import DataError
-from lmkit.tokenizer import Tokenizer, train_tokenizer
+from lmkit.tokenizer import Tokenizer, decode_stream, encode_stream, train_tokenizer
 
 ODD_TEXTS = [
     "",
@@ -84,3 +86,19 @@ def test_other_model_types_round_trip(tmp_path, sample_text: str, model_type: st
 def test_empty_corpus_is_a_data_error(tmp_path) -> None:
     with pytest.raises(DataError, match="no text"):
         train_tokenizer([["\n", "   \n"]], tmp_path / "t.model", TokenizerConfig())
+
+
+def test_lines_over_a_mebibyte_round_trip_through_the_streams(tokenizer: Tokenizer) -> None:
+    """corpus.iter_lines hands on lines over MAX_LINE_CHARS in pieces: their ids still make one
+    line of valid ids, and a long id line decodes whole."""
+    text = "hello world " * 100_000 + "\nshort line\n" + "Ä ü " * 300_000
+    assert len(text) > 2 * MAX_LINE_CHARS
+
+    def stream(s: str) -> list[str]:
+        return list(iter_lines(io.BytesIO(s.encode("utf-8")), "test"))
+
+    encoded = "".join(encode_stream(tokenizer, stream(text)))
+    assert encoded.count("\n") == 2 and len(encoded) > MAX_LINE_CHARS
+    ids = [int(word) for word in encoded.split()]
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert "".join(decode_stream(tokenizer, stream(encoded))) == text
