@@ -1,11 +1,16 @@
 """Atomic writes: write under a temporary name, fsync, rename. A crash or Ctrl-C at any moment
-leaves either the old file/folder or the new one, never half of one."""
+leaves either the old file/folder or the new one, never half of one.
+
+Temporary names are hidden siblings, `.NAME.tmp-PID` (being written) and `.NAME.old-PID` (a
+replaced folder, until the new one is in place); a process killed with kill -9 leaves them
+behind, and clean_leftovers removes those of processes that are gone."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,3 +110,50 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_dir(path: Path) -> bool:
+    """When atomic_dir was killed between moving the old PATH aside and moving the new one in, put
+    the old folder back (it is whole; the new one may not be); True when PATH exists afterwards."""
+    if path.exists():
+        return True
+    for old in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        match = _LEFTOVER_RE.match(old.name)
+        if match and old.is_dir() and not _alive(int(match["pid"])):
+            try:
+                os.replace(old, path)
+            except OSError:  # a read-only project: leave it as it is
+                return False
+            fsync_dir(path.parent)
+            return True
+    return False
+
+
+def clean_leftovers(folder: Path) -> None:
+    """Remove the temporary files and folders that dead processes left in FOLDER, first putting
+    back any replaced folder whose replacement never arrived (recover_dir)."""
+    if not folder.is_dir():
+        return
+    leftovers = [(entry, match) for entry in folder.iterdir()
+                 if (match := _LEFTOVER_RE.match(entry.name)) and not _alive(int(match["pid"]))]
+    for _, match in leftovers:
+        if match["kind"] == "old":
+            recover_dir(folder / match["name"])
+    for entry, _ in leftovers:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()

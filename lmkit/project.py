@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from lmkit.errors import CheckpointError, LmkitError
+from lmkit.fileio import recover_dir
 
 ENV_VAR = "LMKIT_PROJECT"
 _RUN_RE = re.compile(r"^run(\d+)$")
@@ -107,6 +108,7 @@ class Project:
         if not path.resolve().is_relative_to(self.checkpoints_dir.resolve()):
             raise CheckpointError(f"{self.latest_pointer} points at {relative}, outside the project's checkpoints; "
                                   "pass a checkpoint folder with --checkpoint")
+        recover_dir(path)  # a save killed halfway through replacing this folder left the old one aside
         if not path.is_dir():
             raise CheckpointError(f"{self.latest_pointer} points at {path}, which no longer exists; "
                                   "pass a checkpoint folder with --checkpoint")

@@ -30,7 +30,7 @@ from lmkit.batches import to_device
 from lmkit.config import RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmkit.fileio import atomic_write_bytes, atomic_write_json
+from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.objectives import Batch, LossFn, MetricsFn
 from lmkit.optim import make_optimizer
@@ -346,6 +346,10 @@ def silent(message: str) -> None:
 
 def start_run(project: Project, cfg: RunConfig, world: distributed.World) -> str:
     """A new run in PROJECT, named by rank 0 (which writes its folder and config) for every rank."""
+    if world.is_main:  # what killed runs left behind: half-written checkpoints and token files
+        for folder in (project.checkpoints_dir, *project.checkpoints_dir.glob("*/"), project.data_dir,
+                       *project.data_dir.glob("*/")):
+            clean_leftovers(folder)
     run = distributed.broadcast(world, project.new_run_name() if world.is_main else None)
     if world.is_main:
         project.run_dir(run).mkdir(parents=True, exist_ok=True)

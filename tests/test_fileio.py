@@ -1,0 +1,48 @@
+"""Atomic folder replacement survives a kill at its one unsafe moment, and leftovers of killed
+processes are cleaned (but never those of a process that is still running)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from lmkit.fileio import atomic_dir, clean_leftovers, recover_dir
+from lmkit.project import Project
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_a_kill_between_the_two_renames_leaves_the_old_folder_to_put_back(tmp_path) -> None:
+    project = Project.open(tmp_path)
+    best = project.checkpoints_dir / "run1" / "best"
+    with atomic_dir(best) as tmp:
+        (tmp / "config.json").write_text("old")
+    pid = _dead_pid()
+    # what a kill -9 right after `os.replace(path, old)` leaves: the old folder aside, the new one whole
+    os.replace(best, best.with_name(f".best.old-{pid}"))
+    new = best.with_name(f".best.tmp-{pid}")
+    new.mkdir()
+    (new / "config.json").write_text("new")
+    project.latest_pointer.write_text(json.dumps({"path": "run1/best"}))
+    assert project.latest_checkpoint() == best  # put back when it is looked up
+    assert (best / "config.json").read_text() == "old"
+    clean_leftovers(best.parent)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
+
+
+def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(tmp_path) -> None:
+    dead, alive = _dead_pid(), os.getpid()
+    (tmp_path / f".train.bin.tmp-{dead}").write_bytes(b"")
+    (tmp_path / f".step-000010.tmp-{dead}").mkdir()
+    (tmp_path / f".train.bin.tmp-{alive}").write_bytes(b"")
+    (tmp_path / f".step-000020.old-{dead}").mkdir()  # its folder is in place: nothing to put back
+    (tmp_path / "step-000020").mkdir()
+    (tmp_path / ".hidden-but-mine").write_text("keep")
+    clean_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", f".train.bin.tmp-{alive}", "step-000020"]
+    assert recover_dir(tmp_path / "step-000020") and not recover_dir(tmp_path / "step-000030")
