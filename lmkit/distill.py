@@ -39,7 +39,7 @@ from lmkit.finetune import FinetuneSpec, task_plan
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.arch import Distillation, Scored
 from lmkit.models.heads import CLASSIFIER_DISTILLATION, SequenceClassifier
-from lmkit.project import Project
+from lmkit.project import Project, exclusive
 from lmkit.train import (
     Log,
     Progress,
@@ -221,6 +221,7 @@ def same_width(student: ModelConfig, teacher: ModelConfig) -> bool:
                                dropout=teacher.dropout) == teacher
 
 
+@exclusive
 def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
             flags: dict[str, Any] | None = None, continue_interrupted: bool = False, log: Log = lambda _: None,
             progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
@@ -296,6 +297,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     return result, _summary(result, teacher, teacher_ckpt, plan, cfg, device)
 
 
+@exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
            log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None
            ) -> tuple[TrainResult, Summary]:

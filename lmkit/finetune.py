@@ -21,7 +21,7 @@ from lmkit.errors import CheckpointError, DataError
 from lmkit.fileio import check_target_dir
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
-from lmkit.project import Project
+from lmkit.project import Project, exclusive
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import (
     Log,
@@ -72,6 +72,7 @@ class FinetuneSpec:
     scratch: bool = False  # a baseline: the base's shape and tokenizer, but freshly initialised weights
 
 
+@exclusive
 def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None = None, sets: tuple[str, ...] = (),
              flags: dict[str, Any] | None = None, merge: bool = False, continue_interrupted: bool = False,
              log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None) -> TrainResult:
@@ -140,6 +141,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     return result
 
 
+@exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
            progress: Callable[[Progress], None] | None = None, log: Log = lambda _: None) -> TrainResult:
     """Continue an interrupted finetuning run (default: the project's latest checkpoint) exactly."""

@@ -5,19 +5,31 @@
     data/{train,val}.bin            token ids, raw little-endian uint16/uint32 (+ .json metadata)
     checkpoints/<run>/step-000200/  one folder per saved step; checkpoints/latest.json points at one
     runs/<run>/                     config.json (resolved, saved before step 0) and metrics.jsonl
+    .lock                           held (flock) by the process that trains in the project; its PID
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lmkit.errors import CheckpointError, LmkitError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; projects are not locked
+    fcntl = None  # type: ignore[assignment]
 from lmkit.fileio import recover_dir
 
 ENV_VAR = "LMKIT_PROJECT"
+F = TypeVar("F", bound=Callable[..., Any])
+_HELD: set[Path] = set()  # projects this process holds the lock of (the lock is re-entrant)
 _RUN_RE = re.compile(r"^run(\d+)$")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -39,6 +51,40 @@ class Project:
         elif not chosen.is_dir():
             raise LmkitError(f"project directory {chosen} does not exist")
         return cls(chosen)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the project's write lock: one process trains in a project at a time (two would take
+        each other's live run for an interrupted one and write the same files). The operating
+        system drops the lock when its process dies, so a crash leaves none behind. Under torchrun
+        only rank 0 takes it: the other ranks are the same job.
+
+        Raises:
+            LmkitError: another process holds it (its PID is named).
+        """
+        key = self.root.resolve()
+        if key in _HELD or int(os.environ.get("RANK", "0")) != 0 or fcntl is None:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise LmkitError(f"{self.root} is in use by another lmkit process (PID {holder}); wait for it "
+                                 "to finish or stop it, or use another project") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _HELD.add(key)
+            try:
+                yield
+            finally:
+                _HELD.discard(key)
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing releases the flock
 
     # --- config -------------------------------------------------------------------------------
     @property
@@ -135,3 +181,12 @@ class Project:
             if parent.is_dir():
                 numbers += [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_RE.match(p.name))]
         return f"run{max(numbers) + 1}"
+
+
+def exclusive(fn: F) -> F:
+    """Run FN(project, ...) holding project.lock()."""
+    @functools.wraps(fn)
+    def locked(project: Project, *args: Any, **kwargs: Any) -> Any:
+        with project.lock():
+            return fn(project, *args, **kwargs)
+    return locked  # type: ignore[return-value]

@@ -34,7 +34,7 @@ from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.objectives import Batch, LossFn, MetricsFn
 from lmkit.optim import make_optimizer
-from lmkit.project import Project
+from lmkit.project import Project, exclusive
 from lmkit.tokenizer import Tokenizer, train_tokenizer
 
 Log = Callable[[str], None]
@@ -357,6 +357,7 @@ def start_run(project: Project, cfg: RunConfig, world: distributed.World) -> str
     return run
 
 
+@exclusive
 def pretrain(project: Project, corpora: list[Path], cfg: RunConfig, *, continue_interrupted: bool = False,
              log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None,
              prepare_progress: Callable[[int, int], None] | None = None) -> TrainResult:
@@ -443,6 +444,7 @@ def continuation(ckpt: checkpoint.Checkpoint, snapshot: checkpoint.TrainerSnapsh
     return dataclasses.replace(ckpt.config, train=train_cfg), state
 
 
+@exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
            time_budget: float | None = None, log: Log = lambda _: None,
            progress: Callable[[Progress], None] | None = None) -> TrainResult:

@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from lmkit.errors import LmkitError
 from lmkit.fileio import atomic_dir, clean_leftovers, recover_dir
 from lmkit.project import Project
 
@@ -46,3 +49,19 @@ def test_leftovers_of_dead_processes_go_and_those_of_live_ones_stay(tmp_path) ->
     clean_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-mine", f".train.bin.tmp-{alive}", "step-000020"]
     assert recover_dir(tmp_path / "step-000020") and not recover_dir(tmp_path / "step-000030")
+
+
+def test_one_process_at_a_time_holds_a_projects_lock(tmp_path) -> None:
+    script = (f"import time; from lmkit.project import Project\nwith Project({str(tmp_path)!r}).lock():\n"
+              "    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LmkitError, match=f"in use by another lmkit process \\(PID {holder.pid}\\)"):
+            with Project(tmp_path).lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with Project(tmp_path).lock(), Project(tmp_path).lock():  # the dead holder's lock went with it; re-entrant
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
