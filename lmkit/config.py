@@ -140,6 +140,10 @@ class TrainConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    # Discriminative learning rates (ULMFiT, ELECTRA's layer-wise decay): each layer down from the
+    # top learns at this times the one above it, so a finetune moves the pretrained lower layers
+    # less than the new head; 1 gives every weight train.lr.
+    layer_lr_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     # muon: torch.optim.Muon for the weight matrices inside the blocks, AdamW (lr, betas) for
@@ -172,6 +176,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        _check(0 < self.layer_lr_decay <= 1, f"train.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
         _check(0 <= self.muon_momentum < 1, f"train.muon_momentum={self.muon_momentum} must be in [0, 1)")
         _check(not (self.optimizer == "muon" and self.strategy == "fsdp"),
                "train.optimizer=muon needs whole weight matrices on every rank; use --strategy ddp with it")

@@ -28,10 +28,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = _hidden_matrices(model) if cfg.optimizer == "muon" else set()
     rest = [p for p in params if id(p) not in hidden]
-    groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    if cfg.layer_lr_decay != 1 and hidden:
+        raise ConfigError("train.layer_lr_decay works with train.optimizer=adamw")
+    scales = _layer_lr_scales(model, cfg.layer_lr_decay) if cfg.layer_lr_decay != 1 else {}
+    groups = []
+    for scale in sorted(set(scales.values()) | {1.0}, reverse=True):
+        at_scale = [p for p in rest if scales.get(id(p), 1.0) == scale]
+        groups += [  # matrices (and embeddings) decay; biases and norms do not
+            {"params": [p for p in at_scale if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+            {"params": [p for p in at_scale if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale},
+        ]
     fused = params[0].device.type in ("cpu", "cuda")
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                               fused=fused)
@@ -44,6 +50,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
     muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
     return MuonAndAdamW(adamw, muon)
+
+
+def _layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """{id(parameter): learning-rate factor}: DECAY ** (L + 1 - depth), where the token (and position)
+    embeddings are depth 0, block i of the model's one stack of L blocks depth i + 1, and the rest
+    (final norm, output layer, task head) depth L + 1, at the full rate."""
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+              and not any(isinstance(c, nn.ModuleList) for c in m.modules() if c is not m)]
+    if len(stacks) != 1:
+        raise ConfigError("train.layer_lr_decay needs a model with one stack of layers (not the encoder-decoder)")
+    stack = stacks[0][1]
+    depth = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            depth.update({id(p): 0 for p in module.parameters()})
+    for i, block in enumerate(stack):
+        depth.update({id(p): i + 1 for p in block.parameters()})
+    top = len(stack) + 1
+    return {id(p): decay ** (top - depth.get(id(p), top)) for p in model.parameters() if p.requires_grad}
 
 
 def _hidden_matrices(model: nn.Module) -> set[int]:

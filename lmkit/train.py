@@ -284,7 +284,7 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
     """
     scaler = scaler or _NO_SCALER
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # train.layer_lr_decay
     micro_batches = [to_device(next(batches), device, non_blocking=True) for _ in range(cfg.grad_accum)]
     units = distributed.total(world, torch.stack([b.loss_units() for b in micro_batches]).sum(0)).clamp(min=1)
     total = torch.zeros((), device=device)

@@ -12,6 +12,7 @@ from lmkit import train
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.errors import ConfigError
 from lmkit.models import build_model
+from lmkit.models.heads import SequenceClassifier
 from lmkit.optim import MuonAndAdamW, make_optimizer
 from lmkit.project import Project
 from tests.conftest import tiny_run_config
@@ -78,3 +79,19 @@ def test_interrupted_muon_run_resumes_exactly(tiny_project: Project, tmp_path) -
 def test_muon_with_fsdp_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="muon needs whole weight matrices"):
         TrainConfig(optimizer="muon", strategy="fsdp")
+
+
+def test_layer_lr_decay_gives_each_layer_down_from_the_head_a_smaller_rate() -> None:
+    cfg = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layer=3, n_head=4, n_kv_head=2, d_ff=48,
+                      max_seq_len=16, bias=False, activation="silu")
+    model = SequenceClassifier(build_model(cfg), 3)
+    optimizer = make_optimizer(model, TrainConfig(layer_lr_decay=0.5))
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    blocks = model.backbone.model.layers
+    assert scale[id(model.head.weight)] == scale[id(model.backbone.model.norm.weight)] == 1.0
+    assert [scale[id(b.self_attn.q_proj.weight)] for b in blocks] == [0.125, 0.25, 0.5]
+    assert scale[id(model.backbone.model.embed_tokens.weight)] == 0.0625
+    assert len(scale) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert all(g["lr_scale"] == 1.0 for g in make_optimizer(model, TrainConfig()).param_groups)
+    with pytest.raises(ConfigError, match="layer_lr_decay"):
+        TrainConfig(layer_lr_decay=0.0)
