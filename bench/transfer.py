@@ -8,7 +8,8 @@ rate picked on validation and the test set scored once per run:
     python bench/transfer.py --base xfer -o /tmp/transfer --task speech         # reply prediction
 
 Setups: `pretrained` (every weight trained), `scratch` (`lmkit finetune --scratch`: the base's shape
-and tokenizer, fresh weights) and `lora` (`--lora-rank 8 --lora-targets all` on the pretrained
+and tokenizer, fresh weights), `pretrained-ld` (discriminative learning rates,
+`train.layer_lr_decay=0.6`) and `lora` (`--lora-rank 8 --lora-targets all` on the pretrained
 model: the adapters and the head only). For each setup, every learning rate of --lrs (and for
 the classifier every --poolings: the last token's state or the mean of all) runs with seed 0; the
 one with the best validation score then runs with the other --seeds too, and the table
@@ -36,10 +37,12 @@ from pathlib import Path
 
 from common import DATA, lmkit
 
-SETUPS = {  # name -> extra finetune arguments
-    "pretrained": [],
-    "scratch": ["--scratch"],
-    "lora": ["--lora-rank", "8", "--lora-targets", "all"],
+SETUPS = {  # name -> (extra finetune arguments, learning rates swept)
+    "pretrained": ([], "3e-4,1e-3"),
+    "scratch": (["--scratch"], "1e-3,3e-3"),  # fresh weights take larger rates
+    # discriminative learning rates: each layer down from the head at 0.6x the rate of the one above
+    "pretrained-ld": (["--set", "train.layer_lr_decay=0.6"], "1e-3,3e-3"),
+    "lora": (["--lora-rank", "8", "--lora-targets", "all"], "3e-3"),
 }
 TASKS = {  # name -> (finetune task, train, val, test, validation metric, higher is better)
     "genre": ("classify", "genre_train.csv", "genre_val.csv", "genre_test.csv", "val_accuracy", True),
@@ -75,7 +78,7 @@ def run_one(args: argparse.Namespace, setup: str, lr: float, pooling: str | None
     trained = lmkit("finetune", str(train), "--task", kind, "--val", str(DATA / val), "--from", args.base,
                     "-p", str(project), "--max-steps", str(args.steps), "--seed", str(seed),
                     "--set", f"train.lr={lr}", "--set", f"train.min_lr={lr / 10}",
-                    "--set", f"train.batch_size={args.batch}", *pooling_flags, "-q", *SETUPS[setup])
+                    "--set", f"train.batch_size={args.batch}", *pooling_flags, "-q", *SETUPS[setup][0])
     seconds = time.monotonic() - start
     info = lmkit("info", trained["best_checkpoint"])
     return {"task": args.task, "examples": args.train_examples, "setup": setup, "lr": lr, "seed": seed,
@@ -166,9 +169,9 @@ def main() -> None:
     parser.add_argument("--task", choices=TASKS, default="genre")
     parser.add_argument("--steps", type=int, help="finetuning steps (default: 600 genre, 500 speech)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lrs", default="3e-4,1e-3", help="comma-separated learning rates to sweep (pretrained)")
-    parser.add_argument("--scratch-lrs", default="1e-3,3e-3", help="the same from scratch, which takes larger ones")
-    parser.add_argument("--lora-lrs", default="3e-3", help="the same for LoRA")
+    parser.add_argument("--lrs", action="append", default=[], metavar="SETUP=LR,LR",
+                        help="learning rates to sweep for SETUP (repeatable; defaults: " +
+                        ", ".join(f"{name}={lrs}" for name, (_, lrs) in SETUPS.items()) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the picked learning rate (seed 0 sweeps)")
     parser.add_argument("--train-examples", type=int, help="finetune on a sample of this many training rows")
     parser.add_argument("--poolings", default="auto,mean",
@@ -201,9 +204,9 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     setups = args.setups.split(",")
+    lrs = {name: default for name, (_, default) in SETUPS.items()} | dict(item.split("=", 1) for item in args.lrs)
     for setup in setups:
-        lrs = {"lora": args.lora_lrs, "scratch": args.scratch_lrs}.get(setup, args.lrs)
-        for lr in (float(x) for x in lrs.split(",")):
+        for lr in (float(x) for x in lrs[setup].split(",")):
             for pooling in poolings:
                 ensure(setup, lr, pooling, 0)
         lr, pooling = picked(results_for(setup), TASKS[args.task][5])

@@ -587,9 +587,16 @@ def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after STEP (written before a crash, and about to be redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    """Drop metrics logged after STEP (written before a crash, and about to be redone), and any
+    line a kill tore in half; the folder is made if a missing runs/ took it along."""
+    def logged_by(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False  # torn by a kill mid-write
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    kept = [line if line.endswith("\n") else line + "\n" for line in text.splitlines(keepends=True)
+            if line.strip() and logged_by(line)]
     atomic_write_bytes(path, "".join(kept).encode("utf-8"))

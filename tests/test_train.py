@@ -79,6 +79,24 @@ def test_resume_truncates_metrics_logged_after_the_checkpoint(tiny_project: Proj
     assert losses(project, "run1") == before
 
 
+@pytest.mark.parametrize("damage", ["torn last line", "no runs folder"])
+def test_resume_survives_a_torn_metrics_line_or_a_missing_runs_folder(damage: str, tiny_project: Project,
+                                                                      tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=10, save_interval=5))
+    before = losses(project, "run1")
+    shutil.rmtree(project.checkpoint_dir("run1", 10))
+    train.checkpoint.set_latest(project, project.checkpoint_dir("run1", 5))
+    metrics = project.metrics_file("run1")
+    if damage == "torn last line":
+        metrics.write_text(metrics.read_text() + '{"step": 11, "lo')
+    else:
+        shutil.rmtree(project.root / "runs")
+    train.resume(project)
+    after = losses(project, "run1")
+    assert after == (before if damage == "torn last line" else [s for s in before if s[0] > 5])
+
+
 def test_time_budget_stops_the_run_and_saves(tiny_project: Project, tmp_path) -> None:
     project = fresh_copy(tiny_project, tmp_path)
     result = train.pretrain(project, [], tiny_run_config(max_steps=100_000, time_budget=1.0))
