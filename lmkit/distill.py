@@ -236,6 +236,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     """
     teacher_ckpt = checkpoint.Checkpoint(Path(spec.teacher))
     kind, traits = kind_of(teacher_ckpt), distillation_of(teacher_ckpt)
+    project.require_tokenizer(teacher_ckpt.tokenizer_fingerprint, f"the teacher {teacher_ckpt.path}")
     tokenizer = teacher_ckpt.tokenizer()
     start_ckpt = checkpoint.Checkpoint(Path(spec.student)) if spec.student else None
     if start_ckpt and start_ckpt.tokenizer_fingerprint != teacher_ckpt.tokenizer_fingerprint:

@@ -50,6 +50,7 @@ def import_hf(source: Path, project: Project) -> Path:
                               f" is not supported; lmkit imports {', '.join(known)}")
     model_config = hf.config_in(config)
     tokenizer = _read_tokenizer(source, config, hf.tokenizer_prompts)
+    project.require_tokenizer(tokenizer.fingerprint, f"the model in {source}")
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model_config.vocab_size} embeddings")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -102,6 +103,20 @@ class Project:
 
     def has_tokenizer(self) -> bool:
         return self.tokenizer_model.is_file()
+
+    def require_tokenizer(self, fingerprint: str, what: str) -> None:
+        """A project has one tokenizer: refuse WHAT (e.g. "the teacher ...") when it uses another
+        than the project's own, as the project's checkpoints and `lmkit tokenize -p` would disagree.
+
+        Raises:
+            CheckpointError: with both fingerprints and the way out.
+        """
+        if not self.has_tokenizer():
+            return
+        own = hashlib.sha256(self.tokenizer_model.read_bytes()).hexdigest()[:16]  # as Tokenizer.fingerprint
+        if own != fingerprint:
+            raise CheckpointError(f"{self.root} has its own tokenizer ({own}), but {what} uses tokenizer "
+                                  f"{fingerprint}; a project has one tokenizer, so use another project (-p NEW)")
 
     # --- prepared data ------------------------------------------------------------------------
     @property

@@ -455,9 +455,7 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps, time_budget=time_budget)
     tokenizer = ckpt.tokenizer()
-    if project.has_tokenizer() and Tokenizer.load(project.tokenizer_model).fingerprint != tokenizer.fingerprint:
-        raise CheckpointError(f"{ckpt.path} was trained with tokenizer {tokenizer.fingerprint}, but the project's "
-                              f"tokenizer is {Tokenizer.load(project.tokenizer_model).fingerprint}")
+    project.require_tokenizer(tokenizer.fingerprint, f"the checkpoint {ckpt.path}")
     prepared = prepare.load_prepared(project, tokenizer)
     if prepared is None:
         raise DataError(f"{project.root} has no data prepared with tokenizer {tokenizer.fingerprint}; "

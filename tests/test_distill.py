@@ -124,3 +124,19 @@ def test_a_distillation_does_not_resume_against_a_changed_teacher(tiny_project, 
         distill.resume(project)
     # A changed teacher is another distillation: the same call starts a new run.
     assert distill.distill(project, spec, flags=flags, continue_interrupted=True)[0].run == "run2"
+
+
+def test_a_project_keeps_one_tokenizer(tiny_project, small_corpus, task_files, tmp_path) -> None:
+    """Distilling, finetuning or importing into a project whose own tokenizer differs is refused,
+    before anything is written."""
+    from lmkit import finetune
+
+    project = Project.open(tmp_path / "other")
+    project.tokenizer_dir.mkdir(parents=True)
+    project.tokenizer_model.write_bytes(b"another tokenizer")
+    teacher = str(tiny_project.latest_checkpoint())
+    with pytest.raises(CheckpointError, match=r"has its own tokenizer \(\w+\), but the teacher .* uses tokenizer"):
+        distill.distill(project, distill.DistillSpec(str(small_corpus), teacher, layers=(1,)))
+    with pytest.raises(CheckpointError, match="a project has one tokenizer, so use another project"):
+        finetune.finetune(project, finetune.FinetuneSpec("classify", str(task_files["train"]), teacher))
+    assert not (project.root / "runs").exists() and not project.checkpoints_dir.exists()
