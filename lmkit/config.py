@@ -313,7 +313,8 @@ def resolve(
     """Merge every config layer into one validated RunConfig.
 
     The lowest layer is the preset named by the layers (default: "default"), or BASE when given
-    (finetuning starts from its checkpoint's config; then arch and preset cannot change).
+    (finetuning starts from its checkpoint's config; then arch and preset cannot change, and the
+    project file's arch, preset and [model] settings, which are for pretraining, are left out).
 
     Args:
         project_file: the project's lmkit.toml (skipped when missing).
@@ -327,7 +328,10 @@ def resolve(
     """
     layers: list[tuple[str, dict[str, Any]]] = []
     if project_file is not None and project_file.exists():
-        layers.append((str(project_file), load_file(project_file)))
+        project_layer = load_file(project_file)
+        if base is not None:  # the model is the checkpoint's: the project's model settings are for pretraining
+            project_layer = {k: v for k, v in project_layer.items() if k not in ("arch", "preset", "model")}
+        layers.append((str(project_file), project_layer))
     if config_file is not None:
         layers.append((str(config_file), load_file(config_file)))
     if sets:

@@ -253,7 +253,7 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
     # The teacher's own recipe (steps, batch, learning rate): same steps and data, smaller model.
     defaults = dataclasses.replace(teacher_ckpt.config, model=base_model,
                                    distill=DistillConfig(**traits.weights))
-    cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
+    cfg = resolve(project_file=project.config_file, config_file=config_file, sets=sets, flags=flags, base=defaults)
     if cfg.model.max_seq_len > teacher_ckpt.config.model.max_seq_len:
         raise ConfigError(f"the student's max_seq_len {cfg.model.max_seq_len} exceeds the teacher's "
                           f"{teacher_ckpt.config.model.max_seq_len}: the teacher could not read its inputs")

@@ -95,7 +95,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     dropout = FINETUNE_DROPOUT[spec.task]
     model_defaults = base.config.model if dropout is None else dataclasses.replace(base.config.model, dropout=dropout)
     defaults = dataclasses.replace(base.config, model=model_defaults, train=TrainConfig(**FINETUNE_TRAIN[spec.task]))
-    cfg = resolve(config_file=config_file, sets=sets, flags=flags, base=defaults)
+    cfg = resolve(project_file=project.config_file, config_file=config_file, sets=sets, flags=flags, base=defaults)
     if dataclasses.replace(cfg.model, dropout=base.config.model.dropout, pooling=base.config.model.pooling) \
             != base.config.model:
         raise ConfigError("a finetune keeps the pretrained model's shape; only model.dropout and model.pooling "

@@ -180,3 +180,14 @@ def test_checkpoints_that_do_not_suit_the_task_are_refused(tiny_project, tiny_be
         spec = ft.FinetuneSpec("classify", str(task_files["train"]), str(tiny_project.latest_checkpoint()),
                                scratch=True)
         ft.finetune(project, spec, flags={"lora.rank": 4})
+
+
+def test_the_projects_lmkit_toml_applies_to_a_finetune_but_not_its_model_settings(tiny_project, task_files,
+                                                                                   tmp_path) -> None:
+    project = Project.open(tmp_path / "ft")
+    project.config_file.write_text('preset = "small"\n[train]\nweight_decay = 0.0123\n[model]\nd_model = 999\n')
+    result = run(project, tiny_project, "classify", task_files["train"], task_files["val"], train__max_steps=2,
+                 train__eval_interval=2)
+    saved = Checkpoint(result.outcome.checkpoint).config
+    assert saved.train.weight_decay == 0.0123
+    assert saved.model.d_model == Checkpoint(tiny_project.latest_checkpoint()).config.model.d_model
