@@ -73,14 +73,20 @@ def distill(
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         p = proj.Project.open(opts.project)
-        if resume:
-            if (data or teacher or student_layers or preset or student or val or kl or temperature or config_file
-                    or set_ or keep):
-                raise ConfigError("--resume continues a distillation with its saved teacher, data and config; "
-                                  "only --max-steps may change")
+        flags = {"distill.kl": kl, "distill.temperature": temperature,
+                 **opts.train_flags(max_steps=max_steps, keep=keep)}
+        if resume:  # the run's own command line may come along; what it changes is refused
+            from lmkit.config import CommandLine
+
+            command = CommandLine(config_file, tuple(set_ or ()), flags)
+            given = {"data": str(data.resolve()) if data else None,
+                     "teacher": str(ckpt_lib.resolve(teacher, p).resolve()) if teacher else None,
+                     "val": str(val.resolve()) if val else None,
+                     "student": str(ckpt_lib.resolve(student, p).resolve()) if student else None,
+                     "layers": _layers(student_layers) if student_layers is not None else None, "preset": preset}
             with display.Display(opts.quiet) as shown:
-                result, summary = dist.resume(p, checkpoint, max_steps=max_steps, log=opts.say,
-                                              progress=shown.training)
+                result, summary = dist.resume(p, checkpoint, max_steps=max_steps, command=command, given=given,
+                                              log=opts.say, progress=shown.training)
         else:
             if data is None or teacher is None:
                 raise ConfigError("give the data and the teacher: lmkit distill DATA --teacher CHECKPOINT")
@@ -88,8 +94,6 @@ def distill(
             spec = dist.DistillSpec(str(data.resolve()), str(ckpt_lib.resolve(teacher, p).resolve()),
                                     str(val.resolve()) if val else None,
                                     str(ckpt_lib.resolve(student, p).resolve()) if student else None, layers, preset)
-            flags = {"distill.kl": kl, "distill.temperature": temperature,
-                     **opts.train_flags(max_steps=max_steps, keep=keep)}
             with display.Display(opts.quiet) as shown:
                 result, summary = dist.distill(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
                                                continue_interrupted=not new_run, log=opts.say,

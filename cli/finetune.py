@@ -98,19 +98,21 @@ def finetune(
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         p = proj.Project.open(opts.project)
+        flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
+                 "lora.targets": lora_targets.value if lora_targets else None,
+                 **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                                    precision=precision, strategy=strategy)}
         with display.Display(opts.quiet) as shown:
-            if resume:
-                if data or base or val or set_ or config_file or scratch or lora_rank is not None:
-                    raise config.ConfigError("--resume continues a run with its saved data and config; "
-                                             "only --max-steps may change")
-                result = ft.resume(p, checkpoint, max_steps=max_steps, log=opts.say, progress=shown.training)
+            if resume:  # the run's own command line may come along; what it changes is refused
+                given = {"task": task.value if data else None, "data": str(data.resolve()) if data else None,
+                         "base": str(ckpt_lib.resolve(base, p).resolve()) if base else None,
+                         "val": str(val.resolve()) if val else None, "scratch": True if scratch else None}
+                result = ft.resume(p, checkpoint, max_steps=max_steps, merge=merge, given=given,
+                                   command=config.CommandLine(config_file, tuple(set_ or ()), flags), log=opts.say,
+                                   progress=shown.training)
             else:
                 if data is None:
                     raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
-                flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
-                         "lora.targets": lora_targets.value if lora_targets else None,
-                         **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
-                                            precision=precision, strategy=strategy)}
                 spec = ft.FinetuneSpec(task.value, str(data.resolve()),
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
                                        str(val.resolve()) if val else None, scratch)

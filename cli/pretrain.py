@@ -68,17 +68,15 @@ def pretrain(
     with user_errors():
         p = proj.Project.open(opts.project)
         budget = config.parse_duration(time_budget) if time_budget else None
+        flags = {"arch": arch, "preset": preset, "train.time_budget": budget,
+                 **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                                    precision=precision, strategy=strategy)}
         with display.Display(opts.quiet) as shown:
             if resume:
-                if corpora or arch or preset or config_file or set_:
-                    raise config.ConfigError("--resume continues a run with its saved config and data; "
-                                             "only --max-steps and --time-budget may change")
-                result = train.resume(p, max_steps=max_steps, time_budget=budget, log=opts.say,
-                                      progress=shown.training)
+                command = config.CommandLine(config_file, tuple(set_ or ()), flags)
+                result = train.resume(p, max_steps=max_steps, time_budget=budget, command=command,
+                                      corpora=list(corpora or []), log=opts.say, progress=shown.training)
             else:
-                flags = {"arch": arch, "preset": preset, "train.time_budget": budget,
-                         **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
-                                            precision=precision, strategy=strategy)}
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
                 result = train.pretrain(p, list(corpora or []), cfg, continue_interrupted=not new_run, log=opts.say,
                                         progress=shown.training, prepare_progress=shown.encoding)

@@ -332,12 +332,7 @@ def resolve(
         if base is not None:  # the model is the checkpoint's: the project's model settings are for pretraining
             project_layer = {k: v for k, v in project_layer.items() if k not in ("arch", "preset", "model")}
         layers.append((str(project_file), project_layer))
-    if config_file is not None:
-        layers.append((str(config_file), load_file(config_file)))
-    if sets:
-        layers.append(("--set", _nest(dict(parse_set(item) for item in sets))))
-    if flags:
-        layers.append(("command line", _nest({k: v for k, v in flags.items() if v is not None})))
+    layers += _command_layers(config_file, sets, flags)
 
     if base is not None:
         for source, layer in layers:
@@ -362,6 +357,52 @@ def resolve(
             merged.setdefault(section, {}).update(values)
     built = {name: _build(cls, merged.get(name, {}), "the merged config") for name, cls in SECTIONS.items()}
     return RunConfig(preset=preset, **built)
+
+
+def _command_layers(config_file: Path | None, sets: typing.Sequence[str],
+                    flags: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """The layers a command line gives: --config FILE, --set, then its own flags (None: not given)."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        layers.append((str(config_file), load_file(config_file)))
+    if sets:
+        layers.append(("--set", _nest(dict(parse_set(item) for item in sets))))
+    if flags:
+        layers.append(("command line", _nest({k: v for k, v in flags.items() if v is not None})))
+    return layers
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """The settings a command line gives, before they are merged: --config FILE, --set, its flags
+    (dotted keys; None: not given)."""
+
+    config_file: Path | None = None
+    sets: tuple[str, ...] = ()
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def changes_to(self, saved: RunConfig, may_change: typing.Collection[str] = ()) -> list[str]:
+        """What this command line would change in the SAVED config of a run, as "key: old -> new":
+        the settings it gives that differ from the saved ones (an equal one is no change), but for
+        the dotted keys in MAY_CHANGE. --resume refuses a run's command line only over these."""
+        layers = _command_layers(self.config_file, self.sets, self.flags)
+        changes = []
+        for source, layer in layers:
+            for key, old in (("arch", saved.model.arch), ("preset", saved.preset)):
+                if key in layer and layer[key] != old:
+                    changes.append(f"{key}: {old} -> {layer[key]} ({source})")
+        merged = {name: dataclasses.asdict(getattr(saved, name)) for name in SECTIONS}
+        for source, layer in layers:
+            plain = {k: v for k, v in layer.items() if k not in TOP_LEVEL_KEYS}
+            for section, values in _split_layer(plain, source).items():
+                merged[section].update(values)
+        for name, cls in SECTIONS.items():
+            requested = _build(cls, merged[name], "the command line")
+            for f in dataclasses.fields(cls):
+                old, new = getattr(getattr(saved, name), f.name), getattr(requested, f.name)
+                if old != new and f"{name}.{f.name}" not in may_change:
+                    changes.append(f"{name}.{f.name}: {old!r} -> {new!r}")
+        return changes
 
 
 def load_file(path: Path) -> dict[str, Any]:

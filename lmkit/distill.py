@@ -32,7 +32,7 @@ from torch import nn
 
 from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit.batches import IGNORE, Batch, to_device
-from lmkit.config import PRESETS, DistillConfig, ModelConfig, RunConfig, resolve
+from lmkit.config import PRESETS, CommandLine, DistillConfig, ModelConfig, RunConfig, resolve
 from lmkit.device import autocast, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.finetune import FinetuneSpec, task_plan
@@ -49,6 +49,7 @@ from lmkit.train import (
     continuation,
     interrupted_run,
     pretraining_plan,
+    refuse_changes,
     run_kind,
     run_training,
     start_run,
@@ -300,16 +301,21 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
 
 @exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
-           log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None
-           ) -> tuple[TrainResult, Summary]:
+           command: CommandLine | None = None, given: dict[str, Any] | None = None, log: Log = lambda _: None,
+           progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
     """Continue an interrupted distillation (default: the project's latest checkpoint) exactly
-    where it stopped: same teacher (checked by its weights), data, student state and RNG."""
+    where it stopped: same teacher (checked by its weights), data, student state and RNG.
+    COMMAND and GIVEN (DistillSpec fields; None: not given), the rest of the command line, must
+    agree with the run; only its length (MAX_STEPS) may change."""
     _single_process()
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     if run_kind(ckpt) != "distill":
         raise CheckpointError(f"{ckpt.path} is not a resumable distillation checkpoint")
     saved = ckpt.meta["distill"]
     spec = DistillSpec(**{f.name: saved[f.name] for f in dataclasses.fields(DistillSpec)})
+    as_saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+    refuse_changes(ckpt, command, {k: (list(v) if isinstance(v, tuple) else v, as_saved[k])
+                                   for k, v in (given or {}).items()}, ("train.max_steps",))
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     if not (Path(spec.teacher) / "config.json").is_file():
         raise CheckpointError(f"the teacher of {ckpt.run}, {spec.teacher}, is gone; restore it to resume")

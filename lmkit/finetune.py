@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from lmkit import checkpoint, corpus, distributed, lora, objectives, prepare, tasks
-from lmkit.config import ConfigError, RunConfig, TrainConfig, resolve
+from lmkit.config import CommandLine, ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
 from lmkit.fileio import check_target_dir
@@ -32,6 +32,7 @@ from lmkit.train import (
     continuation,
     interrupted_run,
     pretraining_plan,
+    refuse_changes,
     run_training,
     silent,
     start_run,
@@ -134,22 +135,25 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         f"{count_parameters(model):,} ({trainable / count_parameters(model):.2%}) on {device}")
     result = run_training(project, run, cfg, model, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
-    if merge and cfg.lora.rank and result.outcome.stopped_by is None and world.is_main:
-        merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
-                                  project.checkpoints_dir / run / "merged", force=True)  # the run's own folder
-        checkpoint.set_latest(project, merged)
-        log(f"merged the adapters into {merged}")
+    if merge:
+        _merge_at_end(project, result, world, log)
     return result
 
 
 @exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
+           command: CommandLine | None = None, given: dict[str, Any] | None = None, merge: bool = False,
            progress: Callable[[Progress], None] | None = None, log: Log = lambda _: None) -> TrainResult:
-    """Continue an interrupted finetuning run (default: the project's latest checkpoint) exactly."""
+    """Continue an interrupted finetuning run (default: the project's latest checkpoint) exactly.
+    COMMAND and GIVEN (FinetuneSpec fields; None: not given), the rest of the command line, must
+    agree with the run; only its length (MAX_STEPS) may change. MERGE as for finetune."""
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     if "finetune" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path} is not a resumable finetuning checkpoint")
     spec = FinetuneSpec(**ckpt.meta["finetune"])
+    refuse_changes(ckpt, command, {k: (v, getattr(spec, k)) for k, v in (given or {}).items()}, ("train.max_steps",))
+    if merge and not ckpt.config.lora.rank:
+        raise ConfigError("--merge folds LoRA adapters into the weights; this run has none")
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     world, device = distributed.setup(pick_device(cfg.train.device))
     log = log if world.is_main else silent
@@ -163,8 +167,20 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if world.is_main:
         truncate_metrics(project.metrics_file(ckpt.run), state.step)
     log(f"resuming {ckpt.run} from step {state.step} ({ckpt.path})")
-    return run_training(project, ckpt.run, cfg, model, tokenizer, plan, state=state, snapshot=snapshot,
-                        device=device, progress=progress)
+    result = run_training(project, ckpt.run, cfg, model, tokenizer, plan, state=state, snapshot=snapshot,
+                          device=device, progress=progress)
+    if merge:
+        _merge_at_end(project, result, world, log)
+    return result
+
+
+def _merge_at_end(project: Project, result: TrainResult, world: distributed.World, log: Log) -> None:
+    """--merge: a finished LoRA run's best checkpoint, merged, becomes the project's latest."""
+    if result.outcome.stopped_by is None and world.is_main:
+        merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
+                                  project.checkpoints_dir / result.run / "merged", force=True)  # the run's own folder
+        checkpoint.set_latest(project, merged)
+        log(f"merged the adapters into {merged}")
 
 
 def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False) -> Path:

@@ -27,7 +27,7 @@ from torch import nn
 
 from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit.batches import to_device
-from lmkit.config import RunConfig, TrainConfig, write_template
+from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers
@@ -444,15 +444,41 @@ def continuation(ckpt: checkpoint.Checkpoint, snapshot: checkpoint.TrainerSnapsh
     return dataclasses.replace(ckpt.config, train=train_cfg), state
 
 
+def refuse_changes(ckpt: checkpoint.Checkpoint, command: CommandLine | None,
+                   given: dict[str, tuple[Any, Any]], may_change: tuple[str, ...]) -> None:
+    """--resume with the run's own command line is fine (people append --resume to what they ran);
+    a setting that differs from the saved run is refused, named with its old and new value.
+
+    Args:
+        command: the settings given on the command line (None: none).
+        given: {name: (as given, as the run saved it)} for the run's inputs (data files, base,
+            teacher); a None given value was not given.
+        may_change: dotted keys of settings that may change (the run's length).
+    """
+    changes = command.changes_to(ckpt.config, may_change) if command else []
+    changes += [f"{key}: {old!r} -> {new!r}" for key, (new, old) in given.items() if new is not None and new != old]
+    if changes:
+        allowed = " and ".join("--" + key.rpartition(".")[2].replace("_", "-") for key in may_change)
+        raise ConfigError(f"--resume continues {ckpt.run} as it was saved, but this command line changes "
+                          f"{'; '.join(changes)}; only {allowed} may change (leave out --resume for a new run)")
+
+
 @exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
-           time_budget: float | None = None, log: Log = lambda _: None,
-           progress: Callable[[Progress], None] | None = None) -> TrainResult:
+           time_budget: float | None = None, command: CommandLine | None = None, corpora: list[Path] | None = None,
+           log: Log = lambda _: None, progress: Callable[[Progress], None] | None = None) -> TrainResult:
     """Continue a run from its checkpoint (default: the project's latest) exactly where it stopped.
 
-    Only the run's length may change (MAX_STEPS, TIME_BUDGET); everything else comes from the checkpoint.
+    Only the run's length may change (MAX_STEPS, TIME_BUDGET); everything else comes from the
+    checkpoint. COMMAND and CORPORA, the rest of the command line, must agree with the run.
     """
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
+    saved = ckpt.meta.get("data", {}).get("sources") or []
+    given = corpus.fingerprint(corpus.corpus_files(corpora)) if corpora else None
+    if given is not None and [f["path"] for f in given] == [f["path"] for f in saved] and given != saved:
+        raise DataError(f"the corpus files of {ckpt.run} changed since it started, so it cannot resume exactly")
+    refuse_changes(ckpt, command, {"corpora": ([f["path"] for f in given] if given else None,
+                                               [f["path"] for f in saved])}, ("train.max_steps", "train.time_budget"))
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps, time_budget=time_budget)
     tokenizer = ckpt.tokenizer()
     project.require_tokenizer(tokenizer.fingerprint, f"the checkpoint {ckpt.path}")

@@ -74,8 +74,12 @@ def test_distill_resume_and_its_user_errors(tiny_project, small_corpus, tmp_path
     report, before = json.loads(resumed.stdout), json.loads(finished.stdout)
     assert report["run"] == "run1" and report["step"] == 8 and report["val_loss"] == before["val_loss"]
     assert report["summary"]["student_quality"] == before["summary"]["student_quality"]
-    assert_user_error(lmkit("distill", "--resume", "-p", project, "--kl", "reverse"), "only --max-steps may change")
+    assert_user_error(lmkit("distill", "--resume", "-p", project, "--kl", "reverse"),
+                      "changes distill.kl: 'forward' -> 'reverse'; only --max-steps may change")
     assert_user_error(lmkit("distill", "--resume", "-p", project), "step-000008 is at step 8, already at max_steps=8")
+    again = lmkit(*command[:-1], "--resume", "--max-steps", "9", "--json")  # the original command line
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["step"] == 9
     longer = json.loads(lmkit("distill", "--resume", "-p", project, "--max-steps", "10", "--json").stdout)
     assert longer["run"] == "run1" and longer["step"] == 10  # from the run's end, not from its best checkpoint
     assert_user_error(lmkit("distill", "-p", project), "give the data and the teacher")

@@ -27,7 +27,7 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--merge"), "it needs --lora-rank")
     assert_user_error(lmkit("finetune", train, "--from", base, "-p", project, "--set", "model.d_model=96"),
                       "keeps the pretrained model's shape")
-    assert_user_error(lmkit("finetune", "--resume", train, "-p", project), "only --max-steps may change")
+    assert_user_error(lmkit("finetune", "--resume", train, "-p", project), "no checkpoint in")
     assert_user_error(lmkit("finetune", val, "--task", "lm", "--val", val, "--from", base, "-p", project),
                       "leave out --val")
     assert_user_error(lmkit("eval", "-p", base, "--task", "classify", val),
@@ -72,3 +72,19 @@ def test_the_same_finetune_command_continues_an_interrupted_run(ckpt_project, ta
     assert (report["train_loss"], report["val_accuracy"]) == (before["train_loss"], before["val_accuracy"])
     assert json.loads(lmkit(*command).stdout)["run"] == "run2"  # run1 is finished: a new run
     assert json.loads(lmkit(*command, "--new-run").stdout)["run"] == "run3"
+
+
+def test_resume_takes_the_runs_own_command_line_and_names_what_would_change(ckpt_project, task_files,
+                                                                            tmp_path) -> None:
+    project = tmp_path / "ft"
+    command = ["finetune", task_files["train"], "--from", ckpt_project, "--val", task_files["val"], "-p", project,
+               "--max-steps", "4", "--set", "train.eval_interval=2", "--set", "train.batch_size=8",
+               "--lora-rank", "4", "--quiet"]
+    assert lmkit(*command).exit_code == 0
+    longer = lmkit(*command, "--max-steps", "6", "--resume", "--json")
+    assert longer.exit_code == 0, longer.output
+    assert json.loads(longer.stdout)["step"] == 6
+    assert_user_error(lmkit(*command, "--max-steps", "8", "--lora-alpha", "4", "--resume"),
+                      "changes lora.alpha: 16.0 -> 4.0; only --max-steps may change")
+    assert_user_error(lmkit(*command, "--max-steps", "8", "--val", task_files["train"], "--resume"), "changes val: ")
+    assert_user_error(lmkit(*command, "--max-steps", "8", "--scratch", "--resume"), "changes scratch: False -> True")

@@ -39,7 +39,18 @@ def test_resume_extends_a_finished_run(tmp_path, small_corpus) -> None:
     assert result.exit_code == 0, result.output
     assert "run1/step-000015" in result.stdout
     assert_user_error(lmkit("pretrain", "--resume", "-p", project, "--set", "model.n_layer=3"),
-                      "only --max-steps and --time-budget may change")
+                      "changes model.n_layer: 2 -> 3; only --max-steps and --time-budget may change")
+    # the original command line with --resume appended, and a longer run: equal settings are no change
+    again = lmkit("pretrain", small_corpus, "-p", project, *TINY, "--max-steps", "18", "--resume", "--quiet")
+    assert again.exit_code == 0, again.output
+    assert "run1/step-000018" in again.stdout
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", project, *TINY, "--max-steps", "20", "--keep", "5",
+                            "--precision", "bf16", "--resume"),
+                      "changes train.keep_checkpoints: 2 -> 5; train.precision: 'auto' -> 'bf16'; only")
+    other = tmp_path / "other.txt"
+    other.write_text(small_corpus.read_text()[:50_000])
+    assert_user_error(lmkit("pretrain", other, "-p", project, *TINY, "--max-steps", "20", "--resume"),
+                      "changes corpora: ")
 
 
 def test_pretrain_user_errors(tmp_path, small_corpus) -> None:
