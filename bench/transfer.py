@@ -2,10 +2,13 @@
 sample tasks, with the same steps and batch, a learning-rate sweep for each side, the learning
 rate picked on validation and the test set scored once per run:
 
-    lmkit pretrain sample_data/shakespeare_pretrain.txt -p xfer --preset long   # ~25 min, 2 CPU cores
-    python bench/transfer.py --base xfer -o /tmp/transfer                      # genre, all labels
-    python bench/transfer.py --base xfer -o /tmp/transfer --train-examples 900  # genre, 900 labels
-    python bench/transfer.py --base xfer -o /tmp/transfer --task speech         # reply prediction
+    lmkit pretrain sample_data/shakespeare_pretrain.txt -p xfer --preset long   # 23 min, 2 CPU cores
+    python bench/transfer.py --base xfer -o OUT --seeds 0 --setups pretrained,scratch   # genre, all labels
+    python bench/transfer.py --base xfer -o OUT --seeds 0 --setups pretrained-ld,lora --poolings auto
+    python bench/transfer.py --base xfer -o OUT --seeds 0 --train-examples 900 --steps 300 --poolings auto
+    python bench/transfer.py --base xfer -o OUT --seeds 0 --task speech --batch 16 --setups pretrained,scratch
+
+(the README's transfer table came from these).
 
 Setups: `pretrained` (every weight trained), `scratch` (`lmkit finetune --scratch`: the base's shape
 and tokenizer, fresh weights), `pretrained-ld` (discriminative learning rates,

@@ -217,13 +217,13 @@ def train_loop(
             # The one host sync per log interval (plus, with several ranks, the sum of their shares).
             latest["train_loss"] = distributed.total(world, step_loss).item()
             writes = saving or evaluating or finished or bool(stop["signal"])  # a checkpoint may follow
-            if not (math.isfinite(latest["train_loss"]) and (not writes or _all_finite(params, world))):
+            loss_ok = math.isfinite(latest["train_loss"])
+            if not (loss_ok and (not writes or _all_finite(params, world))):
                 # before anything is saved: the checkpoints already written stay finite
-                raise TrainingError(
-                    f"the training {'loss' if not math.isfinite(latest['train_loss']) else 'weights'} became "
-                    f"{'NaN or inf' if math.isfinite(latest['train_loss']) else latest['train_loss']} by step "
-                    f"{state.step}: the run diverged (lower train.lr, raise train.warmup_steps, or use fp32); "
-                    "nothing of it after the last checkpoint was saved")
+                what = "weights became NaN or inf" if loss_ok else f"loss became {latest['train_loss']}"
+                raise TrainingError(f"the training {what} by step {state.step}: the run diverged (lower train.lr, "
+                                    "raise train.warmup_steps, or use fp32); nothing of it after the last "
+                                    "checkpoint was saved")
             now = time.perf_counter()
             record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
                       "elapsed": round(state.elapsed, 3),

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmkit import train
+from lmkit.batches import LMBatch
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import TrainConfig
 from lmkit.errors import CheckpointError, TrainingError
@@ -212,9 +213,9 @@ def test_fp16_gradient_scaler_skips_overflowing_steps() -> None:
     before = model.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    batches = iter([(torch.full((2, 4), 1e35),)])  # gradients overflow once scaled
+    batches = iter([LMBatch(torch.full((2, 4), 1e35), torch.zeros(2, 4, dtype=torch.long))])  # overflow once scaled
     cfg = TrainConfig(grad_accum=1, grad_clip=1.0)
-    train._optimizer_step(model, list(model.parameters()), batches, lambda m, b: m(b[0]).sum(), optimizer, 0.1, cfg,
-                          torch.device("cpu"), scaler)
+    train._optimizer_step(model, list(model.parameters()), batches, lambda m, b: m(b.inputs).sum(), optimizer, 0.1,
+                          cfg, torch.device("cpu"), scaler)
     assert torch.equal(model.weight, before)  # the step was skipped ...
     assert scaler.get_scale() == 2.0 ** 15  # ... and the scale backed off
