@@ -113,7 +113,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         if interrupted:
             log(f"continuing the interrupted run with the same data and config from {interrupted} "
                 "(--new-run starts over)")
-            return resume(project, interrupted, log=log, progress=progress)
+            return resume(project, interrupted, merge=merge, log=log, progress=progress)
     project.require_tokenizer(base.tokenizer_fingerprint, f"the base checkpoint {base.path}")
     tokenizer = base.tokenizer()
     world, device = distributed.setup(pick_device(cfg.train.device))
