@@ -189,7 +189,6 @@ def main() -> None:
     if args.train_examples:
         sample = stratified_sample if args.task == "genre" else sample_pairs
         train = sample(args.train_examples, args.out / f"{args.task}_train_{args.train_examples}{train.suffix}")
-    key = ("task", "examples", "setup", "lr", "pooling", "seed", "steps", "batch")
     poolings = args.poolings.split(",") if TASKS[args.task][0] == "classify" else [None]
 
     def results_for(setup: str) -> list[dict]:
@@ -203,7 +202,7 @@ def main() -> None:
         result = run_one(args, setup, lr, pooling, seed, train)
         done.append(result)
         with results_file.open("a") as f:
-            f.write(json.dumps({k: result[k] for k in key} | result) + "\n")
+            f.write(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
 
     setups = args.setups.split(",")

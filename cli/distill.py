@@ -83,7 +83,8 @@ def distill(
                      "teacher": str(ckpt_lib.resolve(teacher, p).resolve()) if teacher else None,
                      "val": str(val.resolve()) if val else None,
                      "student": str(ckpt_lib.resolve(student, p).resolve()) if student else None,
-                     "layers": _layers(student_layers) if student_layers is not None else None, "preset": preset}
+                     "layers": list(_layers(student_layers)) if student_layers is not None else None,  # as saved
+                     "preset": preset}
             with display.Display(opts.quiet) as shown:
                 result, summary = dist.resume(p, checkpoint, max_steps=max_steps, command=command, given=given,
                                               log=opts.say, progress=shown.training)

@@ -352,11 +352,16 @@ def resolve(
                               f"choose one of: {', '.join(PRESETS[arch])}")
         merged = {name: dict(values) for name, values in PRESETS[arch][preset].items()}
         merged.setdefault("model", {})["arch"] = arch
-    for source, layer in layers:
-        for section, values in _split_layer(layer, source).items():
+    return RunConfig(preset=preset, **_apply(layers, merged, "the merged config"))
+
+
+def _apply(layers: list[tuple[str, dict[str, Any]]], merged: dict[str, dict[str, Any]],
+           source: str) -> dict[str, Any]:
+    """Each section of MERGED (its values so far) with LAYERS on top, built and checked."""
+    for layer_source, layer in layers:
+        for section, values in _split_layer(layer, layer_source).items():
             merged.setdefault(section, {}).update(values)
-    built = {name: _build(cls, merged.get(name, {}), "the merged config") for name, cls in SECTIONS.items()}
-    return RunConfig(preset=preset, **built)
+    return {name: _build(cls, merged.get(name, {}), source) for name, cls in SECTIONS.items()}
 
 
 def _command_layers(config_file: Path | None, sets: typing.Sequence[str],
@@ -391,15 +396,12 @@ class CommandLine:
             for key, old in (("arch", saved.model.arch), ("preset", saved.preset)):
                 if key in layer and layer[key] != old:
                     changes.append(f"{key}: {old} -> {layer[key]} ({source})")
-        merged = {name: dataclasses.asdict(getattr(saved, name)) for name in SECTIONS}
-        for source, layer in layers:
-            plain = {k: v for k, v in layer.items() if k not in TOP_LEVEL_KEYS}
-            for section, values in _split_layer(plain, source).items():
-                merged[section].update(values)
+        plain = [(source, {k: v for k, v in layer.items() if k not in TOP_LEVEL_KEYS}) for source, layer in layers]
+        requested = _apply(plain, {name: dataclasses.asdict(getattr(saved, name)) for name in SECTIONS},
+                           "the command line")
         for name, cls in SECTIONS.items():
-            requested = _build(cls, merged[name], "the command line")
             for f in dataclasses.fields(cls):
-                old, new = getattr(getattr(saved, name), f.name), getattr(requested, f.name)
+                old, new = getattr(getattr(saved, name), f.name), getattr(requested[name], f.name)
                 if old != new and f"{name}.{f.name}" not in may_change:
                     changes.append(f"{name}.{f.name}: {old!r} -> {new!r}")
         return changes

@@ -305,17 +305,15 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
            progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
     """Continue an interrupted distillation (default: the project's latest checkpoint) exactly
     where it stopped: same teacher (checked by its weights), data, student state and RNG.
-    COMMAND and GIVEN (DistillSpec fields; None: not given), the rest of the command line, must
-    agree with the run; only its length (MAX_STEPS) may change."""
+    COMMAND and GIVEN (DistillSpec fields as saved: layers a list; None: not given), the rest of
+    the command line, must agree with the run; only its length (MAX_STEPS) may change."""
     _single_process()
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     if run_kind(ckpt) != "distill":
         raise CheckpointError(f"{ckpt.path} is not a resumable distillation checkpoint")
     saved = ckpt.meta["distill"]
     spec = DistillSpec(**{f.name: saved[f.name] for f in dataclasses.fields(DistillSpec)})
-    as_saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
-    refuse_changes(ckpt, command, {k: (list(v) if isinstance(v, tuple) else v, as_saved[k])
-                                   for k, v in (given or {}).items()}, ("train.max_steps",))
+    refuse_changes(ckpt, command, {k: (v, getattr(spec, k)) for k, v in (given or {}).items()}, ("train.max_steps",))
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     if not (Path(spec.teacher) / "config.json").is_file():
         raise CheckpointError(f"the teacher of {ckpt.run}, {spec.teacher}, is gone; restore it to resume")

@@ -8,6 +8,7 @@ behind, and clean_leftovers removes those of processes that are gone."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,11 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def content_fingerprint(data: bytes) -> str:
+    """What identifies a file's bytes: the first 16 hex digits of their sha256."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -56,11 +56,11 @@ def _layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
     """{id(parameter): learning-rate factor}: DECAY ** (L + 1 - depth), where the token (and position)
     embeddings are depth 0, block i of the model's one stack of L blocks depth i + 1, and the rest
     (final norm, output layer, task head) depth L + 1, at the full rate."""
-    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
               and not any(isinstance(c, nn.ModuleList) for c in m.modules() if c is not m)]
     if len(stacks) != 1:
         raise ConfigError("train.layer_lr_decay needs a model with one stack of layers (not the encoder-decoder)")
-    stack = stacks[0][1]
+    stack = stacks[0]
     depth = {}
     for module in model.modules():
         if isinstance(module, nn.Embedding):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here; projects are not locked
     fcntl = None  # type: ignore[assignment]
-from lmkit.fileio import recover_dir
+from lmkit.fileio import content_fingerprint, recover_dir
 
 ENV_VAR = "LMKIT_PROJECT"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,7 +112,7 @@ class Project:
         """
         if not self.has_tokenizer():
             return
-        own = hashlib.sha256(self.tokenizer_model.read_bytes()).hexdigest()[:16]  # as Tokenizer.fingerprint
+        own = content_fingerprint(self.tokenizer_model.read_bytes())  # as Tokenizer.fingerprint
         if own != fingerprint:
             raise CheckpointError(f"{self.root} has its own tokenizer ({own}), but {what} uses tokenizer "
                                   f"{fingerprint}; a project has one tokenizer, so use another project (-p NEW)")

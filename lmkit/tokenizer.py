@@ -9,7 +9,6 @@ ever encodes to them. "\\n" is always the single byte piece <0x0A>.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
@@ -22,7 +21,7 @@ import sentencepiece as spm
 
 from lmkit.config import TokenizerConfig
 from lmkit.errors import CheckpointError, DataError
-from lmkit.fileio import atomic_write_bytes, atomic_write_json
+from lmkit.fileio import atomic_write_bytes, atomic_write_json, content_fingerprint
 
 SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "cls": "<cls>", "sep": "<sep>",
                   "mask": "<mask>"}
@@ -112,7 +111,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.model_bytes = model_bytes
         self.source = source
-        self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]
+        self.fingerprint = content_fingerprint(model_bytes)
         self.vocab_size = self.sp.get_piece_size()
         ids = {name: self.sp.piece_to_id(piece) for name, piece in SPECIAL_PIECES.items()}
         if ids != {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4, "sep": 5, "mask": 6}:
@@ -218,7 +217,7 @@ class HFTokenizer:
         except Exception as err:  # tokenizers raises plain Exception on a bad file
             raise CheckpointError(f"{source or 'tokenizer.json'} is not a readable tokenizer ({err})") from None
         self.model_bytes, self.source, self.special = json_bytes, source, dict(special)
-        self.fingerprint = hashlib.sha256(json_bytes).hexdigest()[:16]
+        self.fingerprint = content_fingerprint(json_bytes)
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         roles = {"pad": "eos", "bos": "eos", "cls": "bos", "sep": "eos", "mask": "unk", "eos": "sep", "unk": "eos"}
         ids = dict(special)

@@ -61,11 +61,16 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -
     return project
 
 
-def tiny_bert_config(**train_overrides: object) -> RunConfig:
-    cfg = config.resolve(flags={"arch": "bert", "preset": "tiny", "model.max_seq_len": 48,
+def _tiny_arch_config(arch: str, model: dict[str, object], train_overrides: dict[str, object]) -> RunConfig:
+    """ARCH's tiny preset with MODEL settings, cut to 30 steps of batch 8, then TRAIN_OVERRIDES."""
+    cfg = config.resolve(flags={"arch": arch, "preset": "tiny", **{f"model.{k}": v for k, v in model.items()},
                                 "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
                                 "train.batch_size": 8, "train.warmup_steps": 5})
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+
+
+def tiny_bert_config(**train_overrides: object) -> RunConfig:
+    return _tiny_arch_config("bert", {"max_seq_len": 48}, train_overrides)
 
 
 def _sibling_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Project, name: str) -> Project:
@@ -87,10 +92,7 @@ def tiny_bert_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: Pr
 
 
 def tiny_seq2seq_config(**train_overrides: object) -> RunConfig:
-    cfg = config.resolve(flags={"arch": "seq2seq", "preset": "tiny", "model.max_seq_len": 32,
-                                "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
-                                "train.batch_size": 8, "train.warmup_steps": 5})
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+    return _tiny_arch_config("seq2seq", {"max_seq_len": 32}, train_overrides)
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +104,7 @@ def tiny_seq2seq_project(tmp_path_factory: pytest.TempPathFactory, tiny_project:
 
 
 def tiny_llama_config(**train_overrides: object) -> RunConfig:
-    cfg = config.resolve(flags={"arch": "llama", "preset": "tiny", "model.max_seq_len": 32, "model.qk_norm": True,
-                                "train.max_steps": 30, "train.eval_interval": 15, "train.log_interval": 1,
-                                "train.batch_size": 8, "train.warmup_steps": 5})
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+    return _tiny_arch_config("llama", {"max_seq_len": 32, "qk_norm": True}, train_overrides)
 
 
 @pytest.fixture(scope="session")
