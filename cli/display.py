@@ -19,8 +19,17 @@ class Display:
     def __init__(self, quiet: bool) -> None:
         from rich.console import Console
 
+        display = self
+
+        class QuietOnClosedPipe(Console):
+            def on_broken_pipe(self) -> None:
+                """stderr was a pipe whose reader left (`lmkit pretrain 2>&1 | head`): rich would exit,
+                killing a run between checkpoints; stop showing progress instead, and go on."""
+                display.quiet = display.live = False
+                self.quiet = True
+
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = QuietOnClosedPipe(stderr=True)
         self.live = not quiet and self.console.is_terminal
         self._bar: Any = None
         self._tasks: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmkit.errors import LmkitError
+from lmkit.fileio import write_failure
 
 
 class Device(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
@@ -191,6 +192,7 @@ def _report_error(message: str) -> None:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Run a command body: LmkitError -> `error: ...` and exit 2 (traceback only with LMKIT_DEBUG=1);
+    a write that the disk or its permissions refuse -> the same, naming the file;
     Ctrl-C outside training -> exit 130; a closed pipe (`... | head`) -> quiet exit."""
     try:
         yield
@@ -207,6 +209,12 @@ def user_errors() -> Iterator[None]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(code=141) from None
+    except OSError as err:  # a full disk, a read-only project: one line, not a traceback
+        message = write_failure(err)
+        if message is None or os.environ.get("LMKIT_DEBUG"):
+            raise
+        _report_error(message)
+        raise typer.Exit(code=2) from None
 
 
 def exit_if_interrupted(stopped_by: int | None, command: str, project_root: Path) -> None:

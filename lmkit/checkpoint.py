@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,13 +92,25 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
         "config": config.to_dict(),
     }
     with atomic_dir(path) as tmp:
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / tokenizer.file_name).write_bytes(tokenizer.model_bytes)
         if trainer is not None:
             tensors, trainer_meta = _flatten_trainer(trainer)
-            save_file(tensors, tmp / "trainer.safetensors")
+            save_tensors(tensors, tmp / "trainer.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, whose I/O failures (a full disk, a read-only folder) become the
+    OSError they are, naming FILE; safetensors reports them as text with the errno inside."""
+    try:
+        save_file(tensors, file, metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from None
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -160,7 +174,14 @@ def resumable(path: Path | None, project: Project, warn: Callable[[str], None]
     Raises:
         CheckpointError: no whole checkpoint to resume from.
     """
-    first = resolve(path, project)
+    try:
+        first = resolve(path, project)
+    except CheckpointError as err:  # a damaged or dangling latest.json: the run's folders tell as well
+        newest = project.newest_step_checkpoint() if path is None else None
+        if newest is None:
+            raise
+        warn(f"warning: {err}; resuming from the newest checkpoint folder, {newest}")
+        first = newest
     explicit = path is not None and (path / "config.json").is_file()
     steps = [] if explicit else list(reversed(project.run_checkpoints(first.parent.name)))
     if steps and first.name == "best":  # a finished run's latest is its best; training goes on from its end
@@ -173,6 +194,7 @@ def resumable(path: Path | None, project: Project, warn: Callable[[str], None]
             snapshot = ckpt.trainer()
             if snapshot is None:
                 raise CheckpointError(f"{candidate} holds weights only and cannot be resumed")
+            ckpt.tokenizer()
             with safe_open(candidate / "model.safetensors", "pt"):  # the header covers the whole file:
                 pass  # not truncated; the weights themselves are read once, by whoever resumes
         except (CheckpointError, SafetensorError, OSError, ValueError, KeyError) as err:
@@ -200,6 +222,7 @@ class Checkpoint:
         if self.meta.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{self.path} was written by a newer lmkit ({self.meta.get('lmkit_version')}); "
                                   "upgrade lmkit to read it")
+        _check_meta(self.meta, self.path / "config.json")
         try:
             self.config = RunConfig.from_dict(self.meta["config"], f"{self.path}/config.json")
         except (KeyError, ConfigError) as err:
@@ -290,9 +313,54 @@ class Checkpoint:
             return None
         try:
             meta = json.loads((self.path / "trainer.json").read_text(encoding="utf-8"))
+            _check_trainer_meta(meta)
             return _unflatten_trainer(load_file(self.path / "trainer.safetensors"), meta)
         except (ValueError, KeyError, OSError, SafetensorError) as err:
             raise CheckpointError(f"{self.path}: the training state is damaged ({err})") from None
+
+
+# config.json keys every reader relies on, and their types (bool is not an int here); _OPTIONAL
+# ones may be absent.
+_META_TYPES: dict[str, type] = {"step": int, "run": str, "tokenizer": dict, "config": dict, "task": str,
+                                "weights": str, "metrics": dict, "tied_weights": dict}
+_OPTIONAL = {"task", "weights", "metrics", "tied_weights"}
+_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object"}
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """Refuse a config.json whose fields have the wrong types (a hand edit, another tool's file), so
+    no reader fails later with a TypeError."""
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if key in _OPTIONAL and key not in meta:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{where} is damaged: {key!r} should be {_KIND_NAMES[kind]}, not {value!r:.40}")
+    tokenizer = meta["tokenizer"]
+    if not isinstance(tokenizer.get("fingerprint"), str) or tokenizer.get("file") not in _TOKENIZER_FILES:
+        raise CheckpointError(f"{where} is damaged: 'tokenizer' needs a fingerprint and a file "
+                              f"({' or '.join(_TOKENIZER_FILES)})")
+
+
+def _check_trainer_meta(meta: Any) -> None:
+    """trainer.json's shape: {"state": {counter: number}, "param_groups": [{...}], ...}.
+
+    Raises:
+        ValueError: what is wrong.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError("trainer.json is not an object")
+    state, groups = meta.get("state"), meta.get("param_groups")
+    if not isinstance(state, dict) or not all(isinstance(v, int | float | None) and not isinstance(v, bool)
+                                              for v in state.values()):
+        raise ValueError("trainer.json's state is not an object of numbers")
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise ValueError("trainer.json has no step count")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("trainer.json's param_groups is not a list of objects")
+    if not isinstance(meta.get("optimizer_scalars"), dict) or not isinstance(meta.get("scaler", {}), dict):
+        raise ValueError("trainer.json's optimizer_scalars or scaler is not an object")
 
 
 def load_weights(model: nn.Module, path: Path) -> tuple[set[str], list[str], list[str]]:

@@ -8,6 +8,7 @@ behind, and clean_leftovers removes those of processes that are gone."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,17 +38,60 @@ def content_fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+# Write failures the user fixes outside lmkit, and what to tell them.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full; free some space and run the command again",
+    errno.EDQUOT: "the disk quota is used up; free some space and run the command again",
+    errno.EFBIG: "the file is larger than this file system allows; write it elsewhere",
+    errno.EROFS: "the file system is read-only; use a writable project (-p) or output path",
+    errno.EACCES: "permission denied; check the folder's owner and mode, or use another path",
+    errno.EPERM: "the operation is not permitted here; check the folder's owner and mode, or use another path",
+}
+
+
+def write_failure(err: OSError) -> str | None:
+    """The one-line message for an OSError a full disk, read-only or foreign folder causes (None for
+    others): which file, why, what to do. Atomic writes mean nothing written before is damaged."""
+    if err.errno not in _WRITE_FAILURES:
+        return None
+    where = shown_path(err.filename) if err.filename else "a file"
+    return f"cannot write {where}: {_WRITE_FAILURES[err.errno]} (what lmkit saved before is untouched)"
+
+
+def shown_path(name: str | os.PathLike[str]) -> str:
+    """NAME as the user knows it: a temporary `.X.tmp-PID` component of the atomic writers shown as X."""
+    return str(Path(*[m["name"] if (m := _LEFTOVER_RE.match(part)) else part for part in Path(name).parts]))
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Attach PATH to a write failure that names no file (write() and close() errors do not), so
+    the message can say which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno in _WRITE_FAILURES:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file if it is there; a failure here must not hide the one that got us here."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     fsync_dir(path.parent)
 
 
@@ -82,14 +126,14 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, mode) as f:
+        with naming(path), open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
 
 
 @contextlib.contextmanager
@@ -102,17 +146,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with naming(path):
+        tmp.mkdir()
     try:
-        yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with naming(path):
+            yield tmp
+            for child in tmp.iterdir():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmkit import checkpoint
+from lmkit.checkpoint import save_tensors
 from lmkit.config import RunConfig
 from lmkit.errors import CheckpointError
-from lmkit.fileio import check_target_dir
+from lmkit.fileio import atomic_dir, check_target_dir
 from lmkit.models import ARCHS, build_model
 from lmkit.project import Project
 from lmkit.tokenizer import SPECIAL_PIECES, HFTokenizer, Tokenizer
@@ -212,9 +213,18 @@ def export_hf(ckpt_path: Path, out: Path, force: bool = False) -> Path:
         raise CheckpointError(f"{ckpt.path} is a {cfg.arch} checkpoint, which has no Hugging Face counterpart here")
     imported = ckpt.meta.get("imported", {}).get("config", {})
     config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.task, ckpt.labels, imported)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer = ckpt.tokenizer()
+    with atomic_dir(out) as tmp:  # a full disk or Ctrl-C midway leaves no half-written model directory
+        _write_hf_dir(tmp, hf, ckpt, tokenizer, config, weights)
+    return out
+
+
+def _write_hf_dir(out: Path, hf: Any, ckpt: checkpoint.Checkpoint, tokenizer: Tokenizer | HFTokenizer,
+                  config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """The files of a Hugging Face model directory (HF: the architecture's mapping), into the empty
+    folder OUT."""
+    cfg = ckpt.config.model
+    save_tensors({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
     for key, value in hf.special_ids(tokenizer).items():
         config.setdefault(key, value)  # an imported model's own ids stay
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -233,7 +243,6 @@ def export_hf(ckpt_path: Path, out: Path, force: bool = False) -> Path:
             indent=2) + "\n", encoding="utf-8")
     else:  # char and word models: the sentencepiece file travels as is
         (out / "tokenizer.model").write_bytes(tokenizer.model_bytes)
-    return out
 
 
 def sentencepiece_to_hf(tokenizer: Tokenizer, model_type: str) -> bytes:

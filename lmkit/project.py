@@ -174,6 +174,15 @@ class Project:
                                   "pass a checkpoint folder with --checkpoint")
         return path
 
+    def newest_step_checkpoint(self) -> Path | None:
+        """The newest step folder of the newest run (runN with the largest N): what latest.json names
+        while training, found without it. Copies reset file times, so they are not used."""
+        runs = [(int(m.group(1)), p.name) for p in self.checkpoints_dir.glob("run*") if (m := _RUN_RE.match(p.name))]
+        for _, run in sorted(runs, reverse=True):
+            if steps := self.run_checkpoints(run):
+                return steps[-1]
+        return None
+
     # --- runs ---------------------------------------------------------------------------------
     @property
     def runs_dir(self) -> Path:

@@ -108,7 +108,14 @@ class Tokenizer:
     file_name = "tokenizer.model"  # in a checkpoint folder
 
     def __init__(self, model_bytes: bytes, source: Path | None = None) -> None:
-        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        # An empty proto "loads" as a model with no pieces (and sentencepiece logs a screenful of
+        # C++ errors on first use); anything else it cannot parse raises.
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes) if model_bytes else None
+        except RuntimeError:
+            self.sp = None
+        if self.sp is None or self.sp.get_piece_size() == 0:
+            raise CheckpointError(f"{source or 'the tokenizer'} is not a sentencepiece model (empty or damaged)")
         self.model_bytes = model_bytes
         self.source = source
         self.fingerprint = content_fingerprint(model_bytes)

@@ -30,7 +30,7 @@ from lmkit.batches import to_device
 from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers
+from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers, naming
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.objectives import Batch, LossFn, MetricsFn
 from lmkit.optim import make_optimizer
@@ -235,8 +235,9 @@ def train_loop(
                 if state.improved(val_metrics, cfg) and save_best:
                     best_path = save_best(state, dict(latest))
                 finished = finished or bool(cfg.patience and state.evals_since_best >= cfg.patience)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            with naming(metrics_file):
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             if progress:
                 eta = (cfg.max_steps - state.step) * (now - start) / (state.step - start_step)
                 if cfg.time_budget:

@@ -3,6 +3,7 @@ processes are cleaned (but never those of a process that is still running)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from lmkit.errors import LmkitError
-from lmkit.fileio import atomic_dir, clean_leftovers, recover_dir
+from lmkit.fileio import atomic_dir, atomic_write_json, clean_leftovers, recover_dir, write_failure
 from lmkit.project import Project
 
 
@@ -65,3 +66,27 @@ def test_one_process_at_a_time_holds_a_projects_lock(tmp_path) -> None:
         holder.wait()
     with Project(tmp_path).lock(), Project(tmp_path).lock():  # the dead holder's lock went with it; re-entrant
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "data" / "train.json"
+    atomic_write_json(target, {"old": True})
+
+    def disk_full(fd: int) -> None:  # write() and fsync() errors carry no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as caught:
+        atomic_write_json(target, {"new": True})
+    assert caught.value.filename == str(target) and caught.value.errno == errno.ENOSPC
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in target.parent.iterdir()] == ["train.json"]
+    assert write_failure(caught.value) == (f"cannot write {target}: the disk is full; free some space and run the "
+                                           "command again (what lmkit saved before is untouched)")
+
+
+def test_write_failures_show_the_final_name_not_the_temporary_one() -> None:
+    read_only = OSError(errno.EROFS, "Read-only file system", "/p/checkpoints/run1/.step-000004.tmp-77/config.json")
+    assert write_failure(read_only).startswith("cannot write /p/checkpoints/run1/step-000004/config.json: the file "
+                                               "system is read-only; use a writable project")
+    assert write_failure(OSError(errno.EIO, "I/O error", "/p/x")) is None  # not a full disk or a read-only one

@@ -6,6 +6,8 @@ import math
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,20 +170,57 @@ def test_runs_are_numbered_and_config_saved_before_training(tiny_project: Projec
     assert torch.get_num_threads() >= 1
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer.safetensors", "config.json"])
-def test_resume_falls_back_to_the_previous_good_checkpoint(damaged, tiny_project: Project, tmp_path) -> None:
+def _cut_short(path: Path) -> None:  # a copy or a write that stopped halfway
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+DAMAGES: dict[str, Callable[[Path], None]] = {
+    "model.safetensors cut short": lambda c: _cut_short(c / "model.safetensors"),
+    "trainer.safetensors cut short": lambda c: _cut_short(c / "trainer.safetensors"),
+    "config.json cut short": lambda c: _cut_short(c / "config.json"),
+    "tokenizer.model empty": lambda c: (c / "tokenizer.model").write_bytes(b""),
+    "tokenizer.model garbage": lambda c: (c / "tokenizer.model").write_text("not a model\n"),
+    "tokenizer.model missing": lambda c: (c / "tokenizer.model").unlink(),
+    "trainer.json a list": lambda c: (c / "trainer.json").write_text("[]"),
+    "trainer.json string step": lambda c: _edit_json(c / "trainer.json", lambda d: d["state"].update(step="12")),
+    "config.json string step": lambda c: _edit_json(c / "config.json", lambda d: d.update(step="12")),
+    "config.json config a list": lambda c: _edit_json(c / "config.json", lambda d: d.update(config=[])),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_falls_back_to_the_previous_good_checkpoint(damage, tiny_project: Project, tmp_path, capfd) -> None:
     project = fresh_copy(tiny_project, tmp_path)
     train.pretrain(project, [], tiny_run_config(max_steps=12, save_interval=4, eval_interval=4))
     newest = project.latest_checkpoint()
     assert newest.name == "step-000012"
-    broken = newest / damaged
-    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a copy cut short
+    DAMAGES[damage](newest)
+    capfd.readouterr()
     warnings: list[str] = []
     result = train.resume(project, max_steps=14, log=warnings.append)
     assert any("resuming from the previous good checkpoint" in w and w.count("step-000008") == 1
                and "step-000012" in w for w in warnings), warnings
     assert result.state.step == 14
     assert [step for step, _ in losses(project, "run1")] == list(range(1, 15))
+    assert "sentencepiece" not in capfd.readouterr().err  # no C++ logging from an empty model
+
+
+@pytest.mark.parametrize("pointer", ["[]", '{"path": 5}', '{"path": "run1/step-000099"}'])
+def test_resume_with_a_damaged_latest_pointer_takes_the_newest_step_folder(pointer, tiny_project: Project,
+                                                                           tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=8, save_interval=4, eval_interval=4))
+    project.latest_pointer.write_text(pointer)
+    warnings: list[str] = []
+    result = train.resume(project, max_steps=10, log=warnings.append)
+    assert any("resuming from the newest checkpoint folder" in w and "step-000008" in w for w in warnings), warnings
+    assert result.state.step == 10 and project.latest_checkpoint().name == "step-000010"
 
 
 def test_resume_without_a_good_checkpoint_is_a_clear_error(tiny_project: Project, tmp_path) -> None:

@@ -101,3 +101,25 @@ def test_pretrain_with_torch_compile(tmp_path, small_corpus) -> None:
     done = lmkit("pretrain", small_corpus, "-p", project, *TINY, "--max-steps", "2", "--compile")
     assert done.exit_code == 0, done.output
     assert json.loads((project / "runs/run1/config.json").read_text())["train"]["compile"] is True
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, small_corpus, monkeypatch) -> None:
+    from safetensors import SafetensorError
+
+    from lmkit import checkpoint
+
+    project = tmp_path / "p"
+    assert lmkit("pretrain", small_corpus, "-p", project, *TINY).exit_code == 0
+    before = (project / "checkpoints" / "latest.json").read_text()
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    assert_user_error(lmkit("pretrain", "--resume", "-p", project, "--max-steps", "15", "--quiet"),
+                      f"cannot write {project}/checkpoints/run1/step-000015/model.safetensors: the disk is full")
+    assert (project / "checkpoints" / "latest.json").read_text() == before
+    assert sorted(p.name for p in (project / "checkpoints" / "run1").iterdir()) == ["step-000012"]  # no leftovers
+    monkeypatch.undo()
+    again = lmkit("pretrain", "--resume", "-p", project, "--max-steps", "15", "--quiet")
+    assert again.exit_code == 0 and "run1/step-000015" in again.stdout, again.output
