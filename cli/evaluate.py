@@ -60,6 +60,9 @@ def evaluate(
 
     opts = common(ctx, project, device, quiet=quiet)
     with user_errors():
+        if predictions is not None and predictions.is_dir():  # checked first: evaluating may take long
+            raise config.ConfigError(f"--predictions {predictions} is a directory; give a file in it, e.g. "
+                                     f"{predictions / 'predictions.jsonl'}")
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
         sampler = config.SampleConfig(max_new_tokens=max_new_tokens, greedy=True, beam=beam,
                                       length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -70,6 +73,8 @@ def evaluate(
             if records is None:
                 raise config.ConfigError("--predictions writes each example's output: it applies to classifiers "
                                          "and seq2seq models, not to language models scored on text")
+            if not predictions.parent.exists():
+                opts.say(f"creating {predictions.parent} for the predictions")
             _write_lines(predictions, records)
     report = {"file": str(file), "checkpoint": str(ckpt.path), "arch": ckpt.config.model.arch, "task": ckpt.task,
               **result.to_dict()}

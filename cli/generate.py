@@ -25,6 +25,7 @@ from cli.options import (
     Seed,
     Stop,
     common,
+    input_texts,
     user_errors,
 )
 
@@ -75,8 +76,8 @@ def generate(
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
         mode = gen.decoding_of(ckpt, fill_mask)
-        texts = prompts or (line.rstrip("\r\n") for line in sys.stdin)
-        chunk = 1 if not prompts and sys.stdin.isatty() else 64  # typed lines get an answer each
+        texts, typed = input_texts(prompts, "prompt")
+        chunk = 1 if typed else 64  # typed lines get an answer each
         where = dev.pick_device(opts.device)
         model, tokenizer = ckpt.model(where), ckpt.tokenizer()
         if mode == "classify":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -13,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmkit.errors import LmkitError
+from lmkit.errors import DataError, LmkitError
 from lmkit.fileio import write_failure
 
 
@@ -29,7 +31,7 @@ ProjectDir = Annotated[Optional[Path], typer.Option(
     help="Project directory (default: $LMKIT_PROJECT, else the current directory).")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", show_default=False, help="Where to run: auto (cuda > mps > cpu), cpu, cuda or mps.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", min=0, show_default=False, help="Random seed.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, show_default=False, help="Random seed.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", show_default=False,
@@ -126,6 +128,41 @@ def common(ctx: typer.Context, project: Optional[Path] = None, device: Optional[
     )
 
 
+def stdin_bytes() -> typing.BinaryIO:
+    """stdin as bytes; a closed one (`<&-`, or a service without one) is a user error, not a crash."""
+    if sys.stdin is None:
+        raise DataError("stdin is closed: give the input as arguments or a file, or pipe it in")
+    return sys.stdin.buffer
+
+
+def input_texts(arguments: Optional[list[str]], what: str) -> tuple[Iterator[str], bool]:
+    """ARGUMENTS, else the lines of stdin (without their line ends), each checked to be UTF-8
+    (errors name the argument or line; WHAT says what they are, e.g. "prompt"); and whether they
+    are typed at a terminal (answer each line at once instead of batching)."""
+    if arguments:
+        return _checked_arguments(arguments, what), False
+    stream = stdin_bytes()
+    return _stdin_lines(stream, what), stream.isatty()
+
+
+def _checked_arguments(arguments: list[str], what: str) -> Iterator[str]:
+    for number, text in enumerate(arguments, 1):
+        try:
+            text.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates (PEP 383)
+        except UnicodeEncodeError:
+            raise DataError(f"{what} argument {number} is not valid UTF-8") from None
+        yield text
+
+
+def _stdin_lines(stream: typing.BinaryIO, what: str) -> Iterator[str]:
+    for number, raw in enumerate(stream, 1):  # line by line, so typed lines are answered as they come
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise DataError(f"line {number} of stdin ({what}s, one a line) is not valid UTF-8; convert it first, "
+                            "e.g. `iconv -f latin1 -t utf-8`") from None
+
+
 def hand_off_to_torchrun(nproc: Optional[int]) -> None:
     """With --nproc N > 1 outside torchrun: run this same command under torch's launcher, one
     process per rank (what `torchrun --standalone --nproc_per_node N -m lmkit ...` does, run from
@@ -209,12 +246,37 @@ def user_errors() -> Iterator[None]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(code=141) from None
-    except OSError as err:  # a full disk, a read-only project: one line, not a traceback
-        message = write_failure(err)
+    except (OSError, MemoryError, RuntimeError) as err:  # a full disk, a model too big for memory: one line
+        message = write_failure(err) if isinstance(err, OSError) else out_of_memory(err)
         if message is None or os.environ.get("LMKIT_DEBUG"):
             raise
         _report_error(message)
         raise typer.Exit(code=2) from None
+
+
+_ALLOCATION_RE = re.compile(r"(?:tried to allocate|Unable to allocate) (\d+ bytes|[\d.]+ ?[KMGTP]?i?B)", re.IGNORECASE)
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """The one-line message for a failed allocation (numpy's MemoryError, torch's CPU allocator or
+    CUDA out of memory), with the size asked for; None for other errors."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text):
+        return None
+    asked = _ALLOCATION_RE.search(text)
+    size = asked.group(1) if asked else "more"
+    if size.endswith(" bytes"):
+        size = _human_bytes(int(size.split()[0]))
+    return (f"out of memory: one allocation needed {size}; use a smaller model (model.d_model, model.n_layer), "
+            "batch (train.batch_size) or context (model.max_seq_len)")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def exit_if_interrupted(stopped_by: int | None, command: str, project_root: Path) -> None:

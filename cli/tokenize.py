@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli import display
-from cli.options import ProjectDir, Quiet, common, user_errors
+from cli.options import ProjectDir, Quiet, common, stdin_bytes, user_errors
 
 app = typer.Typer(help="Train the project's tokenizer, encode and decode text, prepare token files.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -29,7 +29,7 @@ InputFile = Annotated[str, typer.Argument(help="Input file, or - for stdin.")]
 def train(
     ctx: typer.Context,
     corpora: Corpora,
-    vocab_size: Annotated[Optional[int], typer.Option(min=300, show_default=False,
+    vocab_size: Annotated[Optional[int], typer.Option(min=300, max=2**31 - 1, show_default=False,
                                                       help="Vocabulary size (a soft limit) (default: 4096).")] = None,
     model_type: Annotated[Optional[str], typer.Option(
         show_default=False, help="bpe, unigram, char or word (default: bpe).")] = None,
@@ -161,7 +161,7 @@ def _open_input(file: str):  # -> context manager over a binary stream
     from lmkit.errors import DataError
 
     if file == "-":
-        return contextlib.nullcontext(sys.stdin.buffer)  # iter_lines names it "-"; errors say "stdin"
+        return contextlib.nullcontext(stdin_bytes())  # iter_lines names it "-"; errors say "stdin"
     path = Path(file)
     if not path.is_file():
         raise DataError(f"{file} does not exist" if not path.exists() else f"{file} is not a file")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import tomllib
@@ -21,6 +22,10 @@ from lmkit.fileio import atomic_write_bytes
 from lmkit.presets import DEFAULT_ARCH, PRESETS
 
 ARCHS: tuple[str, ...] = tuple(PRESETS)  # the architectures, in the order help texts list them
+
+
+MAX_VOCAB_SIZE = 2**31 - 1
+MAX_SEED = 2**63 - 1  # what a torch generator takes as a signed 64-bit seed
 
 
 def _check(condition: bool, message: str) -> None:
@@ -42,6 +47,8 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 300, f"tokenizer.vocab_size={self.vocab_size} is too small: "
                "the tokenizer needs 256 byte pieces plus special tokens; use at least 300")
+        _check(self.vocab_size <= MAX_VOCAB_SIZE, f"tokenizer.vocab_size={self.vocab_size} is too large: "
+               f"sentencepiece takes at most {MAX_VOCAB_SIZE:,} (a 32-bit id)")
         _check(0.9 <= self.character_coverage <= 1.0,
                f"tokenizer.character_coverage={self.character_coverage} must be in [0.9, 1.0]")
         _check(self.max_sentences >= 1000, "tokenizer.max_sentences must be at least 1000")
@@ -95,6 +102,9 @@ class ModelConfig:
     rope_original_max_len: int = 8192  # llama3 scaling: the context the frequencies were trained for
 
     def __post_init__(self) -> None:
+        for name, annotation in _field_types(ModelConfig).items():  # built from code or an imported config
+            value = _coerce(f"model.{name}", getattr(self, name), annotation, "the model config")
+            object.__setattr__(self, name, value)
         _check(self.arch in ARCHS, f"model.arch={self.arch!r} is not one of: {', '.join(ARCHS)}")
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
             _check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be at least 1")
@@ -181,7 +191,7 @@ class TrainConfig:
         _check(not (self.optimizer == "muon" and self.strategy == "fsdp"),
                "train.optimizer=muon needs whole weight matrices on every rank; use --strategy ddp with it")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
-        _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
+        _check(0 <= self.seed <= MAX_SEED, f"train.seed={self.seed} must be in [0, {MAX_SEED}]")
         _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
                "validation metric such as val_loss or val_accuracy")
         _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
@@ -272,6 +282,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
+        _check(self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]")
         _check(self.temperature >= 0, "temperature must be >= 0")
         _check(self.top_k >= 0, "top_k must be >= 0")
         _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
@@ -372,6 +383,7 @@ def _command_layers(config_file: Path | None, sets: typing.Sequence[str],
         layers.append((str(config_file), load_file(config_file)))
     if sets:
         layers.append(("--set", _nest(dict(parse_set(item) for item in sets))))
+        _check_top_level(layers[-1][1], "--set")
     if flags:
         layers.append(("command line", _nest({k: v for k, v in flags.items() if v is not None})))
     return layers
@@ -409,16 +421,32 @@ class CommandLine:
 
 def load_file(path: Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a nested dict."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             data = json.loads(text)
-            return data.get("config", data)  # a checkpoint's config.json nests the run config
-        return tomllib.loads(text)
+            if isinstance(data, dict) and isinstance(data.get("config"), dict):
+                data = data["config"]  # a checkpoint's config.json nests the run config
+        else:
+            data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold an object of settings, not {type(data).__name__}")
+    _check_top_level(data, str(path))
+    return data
+
+
+def _check_top_level(layer: dict[str, Any], source: str) -> None:
+    """arch and preset are names: a table or number there is a slip (`[preset]` for `preset = ...`)."""
+    for key in TOP_LEVEL_KEYS:
+        if key in layer and not isinstance(layer[key], str):
+            example = "tiny" if key == "preset" else "gpt"
+            raise ConfigError(f'{key} in {source} must be a name, e.g. {key} = "{example}"; got {layer[key]!r:.60}')
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -556,6 +584,7 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     raise AssertionError(f"unsupported config annotation {annotation!r} for {key}")
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

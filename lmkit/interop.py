@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from lmkit import checkpoint
 from lmkit.checkpoint import save_tensors
 from lmkit.config import RunConfig
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, ConfigError
 from lmkit.fileio import atomic_dir, check_target_dir
 from lmkit.models import ARCHS, build_model
 from lmkit.project import Project
@@ -42,14 +42,26 @@ def import_hf(source: Path, project: Project) -> Path:
         CheckpointError: not a model directory, pickled weights only, an architecture or config
             option lmkit does not have, or weights that do not match the config.
     """
-    config = _read_json(source / "config.json", "a Hugging Face model directory")
+    if source.exists() and not source.is_dir():
+        raise CheckpointError(f"{source} is a file; give the Hugging Face model directory that holds it")
+    config = _ConfigFields(_read_json(source / "config.json", "a Hugging Face model directory"),
+                           source / "config.json")
     model_type = config.get("model_type")
+    architectures = _architectures(config)
     hf = next((arch.hf for arch in ARCHS.values() if arch.hf and model_type in arch.hf.model_types), None)
     if hf is None:
         known = [t for arch in ARCHS.values() if arch.hf for t in arch.hf.model_types]
-        raise CheckpointError(f"{source}: model_type {model_type!r} ({', '.join(config.get('architectures') or [])})"
+        if model_type is None:
+            raise CheckpointError(f"{source}/config.json has no model_type; lmkit imports {', '.join(known)}")
+        raise CheckpointError(f"{source}: model_type {model_type!r} ({', '.join(architectures)})"
                               f" is not supported; lmkit imports {', '.join(known)}")
-    model_config = hf.config_in(config)
+    try:
+        model_config = hf.config_in(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}/config.json does not describe a model lmkit can build: {err}") from None
+    except (TypeError, ValueError) as err:  # arithmetic on a value of the wrong type, e.g. "hidden_size": "32"
+        raise CheckpointError(f"{source}/config.json has a value of the wrong type for a {model_type} model "
+                              f"({err})") from None
     tokenizer = _read_tokenizer(source, config, hf.tokenizer_prompts)
     project.require_tokenizer(tokenizer.fingerprint, f"the model in {source}")
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -65,7 +77,11 @@ def import_hf(source: Path, project: Project) -> Path:
             unexpected |= set(extra)
         missing = sorted(set(model.state_dict()) - stored)
     else:
-        missing, unexpected = model.load_state_dict(hf.weights_in(_read_weights(files)), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(hf.weights_in(_read_weights(files)), strict=False)
+        except RuntimeError as err:  # "size mismatch for ...": the weights are not the shapes config.json gives
+            detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+            raise CheckpointError(f"{source}: the weights do not match config.json ({detail})") from None
     allowed = hf.may_lack(config)
     if unexpected or not set(missing) <= allowed:
         raise CheckpointError(f"{source}: the weights do not match the config (missing "
@@ -79,10 +95,34 @@ def import_hf(source: Path, project: Project) -> Path:
     fresh = sorted(set(missing) - tied)
     checkpoint.save(path, model=model, config=cfg, tokenizer=tokenizer, run=run, step=0,
                     extra={"imported": {"from": str(source.resolve()), "model_type": model_type,
-                                        "architectures": config.get("architectures"), "initialised": fresh,
-                                        "config": config}})
+                                        "architectures": architectures, "initialised": fresh,
+                                        "config": dict(config)}})
     checkpoint.set_latest(project, path)
     return path
+
+
+class _ConfigFields(dict):  # type: ignore[type-arg]
+    """A Hugging Face config.json whose missing or null required keys are user errors naming the
+    key and the file (the architectures' config_in read required keys as config[key])."""
+
+    def __init__(self, data: dict[str, Any], path: Path) -> None:
+        super().__init__(data)
+        self.path = path
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise CheckpointError(f"{self.path} lacks {key!r}, which a {self.get('model_type')} model needs")
+        value = super().__getitem__(key)
+        if value is None:
+            raise CheckpointError(f"{self.path} has {key!r}: null, which a {self.get('model_type')} model needs")
+        return value
+
+
+def _architectures(config: dict[str, Any]) -> list[str]:
+    """config.json's "architectures" as a list of class names (a lone string is one name)."""
+    value = config.get("architectures")
+    names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [name for name in names if isinstance(name, str)]
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -108,7 +148,14 @@ def _weight_files(source: Path) -> list[Path]:
     files = [source / "model.safetensors"]
     index = source / "model.safetensors.index.json"
     if index.is_file():
-        files = [source / name for name in sorted(set(_read_json(index, "a sharded model")["weight_map"].values()))]
+        weight_map = _read_json(index, "a sharded model").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map object (tensor name -> shard file)")
+        names = set(weight_map.values())
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not (source / name).is_file():
+                raise CheckpointError(f"{index} names the shard {name!r}, which is not a file in {source}")
+        files = [source / name for name in sorted(names)]
     if not files[0].is_file():
         if any(source.glob("pytorch_model*.bin")):
             raise CheckpointError(f"{source} holds pickled weights (pytorch_model.bin), which lmkit does not load; "

@@ -30,6 +30,7 @@ from lmkit.tokenizer import AnyTokenizer, HFTokenizer, Tokenizer
 
 SPLITS = ("train", "val")
 _BATCH_LINES = 4096
+_SCAN_TOKENS = 1 << 24  # ids checked at a time against the vocabulary (32-64 MiB of a memory map)
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,24 @@ class TokenFile:
     def tokenizer_fingerprint(self) -> str:
         return str(self.meta["tokenizer"])
 
-    def array(self) -> np.ndarray:
-        """The ids as a read-only memory map (an empty array for an empty split)."""
+    def array(self, vocab_size: int | None = None) -> np.ndarray:
+        """The ids as a read-only memory map (an empty array for an empty split).
+
+        Raises:
+            DataError: with VOCAB_SIZE, the file holds an id the tokenizer does not have (the file
+                was damaged after it was written: a disk error, a copy from another project).
+        """
         if self.tokens == 0:
             return np.zeros(0, dtype=self.meta["dtype"])
-        return np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.tokens,))
+        ids = np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.tokens,))
+        if vocab_size is not None:
+            for start in range(0, len(ids), _SCAN_TOKENS):  # in pieces: max() of a memory map holds no copy
+                largest = int(ids[start:start + _SCAN_TOKENS].max())
+                if largest >= vocab_size:
+                    at = start + int(np.argmax(ids[start:start + _SCAN_TOKENS] >= vocab_size))
+                    raise DataError(f"{self.path} is damaged: token {at:,} is id {int(ids[at])}, but the tokenizer "
+                                    f"has {vocab_size:,} ids; rebuild it with 'lmkit tokenize prepare --force'")
+        return ids
 
     @classmethod
     def open(cls, path: Path) -> TokenFile | None:
@@ -59,10 +73,10 @@ class TokenFile:
         try:
             meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
             size = path.stat().st_size
-        except (OSError, ValueError):
+            if size != int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize:
+                return None  # interrupted between writing the ids and the sidecar
+        except (OSError, ValueError, KeyError, TypeError):  # missing, or a sidecar of the wrong shape
             return None
-        if size != int(meta["tokens"]) * np.dtype(meta["dtype"]).itemsize:
-            return None  # interrupted between writing the ids and the sidecar
         return cls(path, meta)
 
 

@@ -107,11 +107,15 @@ def _record(path: Path, line_no: int, line: str, required: tuple[str, ...], opti
     for key in required:
         if not isinstance(record[key], (str, int)) or (key != "label" and not isinstance(record[key], str)):
             raise DataError(f"{path}:{line_no}: field {key!r} must be a string")
-    return {key: record[key] for key in (*required, *optional) if key in record}
+    for key in optional:  # null is the same as leaving it out
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise DataError(f"{path}:{line_no}: field {key!r} must be a string or null, not {record[key]!r:.40}")
+    return {key: record[key] for key in (*required, *optional) if record.get(key) is not None}
 
 
 def _read_table(path: Path, text: str) -> list[LabelledText]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a field as long as the file is fine
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if "label" in header and "text" in header:

@@ -587,7 +587,8 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
 
 def pretraining_plan(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: Tokenizer) -> RunPlan:
     """What pretraining means for cfg.model.arch (its objective, batches and metrics), on PREPARED data."""
-    objective = ARCHS[cfg.model.arch].pretraining(cfg, prepared.train.array(), prepared.val.array(), tokenizer)
+    objective = ARCHS[cfg.model.arch].pretraining(cfg, prepared.train.array(tokenizer.vocab_size),
+                                                   prepared.val.array(tokenizer.vocab_size), tokenizer)
     return RunPlan(objective.batches, objective.val_batches, objective.loss_fn, objective.metrics_fn,
                    objective.tokens_per_batch, meta={"data": _data_identity(prepared)})
 

@@ -54,6 +54,9 @@ def test_saved_json_config_round_trips(tmp_path) -> None:
     (["novalue"], "--set expects key=value"),
     (["train.compile=1"], "must be true or false"),
     (["tokenizer.vocab_size=100"], "too small"),
+    (["tokenizer.vocab_size=2147483648"], "too large: sentencepiece takes at most 2,147,483,647"),
+    (["train.seed=9223372036854775808"], "train.seed=9223372036854775808 must be in"),
+    (["preset={name='tiny'}"], "preset in --set must be a name"),
 ])
 def test_bad_values_name_the_key_and_source(sets, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -90,3 +93,26 @@ def test_durations(text, seconds) -> None:
 def test_bad_durations(text) -> None:
     with pytest.raises(ConfigError):
         config.parse_duration(text)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("list.json", "[1, 2]", "must hold an object of settings, not list"),
+    ("table.toml", '[preset]\nname = "tiny"\n', 'preset in .* must be a name, e.g. preset = "tiny"'),
+    ("arch.toml", "arch = 3\n", "arch in .* must be a name"),
+])
+def test_config_files_of_the_wrong_shape_are_clear_errors(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        config.resolve(config_file=path)
+
+
+def test_a_directory_for_a_config_file_is_named_as_such(tmp_path) -> None:
+    (tmp_path / "lmkit.toml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        config.resolve(project_file=tmp_path / "lmkit.toml")
+
+
+def test_a_model_config_built_in_code_is_type_checked() -> None:
+    with pytest.raises(ConfigError, match="model.d_model='32' .* must be an integer"):
+        config.ModelConfig(d_model="32")  # type: ignore[arg-type]

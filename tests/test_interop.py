@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lmkit import interop, search
 from lmkit.checkpoint import Checkpoint
@@ -272,3 +272,39 @@ def test_an_lmkit_tokenizer_exports_to_one_autotokenizer_reads_identically(model
         ids = tokenizer.encode(text)
         assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text
         assert theirs.decode(ids) == text
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c.pop("n_embd"), "lacks 'n_embd', which a gpt2 model needs"),
+    (lambda c: c.update(n_embd=None), "has 'n_embd': null"),
+    (lambda c: c.update(n_embd="48"), "model.d_model='48' .* must be an integer"),
+    (lambda c: c.update(n_layer=2.5), "model.n_layer=2.5 .* must be an integer"),
+    (lambda c: c.update(model_type="gemma", architectures="GemmaForCausalLM"), r"'gemma' \(GemmaForCausalLM\)"),
+])
+def test_mistyped_configs_are_user_errors(change, message, gpt2_dir, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    change(config)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        interop.import_hf(broken, Project.open(tmp_path / "p"))
+
+
+def test_bad_weights_and_indexes_are_user_errors(gpt2_dir, tmp_path) -> None:
+    project = Project.open(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="is a file; give the Hugging Face model directory"):
+        interop.import_hf(gpt2_dir / "config.json", project)
+    shaped = tmp_path / "shaped"
+    shutil.copytree(gpt2_dir, shaped)
+    weights = load_file(shaped / "model.safetensors")
+    weights[sorted(weights)[-1]] = torch.zeros(7, 7)
+    save_file(weights, shaped / "model.safetensors")
+    with pytest.raises(CheckpointError, match="do not match config.json .*size mismatch"):
+        interop.import_hf(shaped, project)
+    for weight_map, message in ((["a"], "no weight_map object"), ({"x": "../x.safetensors"}, "names the shard")):
+        sharded = tmp_path / f"sharded{len(message)}"
+        shutil.copytree(gpt2_dir, sharded)
+        (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            interop.import_hf(sharded, project)

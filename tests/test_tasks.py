@@ -46,6 +46,7 @@ def test_a_second_text_column_makes_pairs(tmp_path) -> None:
     ("ragged.csv", "text,label\nonly text\n", "row 2 has 1 column(s)"),
     ("bad.jsonl", '{"text": "x", "label": "a"}\n{"text": "y"\n', "bad.jsonl:2"),
     ("nolabel.jsonl", '{"text": "x"}\n', "missing field 'label'"),
+    ("pair.jsonl", '{"text": "x", "text_b": 5, "label": "a"}\n', "pair.jsonl:1: field 'text_b' must be a string"),
 ])
 def test_bad_labelled_files_name_the_problem(tmp_path, name, content, message) -> None:
     path = tmp_path / name
@@ -112,3 +113,10 @@ def test_epoch_batches_resume_mid_epoch() -> None:
     second.load_state_dict(first.state_dict())
     assert seen + [next(second) for _ in range(3)] == expected
     assert sorted(expected[0] + expected[1] + expected[2][:2]) == rows  # each epoch sees every row once
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_reads(tmp_path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text('text,label\n"' + "a" * 200_000 + '",x\nshort,y\n')
+    examples = tasks.read_labelled(path)
+    assert [len(e.text) for e in examples] == [200_000, 5] and [e.label for e in examples] == ["x", "y"]

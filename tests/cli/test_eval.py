@@ -25,3 +25,8 @@ def test_eval_errors(ckpt_project, tmp_path) -> None:
     assert_user_error(lmkit("eval", "-p", ckpt_project, tmp_path / "missing.txt"), "does not exist")
     assert_user_error(lmkit("eval", "-p", ckpt_project, empty), "is empty")
     assert_user_error(lmkit("eval", "-p", tmp_path, ckpt_project / "lmkit.toml"), "no checkpoint in")
+
+
+def test_predictions_path_that_is_a_directory_is_refused_before_evaluating(ckpt_project, tmp_path) -> None:
+    assert_user_error(lmkit("eval", tmp_path, "-p", ckpt_project, "--predictions", tmp_path),
+                      f"--predictions {tmp_path} is a directory; give a file in it")

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tests.cli.conftest import assert_user_error, lmkit
 
@@ -36,3 +41,21 @@ def test_generate_errors(tmp_path, ckpt_project) -> None:
     assert_user_error(lmkit("generate", "-c", tmp_path, "hi"), "is not an lmkit checkpoint")
     assert lmkit("generate", "-p", ckpt_project, "hi", "--top-p", "1.5").exit_code == 2
     assert lmkit("generate", "-p", ckpt_project, "hi", "--device", "tpu").exit_code == 2
+
+
+def test_prompts_that_are_not_utf8_are_named(ckpt_project) -> None:
+    assert_user_error(lmkit("generate", "-p", ckpt_project, "--max-new-tokens", "2", input=b"fine\nHam\xff\xfe\n"),
+                      "line 2 of stdin (prompts, one a line) is not valid UTF-8")
+    # a byte that is not UTF-8 in argv reaches Python as a lone surrogate (PEP 383)
+    assert_user_error(lmkit("generate", "-p", ckpt_project, "--max-new-tokens", "2", "ok", "Ham\udcff"),
+                      "prompt argument 2 is not valid UTF-8")
+
+
+@pytest.mark.parametrize("command", [["generate", "--max-new-tokens", "2"], ["tokenize", "encode"],
+                                     ["tokenize", "decode"]])
+def test_a_closed_stdin_is_a_user_error(command, ckpt_project) -> None:
+    """`lmkit generate <&-`: Python starts with sys.stdin = None."""
+    done = subprocess.run([sys.executable, "-m", "lmkit", *command, "-p", str(ckpt_project)], capture_output=True,
+                          text=True, preexec_fn=lambda: os.close(0), timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: stdin is closed"), done.stderr

@@ -123,3 +123,27 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, small
     monkeypatch.undo()
     again = lmkit("pretrain", "--resume", "-p", project, "--max-steps", "15", "--quiet")
     assert again.exit_code == 0 and "run1/step-000015" in again.stdout, again.output
+
+
+def test_a_model_too_big_for_memory_is_one_line(tmp_path, small_corpus, monkeypatch) -> None:
+    from lmkit import train
+
+    def cannot_allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train, "build_model", cannot_allocate)
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", tmp_path / "p", *TINY),
+                      "out of memory: one allocation needed 4.0 TiB; use a smaller model")
+
+
+def test_token_ids_beyond_the_vocabulary_in_train_bin_are_named(tmp_path, small_corpus) -> None:
+    import numpy as np
+
+    project = tmp_path / "p"
+    assert lmkit("pretrain", small_corpus, "-p", project, *TINY).exit_code == 0
+    ids = np.fromfile(project / "data" / "train.bin", dtype=np.uint16)
+    ids[100] = 60000
+    ids.tofile(project / "data" / "train.bin")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", project, *TINY, "--new-run"),
+                      "train.bin is damaged: token 100 is id 60000, but the tokenizer has")
