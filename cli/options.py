@@ -271,12 +271,13 @@ def out_of_memory(err: BaseException) -> str | None:
             "batch (train.batch_size) or context (model.max_seq_len)")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+def _human_bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{size:,.1f} {unit}"
 
 
 def exit_if_interrupted(stopped_by: int | None, command: str, project_root: Path) -> None:

@@ -146,10 +146,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with naming(path):
-        tmp.mkdir()
     try:
         with naming(path):
+            tmp.mkdir()
             yield tmp
             for child in tmp.iterdir():
                 with open(child, "rb") as f:

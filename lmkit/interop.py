@@ -151,10 +151,10 @@ def _weight_files(source: Path) -> list[Path]:
         weight_map = _read_json(index, "a sharded model").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map object (tensor name -> shard file)")
-        names = set(weight_map.values())
-        for name in names:
+        for name in weight_map.values():  # checked before set(): a list there is unhashable
             if not isinstance(name, str) or Path(name).name != name or not (source / name).is_file():
                 raise CheckpointError(f"{index} names the shard {name!r}, which is not a file in {source}")
+        names = set(weight_map.values())
         files = [source / name for name in sorted(names)]
     if not files[0].is_file():
         if any(source.glob("pytorch_model*.bin")):

@@ -60,9 +60,9 @@ class TokenFile:
         ids = np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.tokens,))
         if vocab_size is not None:
             for start in range(0, len(ids), _SCAN_TOKENS):  # in pieces: max() of a memory map holds no copy
-                largest = int(ids[start:start + _SCAN_TOKENS].max())
-                if largest >= vocab_size:
-                    at = start + int(np.argmax(ids[start:start + _SCAN_TOKENS] >= vocab_size))
+                piece = ids[start:start + _SCAN_TOKENS]
+                if int(piece.max()) >= vocab_size:
+                    at = start + int(np.argmax(piece >= vocab_size))
                     raise DataError(f"{self.path} is damaged: token {at:,} is id {int(ids[at])}, but the tokenizer "
                                     f"has {vocab_size:,} ids; rebuild it with 'lmkit tokenize prepare --force'")
         return ids

@@ -308,3 +308,11 @@ def test_bad_weights_and_indexes_are_user_errors(gpt2_dir, tmp_path) -> None:
         (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(CheckpointError, match=message):
             interop.import_hf(sharded, project)
+
+
+def test_an_unhashable_shard_name_in_a_weight_map_is_a_user_error(gpt2_dir, tmp_path) -> None:
+    sharded = tmp_path / "sharded"
+    shutil.copytree(gpt2_dir, sharded)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": ["a.safetensors"]}}))
+    with pytest.raises(CheckpointError, match="names the shard \\['a.safetensors'\\]"):
+        interop.import_hf(sharded, Project.open(tmp_path / "p"))
