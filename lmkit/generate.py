@@ -131,13 +131,54 @@ class Seq2SeqStepper:
         self._logits = self.model.decode(tokens[:, None], self.state)[:, -1]
 
 
+class _RowText:
+    """One row's text, decoded as its tokens arrive without decoding the whole text again.
+
+    Each step decodes a short window: the tokens of the last piece of final text and the new ones.
+    The window starts one piece back because decoders treat a sequence's first token specially
+    (sentencepiece and Metaspace drop its leading space), so both decodes compared start alike.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""  # the text of tokens[:read]; no later token changes it
+        self.pending = ""  # the text of tokens[read:]: it may end in an incomplete UTF-8 sequence
+        self.start = self.read = self.seen = 0  # window tokens[start:read]; tokens taken so far
+        self.window = ""  # decode(tokens[start:read])
+
+    def update(self, tokens: list[int]) -> str:
+        """The text of TOKENS, which extend the tokens of the last call."""
+        if len(tokens) == self.seen:
+            return self.text + self.pending
+        self.seen = len(tokens)
+        decode = self.tokenizer.decode
+        new = decode(tokens[self.start:])
+        if not new.startswith(self.window):  # earlier text changed (a run of byte tokens decodes all or
+            self.start = self.read = 0  # nothing in Llama 2's tokenizer): decode it all this once
+            self.text = self.window = ""
+            new = decode(tokens)
+        if new.endswith("\ufffd"):  # wait for the rest of the character's bytes
+            self.pending = new[len(self.window):]
+            return self.text + self.pending
+        self.text += new[len(self.window):]
+        self.pending, self.start, self.read = "", self.read, len(tokens)
+        self.window = decode(tokens[self.start:self.read])
+        return self.text
+
+
 class _Texts:
-    """Decoded text of each row, with stop strings cut off; streams what can no longer change."""
+    """Decoded text of each row, with stop strings cut off; streams what can no longer change.
+
+    While sampling, each row's text grows token by token (_RowText), and stop strings are looked
+    for only where the new text could complete one, so a long stream costs linear time.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], on_text: Callable[[int, str], None] | None):
         self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
         self.holdback = max((len(s) for s in stop), default=1) - 1  # might be the start of a stop string
         self.emitted: dict[int, int] = {}
+        self.rows: dict[int, _RowText] = {}
+        self.searched: dict[int, int] = {}  # where the next stop search in a row's text starts
 
     def final(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens)
@@ -145,15 +186,36 @@ class _Texts:
         return text[:cut] if cut >= 0 else text
 
     def stopped(self, row: int, tokens: list[int]) -> bool:
+        """Whether a stop string appeared in the row's text (TOKENS extend those of the last call)."""
+        return self._stop_at(row, self._text(row, tokens)) >= 0
+
+    def stopped_anew(self, row: int, tokens: list[int]) -> bool:
+        """stopped() for any TOKENS (a beam search's rows change): decodes them whole."""
         text = self.tokenizer.decode(tokens)
         return any(s in text for s in self.stop)
 
     def stream(self, row: int, tokens: list[int]) -> None:
-        text = self.final(tokens).rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its bytes
-        self._emit(row, text[:len(text) - self.holdback])
+        text = self._text(row, tokens).rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its bytes
+        cut = self._stop_at(row, text)
+        self._emit(row, text[:cut] if cut >= 0 else text[:len(text) - self.holdback])
 
     def finish(self, row: int, text: str) -> None:
         self._emit(row, text)
+
+    def _text(self, row: int, tokens: list[int]) -> str:
+        if row not in self.rows:
+            self.rows[row] = _RowText(self.tokenizer)
+        return self.rows[row].update(tokens)
+
+    def _stop_at(self, row: int, text: str) -> int:
+        """Where the first stop string in TEXT starts, or -1. An earlier call saw no stop string in
+        the final text before self.searched[row], so only the text from one stop's length before it
+        is searched."""
+        start = max(0, self.searched.get(row, 0) - self.holdback)
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if not found:
+            self.searched[row] = len(self.rows[row].text)
+        return min(found, default=-1)
 
     def _emit(self, row: int, text: str) -> None:
         done = self.emitted.get(row, 0)
@@ -165,10 +227,11 @@ class _Texts:
 def _search(stepper: search.Stepper, n_inputs: int, cfg: SampleConfig, tokenizer: Tokenizer,
             generator: torch.Generator, texts: _Texts, prefixes: list[list[int]] | None) -> list[list[Sample]]:
     """Run the search cfg asks for; the samples of each input."""
-    stopped = texts.stopped if cfg.stop else None
     if cfg.beam > 1:
+        stopped = texts.stopped_anew if cfg.stop else None
         found = search.beam_search(stepper, n_inputs, cfg, tokenizer.stop_ids, prefixes=prefixes, stopped=stopped)
         return [[Sample(texts.final(h.tokens), h.tokens, h.finish_reason, h.score) for h in hyps] for hyps in found]
+    stopped = texts.stopped if cfg.stop else None
     rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, tokenizer.stop_ids, prefixes=prefixes,
                          generator=generator, stopped=stopped, on_token=texts.stream if texts.on_text else None)
     samples = [Sample(texts.final(h.tokens), h.tokens, h.finish_reason) for h in rows]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ from torch import nn
 
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import ModelConfig, SampleConfig
-from lmkit.generate import generate
+from lmkit.generate import _Texts, generate
 from lmkit.models.gpt import GPT
 from lmkit.search import sample_next
+from lmkit.tokenizer import HFTokenizer
 
 CPU = torch.device("cpu")
 
@@ -142,3 +144,62 @@ def test_stop_strings_end_the_text_and_are_left_out(trained) -> None:
                    on_text=lambda i, text: streamed.append(text)).samples[0]
     assert out.text == free[:free.index(stop)] and out.finish_reason == "stop"
     assert "".join(streamed) == out.text  # nothing of the stop string was streamed before it was seen
+
+
+def _hf_tokenizers(sample_text: str) -> dict[str, HFTokenizer]:
+    """A GPT-2 style byte-level BPE and a Llama-2 style Metaspace BPE with byte fallback, trained here."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    lines = sample_text.splitlines()[:2000]
+    byte_level = Backend(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    metaspace = Backend(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    metaspace.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    metaspace.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    metaspace.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>",
+                                                                                             *byte_pieces]))
+    spec = json.loads(metaspace.to_str())  # byte pieces are ordinary vocabulary, as in Llama 2's tokenizer
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_pieces]
+    return {"byte-level": HFTokenizer(byte_level.to_str().encode(), {"eos": 0}),
+            "metaspace": HFTokenizer(json.dumps(spec).encode(), {"eos": 1})}
+
+
+@pytest.mark.parametrize("name", ["lmkit", "byte-level", "metaspace"])
+def test_streamed_text_is_the_decoded_text(name, trained, sample_text) -> None:
+    """The stream decodes a few tokens a step (not the whole text again), yet gives exactly the
+    text decoding all tokens gives: multibyte characters split over byte tokens, the first token's
+    dropped leading space, and token sequences no text encodes to (a sampler's output)."""
+    tokenizer = trained[1] if name == "lmkit" else _hf_tokenizers(sample_text)[name]
+    text = " To be, or not — 'tis “nobler” in the mind; café, naïve, 日本語 and 🎭 too.\n  Ham. Words,\twords"
+    encoded = tokenizer.encode(text)
+    gen = torch.Generator().manual_seed(0)
+    random_ids = torch.randint(0, tokenizer.vocab_size, (400,), generator=gen).tolist()
+    if name == "metaspace":  # a run of byte tokens that is not UTF-8 decodes to one \ufffd a byte, all or
+        random_ids = [i for i in random_ids if not tokenizer.pieces([i])[0].startswith("<0x")]  # nothing
+    noise_then_text = [i for i in random_ids if i not in tokenizer.special_ids][:200] + encoded
+    for tokens in (encoded, random_ids, noise_then_text):
+        streamed: list[str] = []
+        texts = _Texts(tokenizer, (), lambda row, piece, into=streamed: into.append(piece))
+        for n in range(1, len(tokens) + 1):
+            texts.stream(0, tokens[:n])
+        at_end = "".join(streamed)
+        texts.finish(0, texts.final(tokens))
+        assert "".join(streamed) == tokenizer.decode(tokens)
+        assert len(at_end) >= len(tokenizer.decode(tokens).rstrip("\ufffd")) - 1  # only an unfinished char waits
+    assert tokenizer.decode(encoded) == text
+
+
+def test_stop_strings_are_found_in_a_growing_text(trained) -> None:
+    """A stop string split over several tokens, or over the point where the last search ended."""
+    tokenizer = trained[1]
+    tokens = tokenizer.encode("Words, words, words. To be or not to be: that is the question.")
+    for stop in ("to be", "question", ": t", "Words"):
+        texts = _Texts(tokenizer, (stop,), None)
+        n = next(n for n in range(1, len(tokens) + 1) if texts.stopped(0, tokens[:n]))
+        assert stop in tokenizer.decode(tokens[:n]) and stop not in tokenizer.decode(tokens[:n - 1])
