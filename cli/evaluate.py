@@ -32,7 +32,8 @@ def evaluate(
         show_default=False, help="Text (lm), labelled examples (classify) or source/target pairs (seq2seq).")],
     task: Annotated[Optional[str], typer.Option(
         show_default=False,
-        help="lm, classify or seq2seq (default: the checkpoint's own task, which it must match).")] = None,
+        help="lm, classify, seq2seq, or chat (a decoder on JSONL conversations: the replies' loss; default: the "
+        "checkpoint's own task, which it must match).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         min=1, show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(

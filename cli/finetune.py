@@ -1,5 +1,5 @@
-"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, seq2seq, lm), fully or
-with LoRA."""
+"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, chat, seq2seq, lm), fully
+or with LoRA."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from cli.options import (
 class Task(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
     classify = "classify"
     instruct = "instruct"
+    chat = "chat"
     seq2seq = "seq2seq"
     lm = "lm"
 
@@ -52,8 +53,9 @@ def finetune(
     ctx: typer.Context,
     data: Annotated[Optional[Path], typer.Argument(
         show_default=False,
-        help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), TSV source<TAB>target "
-        "or JSONL source/target (seq2seq), text (lm).")] = None,
+        help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), JSONL {\"messages\": "
+        "[{\"role\", \"content\"}, ...]} (chat), TSV source<TAB>target or JSONL source/target (seq2seq), "
+        "text (lm).")] = None,
     task: Annotated[Task, typer.Option(help="What to finetune for.")] = Task.classify,
     base: Annotated[Optional[Path], typer.Option(
         "--from", show_default=False,
@@ -71,6 +73,9 @@ def finetune(
     lora_targets: Annotated[Optional[LoraTargets], typer.Option(
         show_default=False, help="Projections that get adapters: attn, mlp or all (default attn).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="With LoRA: also write a merged full checkpoint.")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option(
+        show_default=False, help="chat: a Jinja chat template (or a tokenizer_config.json with one) instead of "
+        "the tokenizer's own; it is saved with the checkpoints.")] = None,
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
@@ -106,7 +111,8 @@ def finetune(
             if resume:  # the run's own command line may come along; what it changes is refused
                 given = {"task": task.value if data else None, "data": str(data.resolve()) if data else None,
                          "base": str(ckpt_lib.resolve(base, p).resolve()) if base else None,
-                         "val": str(val.resolve()) if val else None, "scratch": True if scratch else None}
+                         "val": str(val.resolve()) if val else None, "scratch": True if scratch else None,
+                         "chat_template": str(chat_template.resolve()) if chat_template else None}
                 result = ft.resume(p, checkpoint, max_steps=max_steps, merge=merge, given=given,
                                    command=config.CommandLine(config_file, tuple(set_ or ()), flags), log=opts.say,
                                    progress=shown.training)
@@ -115,7 +121,8 @@ def finetune(
                     raise config.ConfigError("give the task data: lmkit finetune DATA --task ...")
                 spec = ft.FinetuneSpec(task.value, str(data.resolve()),
                                        str(ckpt_lib.resolve(base or checkpoint, p).resolve()),
-                                       str(val.resolve()) if val else None, scratch)
+                                       str(val.resolve()) if val else None, scratch,
+                                       str(chat_template.resolve()) if chat_template else None)
                 result = ft.finetune(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
                                      merge=merge, continue_interrupted=not new_run, log=opts.say,
                                      progress=shown.training)

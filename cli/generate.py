@@ -1,5 +1,6 @@
-"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), rewrite each line
-with an encoder-decoder, fill in [MASK]s with a BERT, or label each line with a classifier."""
+"""`lmkit generate`: continue prompts with a GPT (streaming text to stdout), answer each as a chat
+message (--chat), rewrite each line with an encoder-decoder, fill in [MASK]s with a BERT, or label
+each line with a classifier."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import typer
 
 from cli.options import (
     Beam,
+    ChatTemplate,
     CheckpointOpt,
     DeviceOpt,
+    Greedy,
     Json,
     LengthPenalty,
     MaxNewTokens,
@@ -24,10 +27,14 @@ from cli.options import (
     RepetitionPenalty,
     Seed,
     Stop,
+    System,
+    Temperature,
+    TopP,
     common,
     input_texts,
     user_errors,
 )
+from lmkit.errors import DataError
 
 
 def generate(
@@ -36,15 +43,16 @@ def generate(
         show_default=False, help="Prompts to continue, or sources to rewrite (default: one per line of stdin).")
     ] = None,
     max_new_tokens: MaxNewTokens = 200,
-    temperature: Annotated[Optional[float], typer.Option(
-        min=0.0, show_default=False,
-        help="Sampling temperature; 0 means greedy (default: 0.8; seq2seq models decode greedily).")] = None,
+    temperature: Temperature = None,
     top_k: Annotated[int, typer.Option(
         min=0, help="Sample from the k likeliest tokens only (0: all); with --fill-mask, candidates shown (0: 5).",
     )] = 0,
-    top_p: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")] = 0.95,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")] = False,
+    top_p: TopP = 0.95,
+    greedy: Greedy = False,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Answer each prompt as a user's message, with the checkpoint's chat template.")] = False,
+    system: System = None,
+    chat_template: ChatTemplate = None,
     num_samples: Annotated[int, typer.Option(
         "--num-return-sequences", "--num-samples", min=1,
         help="Outputs per input: samples, or the best hypotheses of a beam search.")] = 1,
@@ -65,8 +73,8 @@ def generate(
     seed: Seed = None,
     quiet: Quiet = False,
 ) -> None:
-    """Continue each prompt (GPT), rewrite each line (seq2seq), fill in [MASK]s (BERT) or label each line
-    (classifier) with the project's latest (or a chosen) checkpoint."""
+    """Continue each prompt (GPT) or answer it (--chat), rewrite each line (seq2seq), fill in [MASK]s (BERT)
+    or label each line (classifier) with the project's latest (or a chosen) checkpoint."""
     from lmkit import checkpoint as ckpt_lib
     from lmkit import device as dev
     from lmkit import generate as gen
@@ -76,6 +84,11 @@ def generate(
     with user_errors():
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
         mode = gen.decoding_of(ckpt, fill_mask)
+        if (chat or system or chat_template) and mode != "continue":
+            raise DataError(f"--chat answers with a decoder (gpt or llama); {ckpt.path} is a "
+                            f"{ckpt.config.model.arch} checkpoint for {mode}")
+        if (system or chat_template) and not chat:
+            raise DataError("--system and --chat-template go with --chat")
         texts, typed = input_texts(prompts, "prompt")
         chunk = 1 if typed else 64  # typed lines get an answer each
         where = dev.pick_device(opts.device)
@@ -93,6 +106,15 @@ def generate(
                 stop=tuple(stop or ()))
             if mode == "rewrite":
                 _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
+            elif chat:
+                from lmkit import chat as chat_lib
+
+                form = chat_lib.ChatFormat(tokenizer, chat_lib.load_template(chat_template) if chat_template else None)
+                start = [{"role": "system", "content": system}] if system else []
+                for text in texts:
+                    messages = [*start, {"role": "user", "content": text}]
+                    _print_completion(lambda on_text, m=messages: gen.reply(model, form, m, sampler, where, on_text),
+                                      sampler, None, json_out)
             else:
                 _sample(gen, model, tokenizer, texts, sampler, where, echo is not False, json_out)
 
@@ -100,19 +122,26 @@ def generate(
 def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sampler: Any, where: Any, echo: bool,
             json_out: bool) -> None:
     """Print samples: streamed as they are decoded (one sample, text), or whole (several, or JSON)."""
-    stream = sampler.num_samples == 1 and sampler.beam == 1 and not json_out
     for prompt in prompts:
-        if stream and echo:
-            sys.stdout.write(prompt)
-        on_text = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-        completion = gen.generate(model, tokenizer, prompt, sampler, where, on_text=on_text)
-        if json_out:
-            sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
-        elif stream:
-            sys.stdout.write("\n")
-        else:
-            sys.stdout.write("\n".join((prompt if echo else "") + s.text + "\n" for s in completion.samples))
-        sys.stdout.flush()
+        _print_completion(lambda on_text, p=prompt: gen.generate(model, tokenizer, p, sampler, where, on_text),
+                          sampler, prompt if echo else None, json_out)
+
+
+def _print_completion(run: Any, sampler: Any, echo: Optional[str], json_out: bool) -> None:
+    """RUN(on_text) the generation and print it: streamed as it is decoded (one sample, text),
+    or whole (several, or JSON); after ECHO, the prompt, when given."""
+    stream = sampler.num_samples == 1 and sampler.beam == 1 and not json_out
+    if stream and echo:
+        sys.stdout.write(echo)
+    on_text = (lambda i, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+    completion = run(on_text)
+    if json_out:
+        sys.stdout.write(json.dumps(completion.to_dict()) + "\n")
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write("\n".join((echo or "") + s.text + "\n" for s in completion.samples))
+    sys.stdout.flush()
 
 
 def _rewrite(gen: Any, model: Any, tokenizer: Any, sources: Iterable[str], sampler: Any, where: Any, echo: bool,

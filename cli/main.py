@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import distill, evaluate, finetune, generate, info, interop, merge, pretrain, tokenize
+from cli import chat, distill, evaluate, finetune, generate, info, interop, merge, pretrain, tokenize
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ app.command()(finetune.finetune)
 app.command()(merge.merge)
 app.command()(distill.distill)
 app.command()(generate.generate)
+app.command()(chat.chat)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)
 app.command(name="import")(interop.import_model)

@@ -76,8 +76,19 @@ Nproc = Annotated[Optional[int], typer.Option(
     "--nproc", min=1, show_default=False,
     help="Train on this many processes (data parallel): hands the command to torchrun.")]
 
-# Decoding, shared by generate and eval (seq2seq).
+# Decoding, shared by generate, chat and eval (seq2seq).
 MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to add per output.")]
+Temperature = Annotated[Optional[float], typer.Option(
+    min=0.0, show_default=False,
+    help="Sampling temperature; 0 means greedy (default: 0.8; seq2seq models decode greedily).")]
+TopP = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
+System = Annotated[Optional[str], typer.Option(
+    "--system", show_default=False, help="Chat: the system message that starts the conversation.")]
+ChatTemplate = Annotated[Optional[Path], typer.Option(
+    show_default=False, help="Chat: a Jinja chat template (or a tokenizer_config.json holding one) instead of "
+    "the checkpoint's own.")]
 Beam = Annotated[int, typer.Option("--beam", min=1, help="Beam search of this width (1: no beam search).")]
 LengthPenalty = Annotated[float, typer.Option(
     help="Beam search ranks by log-prob / length ** this (0: raw log-prob; > 0 favours longer outputs).")]

@@ -34,7 +34,7 @@ from lmkit.fileio import atomic_dir, atomic_write_json
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project
-from lmkit.tokenizer import AnyTokenizer, HFTokenizer, load_tokenizer
+from lmkit.tokenizer import AnyTokenizer, load_tokenizer
 
 FORMAT = "lmkit-checkpoint"
 FORMAT_VERSION = 1
@@ -85,7 +85,7 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
         "weights": "adapters" if adapters_only else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                       "file": tokenizer.file_name, **({"special": tokenizer.special} if tokenizer.special else {}),
-                      **({"options": tokenizer.options()} if isinstance(tokenizer, HFTokenizer) else {})},
+                      **({"options": tokenizer.options()} if tokenizer.options() else {})},
         "tied_weights": aliases,
         "metrics": metrics or {},
         **(extra or {}),

@@ -205,7 +205,7 @@ DISTILLABLE_TASKS = ("lm", "classify", "seq2seq")  # a pretrained model, a class
 
 def kind_of(ckpt: checkpoint.Checkpoint) -> tuple[str, str]:
     """(architecture, "classify" or "lm"): a student must be of its teacher's kind."""
-    if ckpt.task not in DISTILLABLE_TASKS or ckpt.meta.get("finetune", {}).get("task") == "instruct":
+    if ckpt.task not in DISTILLABLE_TASKS or ckpt.meta.get("finetune", {}).get("task") in ("instruct", "chat"):
         raise CheckpointError(f"{ckpt.path} is a checkpoint for task {ckpt.task!r}, which lmkit cannot distill yet")
     return ckpt.config.model.arch, "classify" if ckpt.task == "classify" else "lm"
 

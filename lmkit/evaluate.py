@@ -1,6 +1,7 @@
 """Evaluating a model. A decoder (GPT, llama) on a text: mean loss per token, perplexity and bits
-per byte. BERT on a text: masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by.
-A classifier on labelled examples: accuracy, macro-F1, per-class scores, confusion matrix. An
+per byte; on chat conversations, the same for the assistant's replies only. BERT on a text:
+masked-LM loss and accuracy, next-sentence accuracy, and the baselines to judge them by. A
+classifier on labelled examples: accuracy, macro-F1, per-class scores, confusion matrix. An
 encoder-decoder on source/target pairs: BLEU and chrF (sacrebleu, so that figures compare with
 published ones), exact match, and the same scores for copying the source unchanged.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit import corpus, data, metrics, objectives, tasks
+from lmkit import chat, corpus, data, metrics, objectives, tasks
 from lmkit.batches import to_device
 from lmkit.config import SampleConfig
 from lmkit.device import autocast
@@ -57,6 +58,8 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: tor
 
     corpus.check_files([path])  # before the model loads: a missing or empty file fails at once
     arch = ARCHS[ckpt.config.model.arch]
+    if task == "chat" or (task is None and ckpt.meta.get("finetune", {}).get("task") == "chat"):
+        return evaluate_chat_checkpoint(ckpt, path, options, device), None
     scored_as = "classify" if ckpt.task == "classify" else arch.eval_task
     if task not in (None, scored_as):
         if task == ckpt.task:  # a pretrained encoder-decoder: task lm, but it maps text to text
@@ -69,6 +72,27 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: tor
         result, preds = evaluate_classifier(model, tokenizer, examples, ckpt.labels, device, options.batch_size or 8)
         return result, [pred.record(example) for example, pred in zip(examples, preds)]
     return arch.evaluate(model, tokenizer, path, options, device)
+
+
+def evaluate_chat_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device) -> ChatEvaluation:
+    """A decoder on the conversations of PATH (see evaluate_chat); a chat finetune is also scored
+    as its base checkpoint was, when that is still there: what finetuning gained."""
+    from lmkit.checkpoint import Checkpoint, is_checkpoint_dir
+    from lmkit.models import ARCHS
+
+    if "chat" not in ARCHS[ckpt.config.model.arch].tasks or ckpt.task != "lm":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.config.model.arch} checkpoint for task {ckpt.task!r}; "
+                              "'lmkit eval --task chat' needs a decoder language model (gpt or llama)")
+    conversations = chat.read_conversations(path)
+    tokenizer = ckpt.tokenizer()
+    batch_size = options.batch_size or 8
+    result = evaluate_chat(ckpt.model(device), tokenizer, conversations, device, batch_size)
+    base = Path(ckpt.meta.get("finetune", {}).get("base", ""))
+    if ckpt.meta.get("finetune", {}).get("task") == "chat" and is_checkpoint_dir(base) \
+            and Checkpoint(base).tokenizer_fingerprint == tokenizer.fingerprint:
+        before = evaluate_chat(Checkpoint(base).model(device), tokenizer, conversations, device, batch_size)
+        result = replace(result, base=str(base), base_loss=before.loss, base_bits_per_byte=before.bits_per_byte)
+    return result
 
 
 def evaluate_text(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
@@ -151,6 +175,49 @@ def evaluate_lm(model: nn.Module, tokenizer: Tokenizer, text: str, device: torch
     loss = nats / n_targets
     return LMEvaluation(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=nats / math.log(2) / n_bytes,
                         tokens=n_targets, bytes=n_bytes, context=window, stride=stride)
+
+
+@dataclass(frozen=True)
+class ChatEvaluation:
+    loss: float  # nats per assistant token (the replies and their end-of-turn tokens)
+    perplexity: float
+    bits_per_byte: float  # over the UTF-8 bytes of the replies
+    assistant_tokens: int
+    assistant_bytes: int
+    conversations: int
+    cut: int  # conversations cut to fit the context
+    left_out: int  # conversations with no reply token within the context
+    context: int
+    base: str | None = None  # the checkpoint finetuned from, scored the same way
+    base_loss: float | None = None
+    base_bits_per_byte: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@torch.no_grad()
+def evaluate_chat(model: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[chat.Message]],
+                  device: torch.device, batch_size: int = 8) -> ChatEvaluation:
+    """Score the assistant's turns of CONVERSATIONS, rendered by the tokenizer's chat template and
+    cut to the context as for training: only the tokens a chat finetune learns are scored."""
+    window = model.config.max_seq_len
+    form = chat.ChatFormat(tokenizer)
+    encoded, counts = chat.encode_for_training(form, conversations, window, "the conversations")
+    collate = tasks.collate_learned(tokenizer.pad_id)
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with autocast(device):
+        for batch in tasks.fixed_batches([(e.ids, e.learn) for e in encoded], batch_size, collate):
+            b = to_device(batch, device)
+            logits, _ = model(b.inputs)
+            total += objectives.next_token_loss(logits, b.targets, reduction="sum").double()
+    nats, n_tokens = total.item(), counts["assistant_tokens"]
+    n_bytes = max(1, sum(e.assistant_bytes for e in encoded))
+    return ChatEvaluation(loss=nats / n_tokens, perplexity=math.exp(min(nats / n_tokens, 700.0)),
+                          bits_per_byte=nats / math.log(2) / n_bytes, assistant_tokens=n_tokens,
+                          assistant_bytes=n_bytes, conversations=len(encoded),
+                          cut=counts["turns"] + counts["mid-turn"], left_out=counts["dropped"], context=window)
 
 
 @dataclass(frozen=True)

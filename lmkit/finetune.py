@@ -1,7 +1,7 @@
 """Finetuning a pretrained checkpoint (transfer learning): sequence classification, instruction
-tuning on prompt/completion pairs, source -> target rewriting with the encoder-decoder, or more
-language-model training on new text -- with all weights trained, or with LoRA adapters on a
-frozen model. Every task runs on the shared loop.
+tuning on prompt/completion pairs, multi-turn chat on the assistant's turns, source -> target
+rewriting with the encoder-decoder, or more language-model training on new text -- with all
+weights trained, or with LoRA adapters on a frozen model. Every task runs on the shared loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmkit import checkpoint, corpus, distributed, lora, objectives, prepare, tasks
+from lmkit import chat, checkpoint, corpus, distributed, lora, objectives, prepare, tasks
 from lmkit.config import CommandLine, ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
@@ -39,8 +39,9 @@ from lmkit.train import (
     truncate_metrics,
 )
 
-Task = Literal["classify", "instruct", "lm", "seq2seq"]
-TASKS: tuple[str, ...] = ("classify", "instruct", "lm", "seq2seq")
+Task = Literal["chat", "classify", "instruct", "lm", "seq2seq"]
+TASKS: tuple[str, ...] = ("chat", "classify", "instruct", "lm", "seq2seq")
+LM_TASKS = ("chat", "instruct")  # their checkpoints are language models (task "lm"), finetuned
 TASKS_WITH_HEADS = ("classify",)  # their checkpoints are the base model plus a head: not a base for more
 
 # Finetuning recipes (override any with --set train.*): short runs at a lower learning rate than
@@ -51,6 +52,8 @@ FINETUNE_TRAIN: dict[str, dict[str, Any]] = {
                  "best_metric": "val_accuracy"},
     "instruct": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
                  "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
+    "chat": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
+             "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
     "seq2seq": {"batch_size": 32, "max_steps": 1500, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
                 "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "save_interval": 100_000},
     "lm": {"max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50, "eval_interval": 50,
@@ -58,7 +61,8 @@ FINETUNE_TRAIN: dict[str, dict[str, Any]] = {
 }
 # Small labelled sets overfit fast (a passage's character names identify its play): finetune with
 # dropout, as BERT did, even where pretraining had none. Only dropout may differ from the base model.
-FINETUNE_DROPOUT: dict[str, float | None] = {"classify": 0.1, "instruct": 0.1, "seq2seq": 0.1, "lm": None}
+FINETUNE_DROPOUT: dict[str, float | None] = {"classify": 0.1, "instruct": 0.1, "chat": 0.1, "seq2seq": 0.1,
+                                             "lm": None}
 VAL_FRACTION = 0.1  # held back for validation when no --val file is given
 
 
@@ -71,6 +75,7 @@ class FinetuneSpec:
     base: str  # the pretrained checkpoint folder
     val: str | None = None
     scratch: bool = False  # a baseline: the base's shape and tokenizer, but freshly initialised weights
+    chat_template: str | None = None  # chat: a Jinja template file instead of the tokenizer's own
 
 
 @exclusive
@@ -103,6 +108,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
                           "may change")
     if merge and not cfg.lora.rank:
         raise ConfigError("--merge folds LoRA adapters into the weights; it needs --lora-rank")
+    if spec.chat_template and spec.task != "chat":
+        raise ConfigError("--chat-template applies to --task chat")
     if spec.scratch and cfg.lora.rank:
         raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
                           "would learn next to nothing, so leave out --lora-rank")
@@ -116,6 +123,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
             return resume(project, interrupted, merge=merge, log=log, progress=progress)
     project.require_tokenizer(base.tokenizer_fingerprint, f"the base checkpoint {base.path}")
     tokenizer = base.tokenizer()
+    if spec.chat_template:  # it travels in the checkpoints, with the tokenizer
+        tokenizer = tokenizer.with_chat_template(chat.load_template(Path(spec.chat_template)))
     world, device = distributed.setup(pick_device(cfg.train.device))
     distributed.check_batch(cfg.train.batch_size, world)
     log = log if world.is_main else silent
@@ -133,6 +142,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     start = f"a fresh {cfg.model.arch} shaped like {base.path}" if spec.scratch else str(base.path)
     log(f"{run}: finetuning {start} for {spec.task}; trainable parameters {trainable:,} of "
         f"{count_parameters(model):,} ({trainable / count_parameters(model):.2%}) on {device}")
+    if "chat" in plan.meta:
+        log(chat_summary(plan.meta["chat"], cfg.model.max_seq_len))
     result = run_training(project, run, cfg, model, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
     if merge:
@@ -224,7 +235,7 @@ def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: T
     mean_len = sum(len(r[0]) for r in data.rows) / len(data.rows)
     return RunPlan(tasks.EpochBatches(data.rows, tcfg.batch_size, tcfg.seed, data.collate),
                    tasks.fixed_batches(data.val_rows, tcfg.batch_size, data.collate), data.loss_fn, data.metrics_fn,
-                   int(tcfg.batch_size * mean_len), task=spec.task if spec.task != "instruct" else "lm",
+                   int(tcfg.batch_size * mean_len), task="lm" if spec.task in LM_TASKS else spec.task,
                    meta=meta, keep_best=True)
 
 
@@ -272,12 +283,31 @@ def _instruct_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> 
                     objectives.causal_lm_metrics)
 
 
+def _chat_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
+    conversations, val_conversations = _pairs_and_val(chat.read_conversations, spec)
+    form = chat.ChatFormat(tokenizer)
+    train, counts = chat.encode_for_training(form, conversations, cfg.model.max_seq_len, str(spec.data))
+    val, _ = chat.encode_for_training(form, val_conversations, cfg.model.max_seq_len, str(spec.val or spec.data))
+    return TaskData([(e.ids, e.learn) for e in train], [(e.ids, e.learn) for e in val],
+                    tasks.collate_learned(tokenizer.pad_id), objectives.causal_lm_loss, objectives.causal_lm_metrics,
+                    {"chat": counts})
+
+
+def chat_summary(counts: dict[str, int], max_len: int) -> str:
+    """One line on how the conversations fit the context."""
+    cut = [f"{counts[key]:,} {what}" for key, what in (("turns", "cut after their last whole turn that fits"),
+                                                        ("mid-turn", "cut inside their first reply"),
+                                                        ("dropped", "left out (no reply token fits)")) if counts[key]]
+    return (f"{counts['conversations']:,} training conversations, {counts['assistant_tokens']:,} assistant tokens "
+            f"to learn; context {max_len}" + (f": {', '.join(cut)}" if cut else ": all fit whole"))
+
+
 TASK_DATA: dict[str, Callable[[FinetuneSpec, RunConfig, Tokenizer], TaskData]] = {
-    "classify": _classify_data, "seq2seq": _seq2seq_data, "instruct": _instruct_data}
+    "classify": _classify_data, "seq2seq": _seq2seq_data, "instruct": _instruct_data, "chat": _chat_data}
 
 
 def _files(spec: FinetuneSpec) -> list[Path]:
-    return [Path(spec.data)] + ([Path(spec.val)] if spec.val else [])
+    return [Path(p) for p in (spec.data, spec.val, spec.chat_template) if p]
 
 
 def _pairs_and_val(read: Callable[[Path], list], spec: FinetuneSpec) -> tuple[list, list]:
@@ -288,5 +318,5 @@ def _pairs_and_val(read: Callable[[Path], list], spec: FinetuneSpec) -> tuple[li
         return pairs, read(Path(spec.val))
     train, val = [p for i, p in enumerate(pairs) if i % 10], pairs[::10]
     if not train or not val:
-        raise DataError(f"{spec.data}: too few pairs to hold some back for validation; pass --val FILE")
+        raise DataError(f"{spec.data}: too few examples to hold some back for validation; pass --val FILE")
     return train, val

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmkit import search
+from lmkit.chat import ChatFormat, Message
 from lmkit.config import SampleConfig
 from lmkit.device import autocast, autocast_dtype
 from lmkit.errors import CheckpointError, DataError
@@ -224,15 +225,15 @@ class _Texts:
             self.emitted[row] = len(text)
 
 
-def _search(stepper: search.Stepper, n_inputs: int, cfg: SampleConfig, tokenizer: Tokenizer,
+def _search(stepper: search.Stepper, n_inputs: int, cfg: SampleConfig, stop_ids: list[int],
             generator: torch.Generator, texts: _Texts, prefixes: list[list[int]] | None) -> list[list[Sample]]:
-    """Run the search cfg asks for; the samples of each input."""
+    """Run the search cfg asks for, ending a text at any of STOP_IDS; the samples of each input."""
     if cfg.beam > 1:
         stopped = texts.stopped_anew if cfg.stop else None
-        found = search.beam_search(stepper, n_inputs, cfg, tokenizer.stop_ids, prefixes=prefixes, stopped=stopped)
+        found = search.beam_search(stepper, n_inputs, cfg, stop_ids, prefixes=prefixes, stopped=stopped)
         return [[Sample(texts.final(h.tokens), h.tokens, h.finish_reason, h.score) for h in hyps] for hyps in found]
     stopped = texts.stopped if cfg.stop else None
-    rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, tokenizer.stop_ids, prefixes=prefixes,
+    rows = search.sample(stepper, n_inputs * cfg.num_samples, cfg, stop_ids, prefixes=prefixes,
                          generator=generator, stopped=stopped, on_token=texts.stream if texts.on_text else None)
     samples = [Sample(texts.final(h.tokens), h.tokens, h.finish_reason) for h in rows]
     for row, s in enumerate(samples):
@@ -261,13 +262,28 @@ def generate(
         on_text: called with (sample index, new text) as soon as text is final, for streaming
             (sampling only; a beam search knows its result at the end).
     """
+    return _continue(model, tokenizer, prompt, tokenizer.encode_document(prompt), tokenizer.stop_ids, cfg, device,
+                     on_text)
+
+
+@torch.no_grad()
+def reply(model: nn.Module, form: ChatFormat, messages: Sequence[Message], cfg: SampleConfig, device: torch.device,
+          on_text: Callable[[int, str], None] | None = None) -> Completion:
+    """The assistant's next message after MESSAGES (rendered by FORM's chat template, with its
+    generation prompt), ending at the template's end-of-turn token or the tokenizer's stop ids.
+    The completion's prompt is the last message's text. ON_TEXT as for generate."""
+    return _continue(model, form.tokenizer, messages[-1]["content"], form.prompt(messages), form.stop_ids, cfg,
+                     device, on_text)
+
+
+def _continue(model: nn.Module, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int], stop_ids: list[int],
+              cfg: SampleConfig, device: torch.device, on_text: Callable[[int, str], None] | None) -> Completion:
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = tokenizer.encode_document(prompt)
     rows = cfg.beam if cfg.beam > 1 else cfg.num_samples
     with autocast(device):
         stepper = CausalStepper(model, prompt_ids, rows, device, cfg.max_new_tokens)
-        samples = _search(stepper, 1, cfg, tokenizer, generator, _Texts(tokenizer, cfg.stop, on_text),
+        samples = _search(stepper, 1, cfg, stop_ids, generator, _Texts(tokenizer, cfg.stop, on_text),
                           [prompt_ids] * rows)
     return Completion(prompt, seed, samples[0])
 
@@ -293,8 +309,8 @@ def translate(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[str], cf
     repeat = cfg.beam if cfg.beam > 1 else cfg.num_samples
     with autocast(device):
         stepper = Seq2SeqStepper(model, src.to(device), src_pad.to(device), repeat, tokenizer.eos_id)
-        samples = _search(stepper, len(encoded), cfg, tokenizer, generator, _Texts(tokenizer, cfg.stop, on_text),
-                          None)
+        samples = _search(stepper, len(encoded), cfg, tokenizer.stop_ids, generator,
+                          _Texts(tokenizer, cfg.stop, on_text), None)
     return [Completion(text, seed, found) for text, found in zip(sources, samples)]
 
 

@@ -275,10 +275,10 @@ def _write_hf_dir(out: Path, hf: Any, ckpt: checkpoint.Checkpoint, tokenizer: To
     for key, value in hf.special_ids(tokenizer).items():
         config.setdefault(key, value)  # an imported model's own ids stay
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    template = {"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {}
     if isinstance(tokenizer, HFTokenizer):
         (out / "tokenizer.json").write_bytes(tokenizer.model_bytes)
         tokens = {_SPECIAL_KEYS[role]: tokenizer.backend.id_to_token(i) for role, i in tokenizer.special.items()}
-        template = {"chat_template": tokenizer.chat_template} if tokenizer.chat_template else {}
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": hf.tokenizer_class, "model_max_length": cfg.max_seq_len, **tokens, **template},
             indent=2) + "\n", encoding="utf-8")
@@ -286,7 +286,7 @@ def _write_hf_dir(out: Path, hf: Any, ckpt: checkpoint.Checkpoint, tokenizer: To
         (out / "tokenizer.json").write_bytes(sentencepiece_to_hf(tokenizer, ckpt.config.tokenizer.model_type))
         tokens = {_SPECIAL_KEYS[role]: piece for role, piece in SPECIAL_PIECES.items()}
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len, **tokens},
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len, **tokens, **template},
             indent=2) + "\n", encoding="utf-8")
     else:  # char and word models: the sentencepiece file travels as is
         (out / "tokenizer.model").write_bytes(tokenizer.model_bytes)
@@ -296,11 +296,13 @@ def sentencepiece_to_hf(tokenizer: Tokenizer, model_type: str) -> bytes:
     """lmkit's sentencepiece BPE or unigram model as a `tokenizers` tokenizer.json that encodes
     the same ids: the same pieces and scores (BPE merges ranked by the merged piece's score, as
     sentencepiece applies them), spaces as U+2581, digits one by one, a new piece at every
-    whitespace run, newlines as the byte piece <0x0A> (byte fallback), no added prefix. Identical
-    on the whole sample corpus and mixed-script text (tested). Two texts differ: a literal U+2581
-    (lmkit spells it as bytes; here it reads as a space), and special-token strings such as "<s>"
-    typed in a text (transformers matches them as the special tokens; sentencepiece never does)."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    whitespace run, newlines as the byte piece <0x0A> (byte fallback), no added prefix, the special
+    tokens (chat markers included) as special added tokens. Identical on the whole sample corpus and
+    mixed-script text (tested), and to encode_with_special_tokens on rendered chats. Two texts
+    differ: a literal U+2581 (lmkit spells it as bytes; here it reads as a space), and special-token
+    strings such as "<s>" typed in a text (transformers matches them as the special tokens;
+    lmkit's encode never does)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
     sp = tokenizer.sp
@@ -326,6 +328,8 @@ def sentencepiece_to_hf(tokenizer: Tokenizer, model_type: str) -> bytes:
         pre_tokenizers.Split(Regex("\n"), "isolated"), pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.Split(Regex("\u2581+"), "merged_with_next")])
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                                for i in tokenizer.special_ids])
     return backend.to_str().encode("utf-8")
 
 

@@ -315,3 +315,18 @@ def collate_prompt_completions(pad_id: int):  # noqa: ANN201
             targets[i, n_prompt - 1:len(ids) - 1] = row[n_prompt:]  # target j is token j + 1
         return LMBatch(inputs, targets)
     return collate
+
+
+def collate_learned(pad_id: int):  # noqa: ANN201
+    """Rows (ids, learn: per token, whether it is a target) -> an LMBatch whose targets are the
+    learned tokens only (a chat's assistant turns) and IGNORE elsewhere."""
+    def collate(rows: Sequence[tuple[list[int], list[bool]]]) -> LMBatch:
+        length = max(len(ids) for ids, _ in rows) - 1
+        inputs = torch.full((len(rows), length), pad_id)
+        targets = torch.full((len(rows), length), IGNORE)
+        for i, (ids, learn) in enumerate(rows):
+            row = torch.tensor(ids)
+            inputs[i, :len(ids) - 1] = row[:-1]
+            targets[i, :len(ids) - 1] = torch.where(torch.tensor(learn[1:]), row[1:], IGNORE)  # target j is token j + 1
+        return LMBatch(inputs, targets)
+    return collate

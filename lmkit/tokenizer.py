@@ -3,8 +3,10 @@ Tokenizer class that every command uses; HFTokenizer puts an imported Hugging Fa
 (GPT-2's byte-level BPE, BERT's WordPiece) behind the same interface.
 
 Every lmkit tokenizer reserves the special tokens all architectures need, at fixed ids:
-<pad>=0 <unk>=1 <s>=2 </s>=3 <cls>=4 <sep>=5 <mask>=6. They are control symbols, so no user text
-ever encodes to them. "\\n" is always the single byte piece <0x0A>.
+<pad>=0 <unk>=1 <s>=2 </s>=3 <cls>=4 <sep>=5 <mask>=6, and (tokenizers trained since chat landed)
+the chat markers <|system|>=7 <|user|>=8 <|assistant|>=9 <|end|>=10. They are control symbols, so
+no user text ever encodes to them (encode_with_special_tokens reads a rendered chat template, where
+their strings stand for them). "\\n" is always the single byte piece <0x0A>.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "
 # sentencepiece skips training sentences longer than its max_sentence_length (bytes); lines are cut
 # into pieces of at most this many characters (4 bytes each at worst) so none is lost.
 _TRAIN_PIECE_CHARS = 4096
+CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # role markers and end-of-turn
+# lmkit's own chat template (rendered by lmkit.chat as transformers renders templates): each message
+# is its role marker, its text and <|end|>, after the end-of-text token that starts every document
+# in lmkit's training data, as it starts a prompt.
+BUILTIN_CHAT_TEMPLATE = (
+    "{{ eos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 _META_MARK = "\u2581"  # sentencepiece's whitespace symbol; literal occurrences are encoded as bytes
 
 
@@ -78,7 +91,7 @@ def train_tokenizer(documents: Iterable[Iterable[str]], out_path: Path, cfg: Tok
             hard_vocab_limit=False,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-            control_symbols=[SPECIAL_PIECES[name] for name in ("cls", "sep", "mask")],
+            control_symbols=[*(SPECIAL_PIECES[name] for name in ("cls", "sep", "mask")), *CHAT_PIECES],
             num_threads=_threads(),
             minloglevel=2,
         )
@@ -88,7 +101,7 @@ def train_tokenizer(documents: Iterable[Iterable[str]], out_path: Path, cfg: Tok
         too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
         if too_small:
             raise DataError(f"vocab_size={cfg.vocab_size} is too small for this corpus: it needs at least "
-                            f"{too_small.group(1)} (256 byte pieces, 7 special tokens and the corpus's common "
+                            f"{too_small.group(1)} (256 byte pieces, 11 special tokens and the corpus's common "
                             f"characters); use --vocab-size {too_small.group(1)} or more") from None
         raise DataError(f"sentencepiece could not train a {cfg.model_type} tokenizer with vocab_size="
                         f"{cfg.vocab_size}: {str(err).splitlines()[-1]}") from None
@@ -107,7 +120,9 @@ class Tokenizer:
 
     file_name = "tokenizer.model"  # in a checkpoint folder
 
-    def __init__(self, model_bytes: bytes, source: Path | None = None) -> None:
+    def __init__(self, model_bytes: bytes, source: Path | None = None, *, chat_template: str | None = None) -> None:
+        """CHAT_TEMPLATE: one given for this model (`finetune --chat-template`); default: lmkit's
+        own where the tokenizer reserves the chat markers."""
         # An empty proto "loads" as a model with no pieces (and sentencepiece logs a screenful of
         # C++ errors on first use); anything else it cannot parse raises.
         try:
@@ -125,18 +140,46 @@ class Tokenizer:
             raise CheckpointError(f"{source or 'tokenizer'} was not trained by lmkit (special tokens differ)")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
         self.cls_id, self.sep_id, self.mask_id = 4, 5, 6
-        self.n_special = len(SPECIAL_PIECES)  # ids below this are special tokens
+        chat_ids = [self.sp.piece_to_id(piece) for piece in CHAT_PIECES]
+        self.has_chat_tokens = chat_ids == list(range(7, 7 + len(CHAT_PIECES)))
+        self.n_special = len(SPECIAL_PIECES) + len(CHAT_PIECES) * self.has_chat_tokens  # ids below are special
         self.special_ids = list(range(self.n_special))
+        self.custom_chat_template = chat_template
+        self.chat_template = chat_template or (BUILTIN_CHAT_TEMPLATE if self.has_chat_tokens else None)
+        self._special_pattern = re.compile("|".join(re.escape(self.sp.id_to_piece(i)) for i in self.special_ids))
         self.special: dict[str, int] = {}  # the fixed ids above; HFTokenizer records its own
         self.newline_id = self.sp.piece_to_id("<0x0A>")
         self._meta_mark_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in _META_MARK.encode()]
         self._space_byte_id = self.sp.piece_to_id("<0x20>")
 
     @classmethod
-    def load(cls, path: Path) -> Tokenizer:
+    def load(cls, path: Path, chat_template: str | None = None) -> Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"no tokenizer at {path}")
-        return cls(path.read_bytes(), source=path)
+        return cls(path.read_bytes(), source=path, chat_template=chat_template)
+
+    def options(self) -> dict[str, object]:
+        """What a checkpoint records, beside the file, to rebuild this tokenizer."""
+        return {"chat_template": self.custom_chat_template} if self.custom_chat_template else {}
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        return Tokenizer(self.model_bytes, self.source, chat_template=template)
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """encode(), except that the strings of the special tokens ("</s>", "<|user|>") are those
+        tokens, as transformers reads a rendered chat template."""
+        ids, start = [], 0
+        for match in self._special_pattern.finditer(text):
+            ids += self.encode(text[start:match.start()]) + [self.sp.piece_to_id(match.group())]
+            start = match.end()
+        return ids + self.encode(text[start:])
+
+    def is_special(self, token: int) -> bool:
+        return 0 <= token < self.n_special
+
+    def special_tokens(self) -> dict[str, str]:
+        """Role ("bos", "eos", ...) -> the special token's string."""
+        return dict(SPECIAL_PIECES)
 
     def encode(self, text: str) -> list[int]:
         """Token ids for any text; decode(encode(text)) == text."""
@@ -170,8 +213,6 @@ class Tokenizer:
     def stop_ids(self) -> list[int]:
         """The tokens that end a generated text."""
         return [self.eos_id]
-
-    chat_template: str | None = None  # lmkit's own models have none (yet)
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
@@ -266,6 +307,21 @@ class HFTokenizer:
         """What a checkpoint records, beside the file and the special ids, to rebuild this tokenizer."""
         return {"prompts": self.prompts, "stop_ids": self.stop_ids, "chat_template": self.chat_template}
 
+    def with_chat_template(self, template: str) -> HFTokenizer:
+        return HFTokenizer(self.model_bytes, self.special, self.source, **{**self.options(), "chat_template": template})
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """encode(): `tokenizers` matches the added tokens' strings in any text."""
+        return self.encode(text)
+
+    def is_special(self, token: int) -> bool:
+        added = self.backend.get_added_tokens_decoder().get(token)
+        return added is not None and added.special
+
+    def special_tokens(self) -> dict[str, str]:
+        """Role ("bos", "eos", ...) -> the special token's string, for the roles this model names."""
+        return {role: self.backend.id_to_token(i) for role, i in self.special.items()}
+
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
 
@@ -281,7 +337,7 @@ def load_tokenizer(path: Path, special: dict[str, int] | None = None,
         if not path.is_file():
             raise CheckpointError(f"no tokenizer at {path}")
         return HFTokenizer(path.read_bytes(), special or {}, source=path, **(options or {}))
-    return Tokenizer.load(path)
+    return Tokenizer.load(path, **(options or {}))
 
 
 def encode_stream(tokenizer: Tokenizer, lines: Iterable[str], pieces: bool = False) -> Iterator[str]:

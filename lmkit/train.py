@@ -408,6 +408,9 @@ def interrupted_run(project: Project, cfg: RunConfig, kind: str,
     run rather than start another."""
     try:
         ckpt = checkpoint.Checkpoint(project.latest_checkpoint())
+        steps = project.run_checkpoints(ckpt.run)  # latest may name the run's best, not where it ended
+        if steps and steps[-1] != ckpt.path and checkpoint.Checkpoint(steps[-1]).step > ckpt.step:
+            ckpt = checkpoint.Checkpoint(steps[-1])
         snapshot = ckpt.trainer()
     except CheckpointError:
         return None

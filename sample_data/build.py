@@ -26,6 +26,8 @@ Outputs (in ``--out``, default this folder):
   consecutive speeches (reply prediction).
 * ``spelling_{train,val,test}.tsv``   -- ``source<TAB>target`` lines, First
   Folio spelling -> modern spelling.
+* ``chat_{train,val,test}.jsonl``     -- ``{"messages": [...]}`` multi-turn
+  conversations: exchanges between two characters as user/assistant turns.
 
 The task files (the last three kinds) split the plays BY PLAY with one
 assignment (``TASK_VAL_PLAYS``, ``TASK_TEST_PLAYS``, train = the rest; see
@@ -458,6 +460,8 @@ GENRE_PASSAGE_CHARS = (250, 400)  # a passage is cut once it reaches 250 chars
 GENRE_MAX_PER_PLAY = 150
 SPEECH_CHARS = (20, 600)          # both speeches of a pair (text without the tag)
 SPEECH_MAX_PER_PLAY = 300
+CHAT_MAX_TURNS = 8                # messages after the system line: 4 exchanges at most
+CHAT_MAX_PER_PLAY = 150
 SPELLING_CHARS = (10, 200)        # both sides of a pair
 SPELLING_MAX_PER_PLAY = 1000
 SPELLING_MIN_RATIO = 0.8          # difflib ratio of the folded lines (non-identical keys)
@@ -658,6 +662,70 @@ def build_speech(src: Sources, split: str) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in speech_rows(src, split))
 
 
+# ---- multi-turn chat -------------------------------------------------------
+
+
+_SMALL_WORDS = {"of", "the", "and", "de", "du", "le", "la", "to", "in"}
+
+
+def _name(tag: str) -> str:
+    """A speaker tag as a name: ``Ham.`` -> ``Ham``, ``LADY CAPULET.`` -> ``Lady Capulet``."""
+    name = tag.rstrip(".")
+    if name.upper() != name:
+        return name
+    words = name.split()
+    return " ".join(w.lower() if k and w.lower() in _SMALL_WORDS else w.capitalize() for k, w in enumerate(words))
+
+
+def chat_conversations(text: str) -> list[dict[str, list[dict[str, str]]]]:
+    """Runs of consecutive speeches of one scene that alternate between the same
+    two speakers, every speech unbroken and SPEECH_CHARS long: the first speaker
+    is the user, the second the assistant, after a system line naming both. A
+    run is cut into conversations of at most CHAT_MAX_TURNS messages, each
+    starting with a user turn and ending with an assistant turn."""
+    lo, hi = SPEECH_CHARS
+    conversations = []
+
+    def emit(run: list[tuple[str, str]]) -> None:
+        for start in range(0, len(run), CHAT_MAX_TURNS):
+            part = run[start:start + CHAT_MAX_TURNS]
+            part = part[:len(part) - len(part) % 2]  # end with the assistant
+            if not part:
+                continue
+            user, assistant = _name(part[0][0]), _name(part[1][0])
+            system = f"You are {assistant}, a character in a play by Shakespeare, speaking with {user}."
+            messages = [{"role": "system", "content": system}]
+            messages += [{"role": "user" if k % 2 == 0 else "assistant", "content": s} for k, (_, s) in enumerate(part)]
+            conversations.append({"messages": messages})
+
+    for scene in parse_speeches(text):
+        run: list[tuple[str, str]] = []
+        for tag, speech, broken in scene:
+            fits = not broken and lo <= len(speech) <= hi
+            alternates = run and tag != run[-1][0] and (len(run) < 2 or tag == run[-2][0])
+            if fits and (not run or alternates):
+                run.append((tag, speech))
+                continue
+            if len(run) >= 2:
+                emit(run)
+            run = [(tag, speech)] if fits else []
+        if len(run) >= 2:
+            emit(run)
+    return conversations
+
+
+@functools.cache
+def chat_rows(src: Sources, split: str) -> list[dict[str, list[dict[str, str]]]]:
+    check_task_splits(src.modern)
+    rows = [c for name in task_splits()[split]
+            for c in evenly(chat_conversations(src.modern[name]), CHAT_MAX_PER_PLAY)]
+    return _shuffled(rows)
+
+
+def build_chat(src: Sources, split: str) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chat_rows(src, split))
+
+
 # ---- Folio -> modern spelling ---------------------------------------------
 
 # An indented Folio line starts a speech: "   Ham. Seemes Madam? ...",
@@ -817,6 +885,12 @@ def _describe_speech(src: Sources, split: str) -> str:
     return f"{len(speech_rows(src, split))} pairs, {len(task_splits()[split])} plays"
 
 
+def _describe_chat(src: Sources, split: str) -> str:
+    rows = chat_rows(src, split)
+    turns = sum(len(r["messages"]) - 1 for r in rows)
+    return f"{len(rows)} conversations ({turns} turns), {len(task_splits()[split])} plays"
+
+
 def _describe_spelling(src: Sources, split: str) -> str:
     rows = spelling_rows(src, split)
     plays = [n for n in task_splits()[split] if n in src.folio]
@@ -836,6 +910,10 @@ for _split in TASK_SPLITS:
     OUTPUTS[f"spelling_{_split}.tsv"] = (
         functools.partial(build_spelling, split=_split),
         functools.partial(_describe_spelling, split=_split))
+for _split in TASK_SPLITS:
+    OUTPUTS[f"chat_{_split}.jsonl"] = (
+        functools.partial(build_chat, split=_split),
+        functools.partial(_describe_chat, split=_split))
 del _split
 
 

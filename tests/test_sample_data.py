@@ -19,6 +19,7 @@ OUTPUTS = (TRAIN, HELDOUT, ALL)
 SPLITS = ("train", "val", "test")
 GENRE_FILES = {split: f"genre_{split}.csv" for split in SPLITS}
 SPEECH_FILES = {split: f"speech_{split}.jsonl" for split in SPLITS}
+CHAT_FILES = {split: f"chat_{split}.jsonl" for split in SPLITS}
 SPELLING_FILES = {split: f"spelling_{split}.tsv" for split in SPLITS}
 TASK_OUTPUTS = (*GENRE_FILES.values(), *SPEECH_FILES.values(), *SPELLING_FILES.values())
 GENRE_LABELS = {"comedy", "history", "tragedy"}
@@ -228,6 +229,28 @@ def test_speech_jsonl_one_object_per_line():
         assert text.endswith("\n") and "\r" not in text
         for line in text.splitlines():
             assert line.startswith('{"prompt": ') and line.endswith("}")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_chat_conversations_alternate_and_end_with_the_assistant(build, split):
+    from lmkit import chat
+
+    rows = chat.read_conversations(SAMPLE_DIR / CHAT_FILES[split])  # lmkit's own reader accepts every line
+    assert 400 <= len(rows) <= build.CHAT_MAX_PER_PLAY * len(build.task_splits()[split])
+    lo, hi = build.SPEECH_CHARS
+    for messages in rows:
+        roles = [m["role"] for m in messages]
+        assert roles[0] == "system" and roles[-1] == "assistant" and len(roles) - 1 <= build.CHAT_MAX_TURNS
+        assert roles[1:] == ["user", "assistant"] * ((len(roles) - 1) // 2)
+        assert all(lo <= len(m["content"]) <= hi for m in messages[1:])
+        assert messages[0]["content"].startswith("You are ") and " speaking with " in messages[0]["content"]
+    keys = {json.dumps(m) for m in rows}
+    assert len(keys) == len(rows)
+
+
+def test_chat_conversations_disjoint_across_splits():
+    keys = {split: set(_read_task_text(name).splitlines()) for split, name in CHAT_FILES.items()}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
 
 
 def test_speech_pairs_disjoint_across_splits(speech_rows):
