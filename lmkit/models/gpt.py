@@ -17,7 +17,7 @@ from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
 from lmkit.models.arch import Arch, HFMapping, require_options
-from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
+from lmkit.models.layers import MLP, Attention, KVCache, init_weights, last_position, positions_from, run_block
 
 
 class Block(nn.Module):
@@ -64,11 +64,12 @@ class GPT(causal.CausalLM):
 
         With CACHE, IDX continues the cached positions and the cache grows by T.
         """
-        past = cache[0].length if cache else 0
+        past = cache[0].length if cache else 0  # an int, or one per row (SlotCache)
         T = idx.size(1)
-        if past + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        if last_position(past, T) >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {last_position(past, T) + 1} tokens exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
+        pos = positions_from(past, T, idx.device)  # (T,) or (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = run_block(block, self.grad_checkpoint and self.training, x, cache[i] if cache else None)

@@ -49,6 +49,63 @@ class KVCache:
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
+    def visible(self) -> torch.Tensor | None:
+        """(B, S) True at the keys each row may see, when rows differ (SlotCache); None: all rows alike."""
+        return None
+
+
+class SlotCache(KVCache):
+    """A KVCache whose rows are at positions of their own: continuous batching, where each row is a
+    request that joined when it came (a prompt prefilled alone, then load()-ed into a free slot)
+    and leaves when it is done. The first `active` slots decode together, one token each per step;
+    `length` is their positions (active,), not one number.
+    """
+
+    def __init__(self, slots: int, n_head: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(slots, n_head, head_dim, max_len, device, dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = 0
+
+    @property
+    def length(self) -> torch.Tensor:  # type: ignore[override]
+        return self.lengths[:self.active]
+
+    @length.setter
+    def length(self, value: int) -> None:  # KVCache.__init__ sets 0
+        pass
+
+    def load(self, slot: int, cache: KVCache, row: int = 0) -> None:
+        """Put row ROW of a prefilled CACHE (the same heads and width) into SLOT."""
+        n = cache.length
+        self.k[slot, :, :n] = cache.k[row, :, :n]
+        self.v[slot, :, :n] = cache.v[row, :, :n]
+        self.lengths[slot] = n
+
+    def move(self, source: int, target: int) -> None:
+        """Slot SOURCE becomes slot TARGET (keeping the active slots the first ones)."""
+        n = int(self.lengths[source])
+        self.k[target, :, :n] = self.k[source, :, :n]
+        self.v[target, :, :n] = self.v[source, :, :n]
+        self.lengths[target] = n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new position (active, G, 1, D) per active row at its own place; return every
+        slot position (active, G, S_max, D): visible() says which of them each row sees."""
+        n = self.active
+        if k.size(0) != n or k.size(2) != 1:
+            raise ValueError(f"a SlotCache decodes one token for each of its {n} active rows, got {tuple(k.shape)}")
+        if bool((self.lengths[:n] >= self.max_len).any()):
+            raise ValueError(f"KV cache holds {self.max_len} positions; a row would need more")
+        rows = torch.arange(n, device=k.device)
+        self.k[rows, :, self.lengths[:n]] = k[:, :, 0]
+        self.v[rows, :, self.lengths[:n]] = v[:, :, 0]
+        self.lengths[:n] += 1
+        return self.k[:n], self.v[:n]
+
+    def visible(self) -> torch.Tensor:
+        return torch.arange(self.max_len, device=self.k.device)[None, :] < self.lengths[:self.active, None]
+
 
 class Attention(nn.Module):
     """Multi-head attention through torch's scaled_dot_product_attention.
@@ -137,6 +194,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, p
     if cache is not None:
         past = cache.length
         k, v = cache.append(k, v)  # (B, G, past + T, D)
+        if (rows_visible := cache.visible()) is not None:  # rows at positions of their own, one query each
+            pad_mask, past = rows_visible, k.size(2) - T
     mask = _mask(causal, T, k.size(2), past, pad_mask, q.device)
     # With no padding and no cached prefix, is_causal lets torch pick its fastest kernel.
     plain_causal = causal and mask is None and past == 0 and T > 1
@@ -242,12 +301,27 @@ class RotaryEmbedding(nn.Module):
             inv_freq = torch.where(medium, smoothed, scaled)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (T, D) for positions start .. start + length - 1, in float32 then DTYPE."""
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
-        angles = torch.cat([freqs, freqs], dim=-1)  # (T, D): the same angle for channels i and i + D/2
+    def forward(self, start: int | torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, D) for positions start .. start + length - 1, in float32 then DTYPE; for
+        START (B,), one start per row (SlotCache), (B, 1, T, D)."""
+        positions = positions_from(start, length, self.inv_freq.device).float()  # (T,) or (B, T)
+        freqs = positions[..., None] * self.inv_freq.float()  # (..., T, D/2)
+        angles = torch.cat([freqs, freqs], dim=-1)  # (..., T, D): the same angle for channels i and i + D/2
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, T, D) -> (B, 1, T, D): the same for every head
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def positions_from(start: int | torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Positions start .. start + length - 1: (T,) for an int START, (B, T) for one start per row."""
+    steps = torch.arange(length, device=device)
+    return steps + start if isinstance(start, int) else start.to(device)[:, None] + steps[None, :]
+
+
+def last_position(start: int | torch.Tensor, length: int) -> int:
+    """The furthest position start + length - 1 reaches (of any row)."""
+    furthest = start if isinstance(start, int) else (int(start.max()) if start.numel() else 0)
+    return furthest + length - 1
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

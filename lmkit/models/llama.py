@@ -25,6 +25,7 @@ from lmkit.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     init_weights,
+    last_position,
     run_block,
 )
 
@@ -74,10 +75,11 @@ class Llama(causal.CausalLM):
 
         With CACHE, IDX continues the cached positions and the cache grows by T.
         """
-        past = cache[0].length if cache else 0
+        past = cache[0].length if cache else 0  # an int, or one per row (SlotCache)
         T = idx.size(1)
-        if past + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if last_position(past, T) >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {last_position(past, T) + 1} tokens exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         x = self.drop(self.model.embed_tokens(idx))  # (B, T, C)
         rotary = self.rotary(past, T, x.dtype)  # 2 x (T, D)
         for i, block in enumerate(self.model.layers):

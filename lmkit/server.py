@@ -1,0 +1,266 @@
+"""`lmkit serve`: OpenAI's HTTP API (completions, chat completions, models) in front of one
+checkpoint, on FastAPI. Requests become lmkit.batching jobs, so those in flight decode together.
+
+Errors are OpenAI's error object with its status: 400 for a bad request (invalid JSON, a field of
+the wrong type, a value out of range, a prompt that does not fit the context), 401 without the API
+key, 404 for another model, 429 (with Retry-After) when the waiting line is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmkit.batching import Engine, Job, QueueFull
+from lmkit.chat import ChatFormat, check_messages
+from lmkit.config import ConfigError, SampleConfig
+from lmkit.errors import LmkitError
+
+MAX_N = 16
+
+
+class _Request(BaseModel):
+    """The fields both endpoints share, as OpenAI defines them; others a client sends are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class Served:
+    """What the app serves: the engine, the tokenizer's chat format (None: no template), the
+    model's name, the default max_tokens, and the API key (None: open)."""
+
+    engine: Engine
+    chat: ChatFormat | None
+    name: str
+    default_max_tokens: int = 256
+    api_key: str | None = None
+    retry_after: int = 1
+
+
+def create_app(served: Served) -> FastAPI:
+    app = FastAPI(title="lmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    tokenizer = served.engine.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return _error(err.status, err.message, err.kind, err.param, err.headers)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Any) -> Any:
+        if served.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
+                return _error(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": served.name, "busy": served.engine.busy}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "lmkit"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "one prompt per request (send several requests: they are batched together)",
+                           param="prompt")
+        return await _answer(request, body, tokenizer.encode_document(prompts[0]), tokenizer.stop_ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        if served.chat is None:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            messages = check_messages([m.model_dump() for m in body.messages], "messages", needs_assistant=False)
+            prompt_ids = served.chat.prompt(messages)
+        except LmkitError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        return await _answer(request, body, prompt_ids, served.chat.stop_ids, chat=True)
+
+    async def _answer(request: Request, body: _Request, prompt_ids: list[int], stop_ids: list[int],
+                      chat: bool) -> Any:
+        if body.model and body.model != served.name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {served.name!r}",
+                           param="model")
+        if len(prompt_ids) >= served.engine.context:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                           f"{served.engine.context}", param="messages" if chat else "prompt")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            cfg = SampleConfig(max_new_tokens=body.max_tokens or min(served.default_max_tokens,
+                                                                      served.engine.context - len(prompt_ids)),
+                               temperature=body.temperature, top_p=body.top_p, num_samples=body.n, seed=body.seed,
+                               stop=tuple(s for s in stop if s))
+        except ConfigError as err:
+            raise ApiError(400, str(err)) from None
+        call = _Call(asyncio.get_running_loop())
+        job = Job(prompt_ids, cfg, stop_ids, on_done=call.done, on_text=call.text if body.stream else None,
+                  on_error=call.error)
+        try:
+            served.engine.submit(job)
+        except QueueFull as err:
+            raise ApiError(429, f"the server is busy ({err}); retry shortly", "rate_limit_error",
+                           headers={"Retry-After": str(served.retry_after)}) from None
+        except ValueError as err:
+            raise ApiError(400, str(err), param="max_tokens" if "max_tokens" in str(err) else "n") from None
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
+                "model": served.name}
+        if body.stream:
+            return StreamingResponse(_stream(request, call, job, meta, chat, body.n), media_type="text/event-stream")
+        try:
+            samples, seed = await call.result()
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        choices = [{"index": i, "finish_reason": _finish(s.finish_reason), "logprobs": None,
+                    **({"message": {"role": "assistant", "content": s.text}} if chat else {"text": s.text})}
+                   for i, s in enumerate(samples)]
+        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "system_fingerprint": f"seed-{seed}", "usage": _usage(prompt_ids, samples)}
+
+    return app
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"  # an end-of-text token or a stop string
+
+
+def _usage(prompt_ids: list[int], samples: list[Any]) -> dict[str, int]:
+    completion = sum(len(s.tokens) for s in samples)
+    return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(prompt_ids) + completion}
+
+
+class _Call:
+    """A job's results, handed from the engine's thread to the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def _put(self, event: tuple[str, Any]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    def text(self, row: int, piece: str) -> None:
+        self._put(("text", (row, piece)))
+
+    def done(self, samples: list[Any], seed: int) -> None:
+        self._put(("done", (samples, seed)))
+
+    def error(self, message: str) -> None:
+        self._put(("error", message))
+
+    async def result(self) -> tuple[list[Any], int]:
+        while True:
+            kind, value = await self.events.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise ApiError(500, f"decoding failed: {value}", "server_error")
+
+
+async def _stream(request: Request, call: _Call, job: Job, meta: dict[str, Any], chat: bool,
+                  n: int) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that goes
+    away cancels the job: its rows leave the batch at the next step."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, piece: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if piece is not None:
+                delta["content"] = piece
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+
+    try:
+        if chat:
+            for i in range(n):
+                yield chunk(i, "", None, first=True)
+        while True:
+            try:
+                event, value = await asyncio.wait_for(call.events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return
+                continue
+            if event == "text":
+                yield chunk(value[0], value[1], None)
+            elif event == "error":
+                body = {"error": {"message": f"decoding failed: {value}", "type": "server_error"}}
+                yield f"data: {json.dumps(body)}\n\n"
+                return
+            else:
+                samples, _ = value
+                for i, sample in enumerate(samples):
+                    yield chunk(i, None if chat else "", _finish(sample.finish_reason))
+                yield "data: [DONE]\n\n"
+                return
+    except asyncio.CancelledError:  # the client went away mid-stream
+        job.cancel()
+        raise

@@ -1,0 +1,91 @@
+"""Continuous batching: rows at positions of their own decode together (SlotCache) and every job
+gets exactly what lmkit.generate gives it alone, however the jobs overlap."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lmkit.batching import Engine, Job, QueueFull
+from lmkit.checkpoint import Checkpoint
+from lmkit.config import SampleConfig
+from lmkit.generate import generate
+from lmkit.models.layers import SlotCache
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=["gpt", "llama"])
+def trained(request, tiny_project, tiny_llama_project):
+    project = tiny_project if request.param == "gpt" else tiny_llama_project
+    ckpt = Checkpoint(project.latest_checkpoint())
+    return ckpt.model(), ckpt.tokenizer()
+
+
+def test_rows_at_different_positions_decode_as_each_alone(trained) -> None:
+    model, tokenizer = trained
+    prompts = [tokenizer.encode_document(p) for p in ("Ham.\nTo be, or not", "Hor.", "Friends, Romans, country")]
+    probe = model.new_cache(1, CPU, torch.float32, 1)[0]
+    slots = [SlotCache(4, probe.k.size(1), probe.k.size(3), model.config.max_seq_len, CPU, torch.float32)
+             for _ in range(model.config.n_layer)]
+    alone, caches = [], []
+    with torch.no_grad():
+        for slot, ids in enumerate(prompts):
+            cache = model.new_cache(1, CPU, torch.float32, len(ids) + 1)
+            model(torch.tensor([ids]), cache=cache)
+            for layer, slot_layer in zip(cache, slots):
+                slot_layer.load(slot, layer)
+            caches.append(cache)
+            alone.append(model(torch.tensor([[7]]), cache=cache)[0][0, -1])  # the next token, alone
+        for layer in slots:
+            layer.active = len(prompts)
+        together = model(torch.tensor([[7]] * len(prompts)), cache=slots)[0][:, -1]  # one forward for all rows
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+    assert slots[0].length.tolist() == [len(ids) + 1 for ids in prompts]
+
+
+def test_overlapping_jobs_get_what_generate_gives_alone(trained) -> None:
+    model, tokenizer = trained
+    engine = Engine(model, tokenizer, CPU, max_batch=6)
+    settings = [SampleConfig(max_new_tokens=14, greedy=True), SampleConfig(max_new_tokens=16, seed=3),
+                SampleConfig(max_new_tokens=12, seed=5, num_samples=2, stop=("e",))]
+    prompts = ["Ham.\nTo be", "Hor.\n", "Friends, Romans", "What", "O", "The king", "Ber.\nWho's there?", "Mar."]
+    results: dict[int, list[str]] = {}
+    done = threading.Semaphore(0)
+
+    def job(i: int) -> Job:
+        def finish(samples: list, seed: int) -> None:
+            results[i] = [s.text for s in samples]
+            done.release()
+        return Job(tokenizer.encode_document(prompts[i]), settings[i % 3], tokenizer.stop_ids, on_done=finish)
+
+    try:
+        for i in range(len(prompts)):  # more rows than slots: later jobs wait, then join mid-way
+            engine.submit(job(i))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+        assert engine.steps < sum(settings[i % 3].max_new_tokens for i in range(len(prompts)))  # they overlapped
+    finally:
+        engine.close()
+    for i, prompt in enumerate(prompts):
+        assert results[i] == [s.text for s in generate(model, tokenizer, prompt, settings[i % 3], CPU).samples]
+
+
+def test_the_engine_refuses_what_cannot_run_or_wait(trained) -> None:
+    model, tokenizer = trained
+    engine = Engine(model, tokenizer, CPU, max_batch=2, max_queue=0)
+    try:
+        ids = tokenizer.encode_document("Ham.")
+        with pytest.raises(ValueError, match="--max-batch"):
+            engine.submit(Job(ids, SampleConfig(num_samples=3, max_new_tokens=2), tokenizer.stop_ids, lambda *_: None))
+        with pytest.raises(ValueError, match="context"):
+            engine.submit(Job(ids, SampleConfig(max_new_tokens=model.config.max_seq_len), tokenizer.stop_ids,
+                              lambda *_: None))
+        engine.submit(Job(ids, SampleConfig(num_samples=2, max_new_tokens=20, greedy=True), tokenizer.stop_ids,
+                          lambda *_: None))  # room for it: it runs, though nothing may wait
+        with pytest.raises(QueueFull):  # both slots taken, and no place in the line
+            engine.submit(Job(ids, SampleConfig(max_new_tokens=2), tokenizer.stop_ids, lambda *_: None))
+    finally:
+        engine.close()
