@@ -1,8 +1,8 @@
 """`lmkit serve` under load: aggregate generated tokens/s and p50/p99 request latency with 1, 4
 and 16 concurrent clients, against the same requests made one after another (1 client), on the
 default llama shape and on shape (b) of the performance table (GPT 6x384, vocabulary 8192), random
-weights (throughput does not depend on them). Each request: a 16-token prompt, greedy, MAX_TOKENS
-new tokens (128 on shape (b); the default shape's context of 64 holds 48). Also a burst: 16
+weights (throughput does not depend on them). Each request: a ~12-token prompt, greedy, MAX_TOKENS
+new tokens (128 on shape (b); the default shape's context of 64 holds 44). Also a burst: 16
 requests at once, its p99 latency against one request alone.
 
     python bench/serve.py -o OUT [--requests 4]
@@ -35,7 +35,7 @@ from lmkit.tokenizer import train_tokenizer
 
 # name: (lmkit config flags, new tokens per request)
 SHAPES = {
-    "default (llama 4x128, ctx 64)": ({"arch": "llama", "preset": "default"}, 48),
+    "default (llama 4x128, ctx 64)": ({"arch": "llama", "preset": "default"}, 44),
     "shape (b) (GPT 6x384, ctx 256, vocab 8192)": ({"arch": "gpt", "model.d_model": 384, "model.n_layer": 6,
                                                      "model.n_head": 6, "model.max_seq_len": 256,
                                                      "model.dropout": 0.0}, 128),
@@ -96,7 +96,7 @@ def bench_shape(name: str, path: Path, new_tokens: int, per_client: int, log: Pa
             except OSError:
                 time.sleep(0.2)
         text = (DATA / "shakespeare_train.txt").read_text(encoding="utf-8").split("\n\n")
-        prompts = [p[:60] for p in text if len(p) > 60][:64]  # ~16 tokens each
+        prompts = [p[:40] for p in text if len(p) > 40][:64]  # ~12 tokens each
         url += "/v1/completions"
         load(url, 2, 1, 8, prompts)  # warm up
         rows = [load(url, clients, per_client, new_tokens, prompts) for clients in (1, 4, 16)]
