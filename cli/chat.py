@@ -18,6 +18,7 @@ from cli.options import (
     MaxNewTokens,
     NoRepeatNgram,
     ProjectDir,
+    Quantize,
     Quiet,
     RepetitionPenalty,
     Seed,
@@ -46,6 +47,7 @@ def chat(
     repetition_penalty: RepetitionPenalty = 1.0,
     stop: Stop = None,
     chat_template: ChatTemplate = None,
+    quantize: Quantize = None,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
@@ -72,7 +74,10 @@ def chat(
             raise DataError(f"lmkit chat talks to a decoder (gpt or llama); {ckpt.path} is a "
                             f"{ckpt.config.model.arch} checkpoint for task {ckpt.task!r}")
         where = dev.pick_device(opts.device)
-        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        from lmkit.quantize import model_for_decoding
+
+        model = model_for_decoding(ckpt, where, quantize.value if quantize else None)
+        tokenizer = ckpt.tokenizer()
         form = chat_lib.ChatFormat(tokenizer, chat_lib.load_template(chat_template) if chat_template else None)
         sampler = gen.sample_config(ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k,
                                     top_p=top_p, greedy=greedy, seed=opts.seed,

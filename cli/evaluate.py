@@ -19,6 +19,7 @@ from cli.options import (
     MaxNewTokens,
     NoRepeatNgram,
     ProjectDir,
+    Quantize,
     Quiet,
     RepetitionPenalty,
     common,
@@ -45,6 +46,7 @@ def evaluate(
     no_repeat_ngram_size: NoRepeatNgram = 0,
     repetition_penalty: RepetitionPenalty = 1.0,
     max_new_tokens: MaxNewTokens = 200,
+    quantize: Quantize = None,
     json_out: Json = False,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
@@ -68,7 +70,8 @@ def evaluate(
         sampler = config.SampleConfig(max_new_tokens=max_new_tokens, greedy=True, beam=beam,
                                       length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                       repetition_penalty=repetition_penalty)
-        options = ev.EvalOptions(stride=stride, batch_size=batch_size, sampler=sampler)
+        options = ev.EvalOptions(stride=stride, batch_size=batch_size, sampler=sampler,
+                                 quantize=quantize.value if quantize else None)
         result, records = ev.evaluate_checkpoint(ckpt, file, options, dev.pick_device(opts.device), task)
         if predictions:
             if records is None:

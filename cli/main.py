@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import chat, distill, evaluate, finetune, generate, info, interop, merge, pretrain, serve, tokenize
+from cli import chat, distill, evaluate, finetune, generate, info, interop, merge, pretrain, quantize, serve, tokenize
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -55,6 +55,7 @@ app.command()(distill.distill)
 app.command()(generate.generate)
 app.command()(chat.chat)
 app.command()(serve.serve)
+app.command()(quantize.quantize)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)
 app.command(name="import")(interop.import_model)

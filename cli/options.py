@@ -84,6 +84,13 @@ Temperature = Annotated[Optional[float], typer.Option(
 TopP = Annotated[float, typer.Option(
     min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
+class QuantizeChoice(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
+    int8 = "int8"
+
+
+Quantize = Annotated[Optional[QuantizeChoice], typer.Option(
+    "--quantize", show_default=False,
+    help="int8: decode with int8 weights, a quarter of the bytes (CPU; an int8 checkpoint needs no flag).")]
 System = Annotated[Optional[str], typer.Option(
     "--system", show_default=False, help="Chat: the system message that starts the conversation.")]
 ChatTemplate = Annotated[Optional[Path], typer.Option(

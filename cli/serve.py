@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import ChatTemplate, CheckpointOpt, DeviceOpt, ProjectDir, Quiet, common, user_errors
+from cli.options import ChatTemplate, CheckpointOpt, DeviceOpt, ProjectDir, Quantize, Quiet, common, user_errors
 
 
 def serve(
@@ -30,6 +30,7 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         min=0.0, help="On SIGTERM or Ctrl-C: seconds to let requests in flight finish.")] = 30.0,
     chat_template: ChatTemplate = None,
+    quantize: Quantize = None,
     checkpoint: CheckpointOpt = None,
     project: ProjectDir = None,
     device: DeviceOpt = None,
@@ -60,7 +61,13 @@ def serve(
                             f"{ckpt.config.model.arch} checkpoint for task {ckpt.task!r}")
         _check_port(host, port)
         where = dev.pick_device(opts.device)
-        model, tokenizer = ckpt.model(where), ckpt.tokenizer()
+        from lmkit.quantize import model_for_decoding
+
+        model = model_for_decoding(ckpt, where, quantize.value if quantize else None)
+        tokenizer = ckpt.tokenizer()
+        if quantize or ckpt.is_int8:
+            opts.say("int8: rows decoded together share activation scales, so a request's text may differ "
+                     "slightly from the same request alone")
         template = chat_lib.load_template(chat_template) if chat_template else None
         try:
             form = chat_lib.ChatFormat(tokenizer, template)

@@ -54,7 +54,7 @@ class TrainerSnapshot:
 def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyTokenizer, run: str, step: int,
          metrics: dict[str, float] | None = None, trainer: TrainerSnapshot | None = None,
          task: str = "lm", extra: dict[str, Any] | None = None,
-         adapters_only: bool = False, weights: dict[str, torch.Tensor] | None = None) -> None:
+         adapters_only: bool = False, weights: dict[str, torch.Tensor] | None = None, int8: bool = False) -> None:
     """Write a checkpoint folder at PATH atomically (replacing any folder already there).
 
     Args:
@@ -63,7 +63,8 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
             a classifier's "labels", an adapter checkpoint's "base".
         adapters_only: store only the trainable parameters (LoRA adapters and task heads); the
             frozen rest is read from extra["base"] when loading.
-        weights: MODEL's full state dict when model.state_dict() is not it (FSDP shards).
+        weights: MODEL's full state dict when model.state_dict() is not it (FSDP shards), or
+            with INT8 the tensors of lmkit.quantize.int8_tensors(MODEL).
     """
     state = model.state_dict() if weights is None else weights
     if adapters_only:
@@ -82,7 +83,7 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
         "step": step,
         "parameters": count_parameters(model),
         "trainable_parameters": count_parameters(model, trainable_only=True),
-        "weights": "adapters" if adapters_only else "full",
+        "weights": "adapters" if adapters_only else "int8" if int8 else "full",
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                       "file": tokenizer.file_name, **({"special": tokenizer.special} if tokenizer.special else {}),
                       **({"options": tokenizer.options()} if tokenizer.options() else {})},
@@ -250,6 +251,10 @@ class Checkpoint:
         return str(self.meta["run"])
 
     @property
+    def is_int8(self) -> bool:
+        return self.meta.get("weights") == "int8"
+
+    @property
     def tokenizer_fingerprint(self) -> str:
         return str(self.meta["tokenizer"]["fingerprint"])
 
@@ -269,12 +274,25 @@ class Checkpoint:
         """A classifier's labels; index i is class i."""
         return list(self.meta.get("labels", []))
 
-    def model(self, device: torch.device | str = "cpu", model_config: ModelConfig | None = None) -> nn.Module:
+    def model(self, device: torch.device | str = "cpu", model_config: ModelConfig | None = None, *,
+              quantized: bool = False) -> nn.Module:
         """The model with its saved weights, on DEVICE, in eval mode.
 
         An adapter checkpoint first loads its base checkpoint, then adds and loads the adapters.
         MODEL_CONFIG may change what does not touch the weights (dropout) for further training.
+        QUANTIZED: the caller decodes or scores (generate, eval, serve), so an int8 checkpoint
+        (`lmkit quantize`) is fine; anything else (training, export) needs the float weights.
         """
+        if self.is_int8:
+            if not quantized:
+                raise CheckpointError(f"{self.path} holds int8 weights (lmkit quantize), for generate, eval, chat "
+                                      f"and serve only; use the checkpoint it came from: "
+                                      f"{self.meta.get('quantized_from', 'its source')}")
+            from lmkit import quantize
+
+            quantize.check_device(torch.device(device))
+            return quantize.load_int8(build_model(self.config.model), self.path / "model.safetensors",
+                                      self.meta.get("tied_weights", {}))
         adapters = self.meta.get("weights") == "adapters"
         model_config = model_config or self.config.model
         model = self._base_model(model_config) if adapters else build_model(model_config)

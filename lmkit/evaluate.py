@@ -31,6 +31,7 @@ from lmkit.batches import to_device
 from lmkit.config import SampleConfig
 from lmkit.device import autocast
 from lmkit.errors import CheckpointError, DataError
+from lmkit.quantize import model_for_decoding
 from lmkit.tokenizer import Tokenizer
 
 Records = list[dict[str, Any]]  # one JSON object per example: the input, its target and the output
@@ -43,6 +44,7 @@ class EvalOptions:
     stride: int | None = None  # language models: tokens between window starts (default: half the context)
     batch_size: int | None = None  # sequences per forward pass (default: each evaluation's own)
     sampler: SampleConfig = field(default_factory=lambda: SampleConfig(greedy=True))  # seq2seq decoding
+    quantize: str | None = None  # "int8": score the model with int8 weights (lmkit.quantize)
 
 
 def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device,
@@ -66,7 +68,7 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: tor
             raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint: it is scored with --task {scored_as}")
         raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint for task {ckpt.task!r}; "
                               f"'lmkit eval --task {task}' needs one for task {task!r}")
-    model, tokenizer = ckpt.model(device), ckpt.tokenizer()
+    model, tokenizer = model_for_decoding(ckpt, device, options.quantize), ckpt.tokenizer()
     if ckpt.task == "classify":
         examples = tasks.read_labelled(path)
         result, preds = evaluate_classifier(model, tokenizer, examples, ckpt.labels, device, options.batch_size or 8)
@@ -86,11 +88,13 @@ def evaluate_chat_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device
     conversations = chat.read_conversations(path)
     tokenizer = ckpt.tokenizer()
     batch_size = options.batch_size or 8
-    result = evaluate_chat(ckpt.model(device), tokenizer, conversations, device, batch_size)
+    result = evaluate_chat(model_for_decoding(ckpt, device, options.quantize), tokenizer, conversations, device,
+                           batch_size)
     base = Path(ckpt.meta.get("finetune", {}).get("base", ""))
     if ckpt.meta.get("finetune", {}).get("task") == "chat" and is_checkpoint_dir(base) \
             and Checkpoint(base).tokenizer_fingerprint == tokenizer.fingerprint:
-        before = evaluate_chat(Checkpoint(base).model(device), tokenizer, conversations, device, batch_size)
+        before = evaluate_chat(model_for_decoding(Checkpoint(base), device, options.quantize), tokenizer,
+                               conversations, device, batch_size)
         result = replace(result, base=str(base), base_loss=before.loss, base_bits_per_byte=before.bits_per_byte)
     return result
 

@@ -46,6 +46,12 @@ def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Genera
     """Pick the next token id for each row of LOGITS (B, V) -> (B,)."""
     if cfg.is_greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(next_token_probs(logits, cfg), 1, generator=generator).squeeze(-1)
+
+
+def next_token_probs(logits: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """The distribution (B, V) sample_next draws from when sampling: LOGITS (B, V) at cfg's
+    temperature, cut to its top-k and top-p tokens."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -56,7 +62,7 @@ def sample_next(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Genera
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
         drop_sorted = probs.cumsum(dim=-1) - probs > cfg.top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 def penalize(logits: torch.Tensor, histories: Sequence[list[int]], cfg: SampleConfig) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""int8 weights: scores within a whisker of float32, a checkpoint a quarter the size that every
+decoding command takes, and refused where float weights are needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmkit import evaluate, quantize
+from lmkit.checkpoint import Checkpoint
+from lmkit.config import SampleConfig
+from lmkit.errors import CheckpointError
+from lmkit.generate import generate
+from tests.cli.conftest import assert_user_error, lmkit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=["gpt", "llama"])
+def source(request, tiny_project, tiny_llama_project):
+    return (tiny_project if request.param == "gpt" else tiny_llama_project).latest_checkpoint()
+
+
+def test_int8_scores_match_float_and_the_checkpoint_is_small(source, tmp_path, sample_text) -> None:
+    out = quantize.quantize_checkpoint(source, tmp_path / "q8")
+    ckpt = Checkpoint(out)
+    assert ckpt.is_int8 and ckpt.meta["quantized_from"] == str(Checkpoint(source).path)
+    assert (out / "model.safetensors").stat().st_size < 0.5 * (source / "model.safetensors").stat().st_size
+    floats = Checkpoint(source).model()
+    int8, now = ckpt.model(quantized=True), quantize.quantize_int8(Checkpoint(source).model())
+    assert sum(type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao") for m in int8.modules()) >= 5
+    tokenizer = ckpt.tokenizer()
+    text = sample_text[200_000:230_000]
+    base = evaluate.evaluate_lm(floats, tokenizer, text, CPU).bits_per_byte
+    for model in (int8, now):
+        assert abs(evaluate.evaluate_lm(model, tokenizer, text, CPU).bits_per_byte / base - 1) < 0.01
+    cfg = SampleConfig(greedy=True, max_new_tokens=10)
+    assert len(generate(int8, tokenizer, "Ham.", cfg, CPU).samples[0].tokens) >= 1
+
+
+def test_int8_in_every_decoding_command_and_refused_for_training(source, tmp_path, small_corpus) -> None:
+    out = tmp_path / "q8"
+    result = lmkit("quantize", source, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert '"ratio"' in result.stdout
+    for args in (["generate", "-c", out, "Ham.", "--max-new-tokens", "4", "--seed", "1"],
+                 ["generate", "-c", source, "Ham.", "--max-new-tokens", "4", "--seed", "1", "--quantize", "int8"],
+                 ["eval", small_corpus, "-c", out], ["eval", small_corpus, "-c", source, "--quantize", "int8"]):
+        run = lmkit(*args)
+        assert run.exit_code == 0, (args, run.output)
+    assert_user_error(lmkit("finetune", small_corpus, "--task", "lm", "--from", out, "-p", tmp_path / "ft"),
+                      "int8 weights")
+    assert_user_error(lmkit("export", tmp_path / "hf", "-c", out), "int8 weights")
+    assert_user_error(lmkit("quantize", out, "-o", tmp_path / "again"), "int8 already")
+    assert_user_error(lmkit("quantize", source, "-o", source), "the checkpoint itself")
+    with pytest.raises(CheckpointError, match="CPU"):
+        quantize.check_device(torch.device("cuda"))
