@@ -6,7 +6,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import chat, distill, evaluate, finetune, generate, info, interop, merge, pretrain, quantize, serve, tokenize
+from cli import (
+    chat,
+    distill,
+    evaluate,
+    finetune,
+    generate,
+    info,
+    interop,
+    merge,
+    pretrain,
+    quantize,
+    runs,
+    serve,
+    tokenize,
+)
 from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
 
 app = typer.Typer(
@@ -56,6 +70,8 @@ app.command()(generate.generate)
 app.command()(chat.chat)
 app.command()(serve.serve)
 app.command()(quantize.quantize)
+app.command()(runs.runs)
+app.command()(runs.plot)
 app.command(name="eval")(evaluate.evaluate)
 app.command()(info.info)
 app.command(name="import")(interop.import_model)

@@ -20,6 +20,9 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together at most.")] = 8,
     max_queue: Annotated[int, typer.Option(
         min=0, help="Requests waiting for room at most; beyond, 429 with Retry-After.")] = 64,
+    max_context: Annotated[int, typer.Option(
+        min=8, help="Prompt + new tokens of a request at most (capped by the model's context): each of the "
+        "--max-batch rows holds a KV cache this long.")] = 4096,
     max_tokens: Annotated[int, typer.Option(
         min=1, help="New tokens for a request that gives no max_tokens.")] = 256,
     api_key: Annotated[Optional[str], typer.Option(
@@ -75,7 +78,8 @@ def serve(
             form = None  # completions only
             opts.say("this checkpoint has no chat template: /v1/chat/completions answers 400")
         name = model_name or _name(ckpt.path, p.root)
-        engine = batching.Engine(model, tokenizer, where, max_batch=max_batch, max_queue=max_queue)
+        engine = batching.Engine(model, tokenizer, where, max_batch=max_batch, max_queue=max_queue,
+                                 max_context=max_context)
         app = server.create_app(server.Served(engine, form, name, max_tokens, api_key))
         opts.say(f"serving {name} ({ckpt.path}) on http://{host}:{port}/v1 with up to {max_batch} rows a step"
                  + (", API key required" if api_key else ""))

@@ -103,10 +103,11 @@ class Engine:
     at once."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: torch.device, *, max_batch: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, max_context: int = 4096) -> None:
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = model.config.max_seq_len
+        # prompt + new tokens of a request; capped, so that a long-context model's cache stays small
+        self.context = min(model.config.max_seq_len, max_context)
         self.dtype = autocast_dtype(device, "auto") or torch.float32
         probe = model.new_cache(1, device, self.dtype, 1)[0]  # the geometry of one layer's cache
         _, heads, _, head_dim = probe.k.shape
@@ -128,7 +129,7 @@ class Engine:
             raise ValueError(f"n={job.cfg.num_samples} rows exceed the server's --max-batch {self.max_batch}")
         if len(job.prompt_ids) + job.cfg.max_new_tokens > self.context:
             raise ValueError(f"the prompt ({len(job.prompt_ids)} tokens) and max_tokens ({job.cfg.max_new_tokens}) "
-                             f"exceed the model's context of {self.context} tokens")
+                             f"exceed the context of {self.context} tokens")
         with self.wake:
             room, fits = len(self._free()), 0  # the waiting jobs that free slots will take next
             for waiting in self.waiting:
@@ -162,10 +163,15 @@ class Engine:
                         self.wake.wait()
                     if self.stopping:
                         return
-                self._drop_cancelled()
-                self._admit()
-                if self.running:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._step()
+                except Exception as err:  # noqa: BLE001 - fail what is in flight, keep serving
+                    for running in list(self.running):
+                        running.job.on_error(f"{type(err).__name__}: {err}")
+                        self._release(running)
 
     def _free(self) -> list[int]:
         return [slot for slot, job in enumerate(self.slot_job) if job is None]
@@ -217,9 +223,10 @@ class Engine:
                 self._release(running)
             return
         self.steps += 1
+        rows = {id(running): logits[running.job.slots] for running in self.running}  # before any slot moves
         for running in list(self.running):
             try:
-                done = running.take(logits[running.job.slots])
+                done = running.take(rows[id(running)])
             except Exception as err:  # noqa: BLE001
                 running.job.on_error(f"{type(err).__name__}: {err}")
                 self._release(running)

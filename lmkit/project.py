@@ -86,6 +86,22 @@ class Project:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def writer(self) -> str | None:
+        """The PID of the process that holds the project's lock (trains in it now), or None."""
+        path = self.root / ".lock"
+        if fcntl is None or not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     # --- config -------------------------------------------------------------------------------
     @property
     def config_file(self) -> Path:

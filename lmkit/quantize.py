@@ -2,7 +2,8 @@
 
 Every nn.Linear (the output layer included) becomes int8 weights with one scale per output channel
 (symmetric), run by FBGEMM's int8 matrix products through torch.ao's dynamic quantized Linear: the
-activations are quantized per call, row by row of the batch, and the result comes back in float32.
+activations are quantized per call, with one scale for the whole input (so rows computed together
+can differ slightly from each alone), and the result comes back in float32.
 Weight-only int8 kernels (torch's _weight_int8pack_mm, torchao's Int8WeightOnlyConfig) were
 measured 2-12x slower than float32 on this CPU, so they are not used (bench/perf.py).
 
@@ -130,6 +131,9 @@ def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
     ckpt = checkpoint.Checkpoint(source)
     if ckpt.is_int8:
         raise CheckpointError(f"{source} is int8 already")
+    if ckpt.task != "lm":
+        raise CheckpointError(f"{source} is a {ckpt.task} checkpoint; int8 checkpoints are for language models "
+                              "(generate, eval, chat, serve)")
     if ckpt.meta.get("weights") == "adapters":
         raise CheckpointError(f"{source} holds LoRA adapters: merge them first (lmkit merge {source} -o DIR)")
     if out.resolve() == ckpt.path.resolve():

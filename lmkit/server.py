@@ -142,7 +142,7 @@ def create_app(served: Served) -> FastAPI:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {served.name!r}",
                            param="model")
         if len(prompt_ids) >= served.engine.context:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the context is "
                            f"{served.engine.context}", param="messages" if chat else "prompt")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:

@@ -61,9 +61,11 @@ def check_options(cfg: SampleConfig) -> None:
 class _Cached:
     """One model's KV cache over the committed tokens; the tokens not yet in it are fed with the next call."""
 
-    def __init__(self, model: nn.Module, tokens: list[int], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, tokens: list[int], device: torch.device, dtype: torch.dtype,
+                 reach: int) -> None:
+        """REACH: the most positions the cache will hold (not the whole context of a long-context model)."""
         self.model, self.device = model, device
-        self.cache = model.new_cache(1, device, dtype, model.config.max_seq_len)
+        self.cache = model.new_cache(1, device, dtype, min(model.config.max_seq_len, reach))
         if len(tokens) > 1:
             model(torch.tensor([tokens[:-1]], device=device), cache=self.cache)
         self.pending = tokens[-1:]
@@ -93,6 +95,9 @@ def speculate(target: nn.Module, draft: nn.Module, prompt_ids: list[int], cfg: S
     goes to EMIT(token), which returns True to stop (an end-of-text token, a stop string, the
     length limit)."""
     check_options(cfg)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"the draft scores {draft.config.vocab_size} tokens, the model {target.config.vocab_size}: "
+                          "they must share the vocabulary")
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     k, greedy = draft_tokens, cfg.is_greedy
@@ -103,7 +108,8 @@ def speculate(target: nn.Module, draft: nn.Module, prompt_ids: list[int], cfg: S
     with autocast(device):
         # Full context only: every token the target scores must fit the window with K more behind it.
         if len(sequence) + k + 1 < min(window, draft.config.max_seq_len):
-            tgt, dft = _Cached(target, sequence, device, dtype), _Cached(draft, sequence, device, dtype)
+            reach = len(sequence) + cfg.max_new_tokens + k + 1
+            tgt, dft = _Cached(target, sequence, device, dtype, reach), _Cached(draft, sequence, device, dtype, reach)
             while len(sequence) + k + 1 < min(window, draft.config.max_seq_len):
                 stats.rounds += 1
                 logits = dft.feed([])[-1]

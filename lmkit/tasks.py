@@ -303,17 +303,12 @@ def collate_labelled(pad_id: int):  # noqa: ANN201
 
 
 def collate_prompt_completions(pad_id: int):  # noqa: ANN201
-    """Rows -> an LMBatch whose targets are IGNORE on the prompt and padding, so only completion
-    tokens (and the final EOS) are learned."""
+    """Rows (ids, prompt length) -> an LMBatch whose targets are IGNORE on the prompt and padding,
+    so only completion tokens (and the final EOS) are learned."""
+    learned = collate_learned(pad_id)
+
     def collate(rows: Sequence[tuple[list[int], int]]) -> LMBatch:
-        length = max(len(ids) for ids, _ in rows) - 1
-        inputs = torch.full((len(rows), length), pad_id)
-        targets = torch.full((len(rows), length), IGNORE)
-        for i, (ids, n_prompt) in enumerate(rows):
-            row = torch.tensor(ids)
-            inputs[i, :len(ids) - 1] = row[:-1]
-            targets[i, n_prompt - 1:len(ids) - 1] = row[n_prompt:]  # target j is token j + 1
-        return LMBatch(inputs, targets)
+        return learned([(ids, [k >= n_prompt for k in range(len(ids))]) for ids, n_prompt in rows])
     return collate
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -203,7 +204,8 @@ def train_loop(
         finished = _finished(state, cfg)
         while not finished and not stop["signal"]:
             lr = learning_rate(state.step, cfg, state.elapsed)
-            step_loss = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler, world)
+            step_loss, grad_norm = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler,
+                                                   world)
             state.step += 1
             state.tokens_seen += tokens_per_step
             state.elapsed = elapsed_before + time.perf_counter() - start
@@ -225,9 +227,12 @@ def train_loop(
                                     "raise train.warmup_steps, or use fp32); nothing of it after the last "
                                     "checkpoint was saved")
             now = time.perf_counter()
+            norm = float(grad_norm)
             record = {"step": state.step, "loss": latest["train_loss"], "lr": lr, "tokens": state.tokens_seen,
                       "elapsed": round(state.elapsed, 3),
-                      "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1)}
+                      "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1),
+                      "grad_norm": round(norm, 6) if math.isfinite(norm) else None,  # before clipping
+                      "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if evaluating:
                 val_metrics = validate()
                 record.update(val_metrics)
@@ -272,9 +277,10 @@ _NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # passes losses and ste
 def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Iterator[Batch], loss_fn: LossFn,
                     optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig, device: torch.device,
                     scaler: torch.amp.GradScaler | None = None,
-                    world: distributed.World = distributed.World()) -> torch.Tensor:
+                    world: distributed.World = distributed.World()) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over cfg.grad_accum micro-batches; returns this rank's share of the step's
-    loss (on DEVICE, unsynced; the shares of all ranks add up to the loss of the global batch).
+    loss (on DEVICE, unsynced; the shares of all ranks add up to the loss of the global batch) and
+    the gradient norm before clipping.
 
     Token-weighted: each loss term is summed over every micro-batch of every rank and divided by
     its units (scored tokens, pairs, examples) in the whole global batch, counted before the first
@@ -296,13 +302,26 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
             # DDP and FSDP average gradients over ranks; times world.size makes that their sum.
             scaler.scale(share * world.size).backward()
         total += share.detach()
-    if cfg.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.unscale_(optimizer)
+    # the norm before clipping, for the metrics (without train.grad_clip nothing is clipped: max_norm inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, grad_norm.detach()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this process has held: CUDA's allocator peak on a GPU, else the process's
+    peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 # --- pretraining: build what is missing, then train ---------------------------------------------

@@ -89,3 +89,36 @@ def test_the_engine_refuses_what_cannot_run_or_wait(trained) -> None:
             engine.submit(Job(ids, SampleConfig(max_new_tokens=2), tokenizer.stop_ids, lambda *_: None))
     finally:
         engine.close()
+
+
+def test_a_job_that_ends_does_not_shift_its_neighbours_rows(tiny_project) -> None:
+    """A short job finishing frees its slot mid-step; the long one beside it keeps reading its own
+    logits (a stand-in model whose next token depends on the last one, so a mix-up shows)."""
+    from tests.test_speculative import Bigram
+
+    tokenizer = Checkpoint(tiny_project.latest_checkpoint()).tokenizer()
+    table = torch.randn(tokenizer.vocab_size, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    table[:, tokenizer.eos_id] = -1e9  # never ends early
+    model = Bigram(table)
+
+    def run(jobs: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:
+        engine, results, done = Engine(model, tokenizer, CPU, max_batch=4), {}, threading.Semaphore(0)
+
+        def job(name: str, prompt: list[int], n: int) -> Job:
+            def finish(samples: list, seed: int) -> None:
+                results[name] = samples[0].tokens
+                done.release()
+            return Job(prompt, SampleConfig(greedy=True, max_new_tokens=n), tokenizer.stop_ids, on_done=finish)
+
+        try:
+            with engine.wake:  # all wait in line, so they are admitted together, in this order
+                for name, prompt, n in jobs:
+                    engine.submit(job(name, prompt, n))
+            for _ in jobs:
+                assert done.acquire(timeout=60)
+        finally:
+            engine.close()
+        return results
+
+    together = run([("short", [10], 2), ("long", [20], 12)])
+    assert together["long"] == run([("long", [20], 12)])["long"]

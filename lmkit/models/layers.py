@@ -90,8 +90,9 @@ class SlotCache(KVCache):
         self.lengths[target] = n
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new position (active, G, 1, D) per active row at its own place; return every
-        slot position (active, G, S_max, D): visible() says which of them each row sees."""
+        """Store one new position (active, G, 1, D) per active row at its own place; return the
+        positions in use (active, G, S, D), S the longest row's length: visible() says which of
+        them each row sees."""
         n = self.active
         if k.size(0) != n or k.size(2) != 1:
             raise ValueError(f"a SlotCache decodes one token for each of its {n} active rows, got {tuple(k.shape)}")
@@ -101,10 +102,12 @@ class SlotCache(KVCache):
         self.k[rows, :, self.lengths[:n]] = k[:, :, 0]
         self.v[rows, :, self.lengths[:n]] = v[:, :, 0]
         self.lengths[:n] += 1
-        return self.k[:n], self.v[:n]
+        self.span = int(self.lengths[:n].max())  # the positions any active row uses: attention stops there
+        return self.k[:n, :, :self.span], self.v[:n, :, :self.span]
 
     def visible(self) -> torch.Tensor:
-        return torch.arange(self.max_len, device=self.k.device)[None, :] < self.lengths[:self.active, None]
+        span = torch.arange(self.span, device=self.k.device)
+        return span[None, :] < self.lengths[:self.active, None]
 
 
 class Attention(nn.Module):

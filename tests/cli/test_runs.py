@@ -1,0 +1,74 @@
+"""Seeing training: metrics rows carry the gradient norm and peak memory, `lmkit runs` tells
+finished from interrupted runs, and `lmkit plot` draws real curves (checked pixel by pixel)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from lmkit import train
+from lmkit.project import Project
+from tests.cli.conftest import assert_user_error, lmkit
+from tests.conftest import tiny_run_config
+from tests.test_train import signal_at
+
+matplotlib = pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_project, small_corpus) -> Project:
+    """The tiny project's finished run1, and run2 (validated every 3 steps) stopped by Ctrl-C at step 7 of 40."""
+    project = Project.open(tmp_path_factory.mktemp("runs") / "proj")
+    shutil.copytree(tiny_project.root, project.root, dirs_exist_ok=True)
+    result = train.pretrain(project, [small_corpus], tiny_run_config(eval_interval=3),
+                            progress=signal_at(7, signal.SIGINT))
+    assert result.outcome.stopped_by == signal.SIGINT
+    return project
+
+
+def test_metrics_rows_carry_gradient_norm_and_memory(tiny_project) -> None:
+    rows = [json.loads(line) for line in tiny_project.metrics_file("run1").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 for r in rows)
+    assert all(k in rows[-1] for k in ("tokens", "elapsed", "tokens_per_sec", "val_loss"))
+
+
+def test_runs_lists_finished_and_interrupted(two_runs) -> None:
+    result = lmkit("runs", "-p", two_runs.root, "--json")
+    assert result.exit_code == 0, result.output
+    found = {r["run"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert found["run1"]["status"] == "finished" and found["run2"]["status"] == "interrupted"
+    assert found["run2"]["steps"] == 7 and found["run2"]["max_steps"] == 40
+    assert found["run1"]["best_val"] is not None and found["run1"]["bits_per_byte"] > 0
+    assert found["run1"]["arch"] == "gpt" and found["run1"]["parameters"] > 0
+    table = lmkit("runs", "-p", two_runs.root).stdout
+    assert "interrupted" in table and "finished" in table and table.index("run1") < table.index("run2")
+
+
+def test_plot_draws_two_runs_with_their_legend(two_runs, tmp_path) -> None:
+    png = tmp_path / "curves.png"
+    result = lmkit("plot", "-p", two_runs.root, "-o", png, "--size", "640x400", "--x", "tokens")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(png)
+    image = matplotlib.image.imread(png)  # decodes
+    assert image.shape[:2] == (400, 640)
+    rgb = (image[..., :3] * 255).astype(int)
+    assert rgb.std() > 10  # not blank
+    blue = np.abs(rgb - np.array([31, 119, 180])).sum(axis=-1) < 30  # the first run's colour (matplotlib C0)
+    orange = np.abs(rgb - np.array([255, 127, 14])).sum(axis=-1) < 30  # the second's (C1)
+    assert blue.sum() > 200 and orange.sum() > 20  # run2 is short: its few val points and legend sample
+    svg = tmp_path / "curves.svg"
+    assert lmkit("plot", f"{two_runs.root}/runs/run1", f"{two_runs.root}/runs/run2", "-o", svg, "--metric", "bpb",
+                 "--log").exit_code == 0
+    text = svg.read_text()
+    assert text.count("proj/run1 (gpt") == 2 and text.count("proj/run2 (gpt") == 2  # train and val of each
+
+
+def test_plot_and_runs_errors(two_runs, tmp_path) -> None:
+    assert_user_error(lmkit("plot", "-p", two_runs.root, "-o", tmp_path / "c.jpg"), "PNG or SVG")
+    assert_user_error(lmkit("plot", "-p", two_runs.root, "run9"), "no run 'run9'")
+    assert_user_error(lmkit("plot", "-p", two_runs.root, "--size", "big"), "WIDTHxHEIGHT")
+    assert_user_error(lmkit("runs", "-p", tmp_path / "nowhere"), "does not exist")
