@@ -3,6 +3,7 @@ training), plain lines otherwise, nothing with --quiet."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -11,6 +12,19 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def run_summary(result: Any, root: Path) -> str:
+    """The block that ends a training command (on stderr): time, tokens, throughput, the best
+    validation and its step, where the checkpoint is, and how to see the curves."""
+    state, out = result.state, result.outcome
+    lines = [f"  time        {duration(state.elapsed)} ({state.tokens_seen:,} tokens, "
+             f"{out.tokens_per_sec:,.0f} tokens/s)"]
+    if state.best_step:
+        lines.append(f"  best        {result.best_metric or 'val_loss'} {state.best:.4f} at step {state.best_step}")
+    lines.append(f"  checkpoint  {out.best_checkpoint or out.checkpoint}")
+    lines.append(f"  curves      lmkit plot -p {root} {result.run} -o {root / (result.run + '.png')}")
+    return "\n".join([f"{result.run} summary", *lines])
 
 
 class Display:

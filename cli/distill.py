@@ -15,6 +15,7 @@ from cli.options import (
     DeviceOpt,
     Json,
     Keep,
+    LogTo,
     MaxSteps,
     NewRun,
     ProjectDir,
@@ -53,6 +54,7 @@ def distill(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    log: LogTo = None,
     keep: Keep = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest distillation exactly.")] = False,
     new_run: NewRun = False,
@@ -74,7 +76,7 @@ def distill(
     with user_errors():
         p = proj.Project.open(opts.project)
         flags = {"distill.kl": kl, "distill.temperature": temperature,
-                 **opts.train_flags(max_steps=max_steps, keep=keep)}
+                 **opts.train_flags(max_steps=max_steps, keep=keep, log=log)}
         if resume:  # the run's own command line may come along; what it changes is refused
             from lmkit.config import CommandLine
 
@@ -106,6 +108,8 @@ def distill(
     else:
         typer.echo(_table(summary))
         typer.echo(f"student: {out.best_checkpoint or out.checkpoint}")
+    if not json_out:
+        opts.say(display.run_summary(result, p.root))
     exit_if_interrupted(out.stopped_by, "distill", p.root)
 
 

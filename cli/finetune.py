@@ -18,6 +18,7 @@ from cli.options import (
     DeviceOpt,
     Json,
     Keep,
+    LogTo,
     MaxSteps,
     NewRun,
     Nproc,
@@ -79,6 +80,7 @@ def finetune(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    log: LogTo = None,
     nproc: Nproc = None,
     strategy: Strategy = None,
     keep: Keep = None,
@@ -105,7 +107,7 @@ def finetune(
         p = proj.Project.open(opts.project)
         flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                  "lora.targets": lora_targets.value if lora_targets else None,
-                 **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                 **opts.train_flags(max_steps=max_steps, keep=keep, log=log, compile_model=compile_model,
                                     precision=precision, strategy=strategy)}
         with display.Display(opts.quiet) as shown:
             if resume:  # the run's own command line may come along; what it changes is refused
@@ -137,4 +139,6 @@ def finetune(
         if out.best_checkpoint:
             typer.echo(f"best {result.best_metric} {result.state.best:.4f} at step {result.state.best_step}: "
                        f"{out.best_checkpoint}")
+    if not json_out:
+        opts.say(display.run_summary(result, p.root))
     exit_if_interrupted(out.stopped_by, "finetune", p.root)

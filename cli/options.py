@@ -84,6 +84,17 @@ Temperature = Annotated[Optional[float], typer.Option(
 TopP = Annotated[float, typer.Option(
     min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
+class LogChoice(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+LogTo = Annotated[Optional[list[LogChoice]], typer.Option(
+    "--log", show_default=False,
+    help="Also log metrics to tensorboard (event files in runs/<run>/) or wandb (offline without a login); "
+    "repeatable; optional extras.")]
+
+
 class QuantizeChoice(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
     int8 = "int8"
 
@@ -117,9 +128,11 @@ class Common:
     quiet: bool
 
     def train_flags(self, *, max_steps: Optional[int], keep: Optional[int], compile_model: Optional[bool] = None,
-                    precision: Optional[Enum] = None, strategy: Optional[Enum] = None) -> dict[str, object]:
+                    precision: Optional[Enum] = None, strategy: Optional[Enum] = None,
+                    log: Optional[list[Enum]] = None) -> dict[str, object]:
         """The train.* config values the training commands' own flags set (None: not given)."""
         return {"train.max_steps": max_steps, "train.keep_checkpoints": keep, "train.compile": compile_model,
+                "train.log": ",".join(sorted({k.value for k in log})) if log else None,
                 "train.precision": precision.value if precision else None,
                 "train.strategy": strategy.value if strategy else None,
                 "train.seed": self.seed, "train.device": None if self.device == "auto" else self.device}

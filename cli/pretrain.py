@@ -15,6 +15,7 @@ from cli.options import (
     DeviceOpt,
     Json,
     Keep,
+    LogTo,
     MaxSteps,
     NewRun,
     Nproc,
@@ -44,6 +45,7 @@ def pretrain(
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
+    log: LogTo = None,
     nproc: Nproc = None,
     strategy: Strategy = None,
     keep: Keep = None,
@@ -69,7 +71,7 @@ def pretrain(
         p = proj.Project.open(opts.project)
         budget = config.parse_duration(time_budget) if time_budget else None
         flags = {"arch": arch, "preset": preset, "train.time_budget": budget,
-                 **opts.train_flags(max_steps=max_steps, keep=keep, compile_model=compile_model,
+                 **opts.train_flags(max_steps=max_steps, keep=keep, log=log, compile_model=compile_model,
                                     precision=precision, strategy=strategy)}
         with display.Display(opts.quiet) as shown:
             if resume:
@@ -89,4 +91,6 @@ def pretrain(
         val = f", val loss {out.val_loss:.4f}" if out.val_loss is not None else ""
         typer.echo(f"{out.checkpoint}: step {result.state.step}, train loss {out.train_loss:.4f}{val}, "
                    f"{display.duration(result.state.elapsed)}, {out.tokens_per_sec:,.0f} tokens/s")
+    if not json_out:
+        opts.say(display.run_summary(result, p.root))
     exit_if_interrupted(out.stopped_by, "pretrain", p.root)

@@ -175,6 +175,7 @@ class TrainConfig:
     compile: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with several ranks: replicate the model, or shard it
     grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    log: str = ""  # metric sinks besides metrics.jsonl: "tensorboard", "wandb" or both, comma-separated
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
@@ -195,6 +196,8 @@ class TrainConfig:
         _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
                "validation metric such as val_loss or val_accuracy")
         _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
+        _check(all(k.strip() in ("tensorboard", "wandb") for k in self.log.split(",") if k.strip()),
+               f"train.log={self.log!r}: give tensorboard, wandb or both, comma-separated")
 
     @property
     def tokens_per_step(self) -> int:

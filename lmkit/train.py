@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lmkit import checkpoint, corpus, distributed, prepare
+from lmkit import sinks as sinks_lib
 from lmkit.batches import to_device
 from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
 from lmkit.device import autocast, grad_scaler, pick_device
@@ -179,6 +180,7 @@ def train_loop(
     save_best: Callable[[TrainState, dict[str, float]], Path] | None = None,
     world: distributed.World = distributed.World(),
     scaler: torch.amp.GradScaler | None = None,
+    also_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopOutcome:
     """Train until max_steps, the time budget, early stopping or a stop signal; save a checkpoint
     at the end. With several ranks (WORLD), they stop together and rank 0 alone writes.
@@ -190,10 +192,11 @@ def train_loop(
         save: writes a checkpoint of the current state (with the latest metrics) and returns its folder.
         save_best: writes the run's best checkpoint, called when cfg.best_metric improves.
         scaler: the gradient scaler of fp16 training (its state belongs in the checkpoints too).
+        also_log: gets each metrics row too (TensorBoard, W&B: lmkit.sinks).
     """
     model.train()
     if not world.is_main:
-        progress, metrics_file = None, Path(os.devnull)
+        progress, metrics_file, also_log = None, Path(os.devnull), None
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = tokens_per_batch * cfg.grad_accum
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
@@ -243,6 +246,8 @@ def train_loop(
             with naming(metrics_file):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            if also_log:
+                also_log(record)
             if progress:
                 eta = (cfg.max_steps - state.step) * (now - start) / (state.step - start_step)
                 if cfg.time_budget:
@@ -591,12 +596,18 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         metrics = validate(scored, mine, plan.metrics_fn, device, tcfg.precision)
         return distributed.mean_metrics(world, metrics, int(sum(b.loss_units()[0] for b in mine)))
 
-    outcome = train_loop(
-        train_model, distributed.batches(plan.batches, world), plan.loss_fn, tcfg, state=state, optimizer=optimizer,
-        tokens_per_batch=plan.tokens_per_batch, validate=validation, save=save,
-        metrics_file=project.metrics_file(run), device=device, progress=progress,
-        save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
-        world=world, scaler=scaler)
+    sinks = sinks_lib.Sinks(tcfg.log, project.run_dir(run), run, cfg.to_dict()) if tcfg.log and world.is_main \
+        else None
+    try:
+        outcome = train_loop(
+            train_model, distributed.batches(plan.batches, world), plan.loss_fn, tcfg, state=state,
+            optimizer=optimizer, tokens_per_batch=plan.tokens_per_batch, validate=validation, save=save,
+            metrics_file=project.metrics_file(run), device=device, progress=progress,
+            save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
+            world=world, scaler=scaler, also_log=sinks.log if sinks else None)
+    finally:
+        if sinks:
+            sinks.close()
     del train_model  # DDP's reducer holds the process group: release it before the group is destroyed
     distributed.finish(world)
     best = project.best_checkpoint_dir(run)

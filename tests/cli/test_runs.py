@@ -72,3 +72,42 @@ def test_plot_and_runs_errors(two_runs, tmp_path) -> None:
     assert_user_error(lmkit("plot", "-p", two_runs.root, "run9"), "no run 'run9'")
     assert_user_error(lmkit("plot", "-p", two_runs.root, "--size", "big"), "WIDTHxHEIGHT")
     assert_user_error(lmkit("runs", "-p", tmp_path / "nowhere"), "does not exist")
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path, small_corpus) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    project = tmp_path / "tb"
+    result = lmkit("pretrain", small_corpus, "-p", project, "--preset", "tiny", "--set", "tokenizer.vocab_size=500",
+                   "--max-steps", "12", "--set", "train.log_interval=3", "--set", "train.eval_interval=6",
+                   "--log", "tensorboard", "-q")
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(project / "runs" / "run1"))
+    events.Reload()
+    rows = [json.loads(line) for line in (project / "runs" / "run1" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss")] == \
+        [(r["step"], r["loss"]) for r in rows]
+    assert [e.step for e in events.Scalars("val_loss")] == [6, 12] and "grad_norm" in events.Tags()["scalars"]
+
+
+def test_a_missing_sink_names_its_install_command(tmp_path, small_corpus, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", tmp_path / "w", "--preset", "tiny", "--max-steps", "2",
+                            "--set", "tokenizer.vocab_size=500", "--log", "wandb", "-q"), "pip install wandb")
+    assert_user_error(lmkit("pretrain", small_corpus, "-p", tmp_path / "w2", "--set", "train.log=mlflow"),
+                      "train.log")
+
+
+def test_training_ends_with_a_summary_block(tmp_path, small_corpus) -> None:
+    project = tmp_path / "s"
+    result = lmkit("pretrain", small_corpus, "-p", project, "--preset", "tiny", "--set", "tokenizer.vocab_size=500",
+                   "--max-steps", "6", "--set", "train.eval_interval=3")
+    assert result.exit_code == 0, result.output
+    block = result.output[result.output.index("run1 summary"):]
+    assert "tokens/s" in block and "best        val_loss" in block and "checkpoint  " in block
+    command = block.split("curves      ")[1].split("\n")[0].split()
+    assert command[:2] == ["lmkit", "plot"]
+    assert lmkit(*command[1:]).exit_code == 0 and (project / "run1.png").is_file()  # the command works as printed
