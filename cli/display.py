@@ -87,4 +87,5 @@ def _summary(report: Any) -> str:
     for name, value in (report.validation or {}).items():
         short = name.removeprefix("val_").replace("_loss", "").replace("accuracy", "acc")
         val += f" val {value:.4f}" if name == "val_loss" else f" {short} {value:.4f}"
-    return f"loss {report.loss:.4f}{val} | {report.tokens_per_sec:,.0f} tok/s | eta {duration(report.eta)}"
+    mfu = f" | MFU {report.mfu:.0%}" if report.mfu is not None else ""
+    return f"loss {report.loss:.4f}{val} | {report.tokens_per_sec:,.0f} tok/s{mfu} | eta {duration(report.eta)}"

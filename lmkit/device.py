@@ -42,3 +42,57 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """fp16 gradients underflow: scale the loss up before backward and the gradients down before
     the step, skipping steps whose gradients overflowed. A no-op unless training in fp16."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense matmul FLOP/s of DEVICE in the dtype training computes in (fp32 on a CPU, bf16 on
+    CUDA), the reference of MFU: $LMKIT_PEAK_FLOPS when set, else measured once (a second or so
+    of large products) and cached in $XDG_CACHE_HOME/lmkit/peak_flops.json, per device and threads."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    if os.environ.get("LMKIT_PEAK_FLOPS"):
+        return float(os.environ["LMKIT_PEAK_FLOPS"])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmkit" / "peak_flops.json"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(name), (int, float)):
+        return float(known[name])
+    size = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    try:
+        from lmkit.fileio import atomic_write_json
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {**(known if isinstance(known, dict) else {}), name: best})
+    except OSError:
+        pass  # an unwritable cache only means measuring again next time
+    return best
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6 per weight of the matrix products (embedding
+    tables looked up, not multiplied, are left out unless an output layer shares them) plus
+    12 * layers * d_model * context for attention."""
+    cfg = model.config
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    weights = sum(p.numel() for name, p in model.named_parameters()
+                  if not (name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight", "embeddings.weight"))
+                          and id(p) not in linear))
+    return 6 * weights + 12 * cfg.n_layer * cfg.d_model * cfg.max_seq_len

@@ -30,7 +30,7 @@ from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit import sinks as sinks_lib
 from lmkit.batches import to_device
 from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
-from lmkit.device import autocast, grad_scaler, pick_device
+from lmkit.device import autocast, flops_per_token, grad_scaler, peak_flops, pick_device
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers, naming
 from lmkit.models import ARCHS, build_model, count_parameters
@@ -79,6 +79,7 @@ class Progress:
     elapsed: float
     eta: float
     validation: dict[str, float] | None = None  # val_loss and any other metrics of the objective
+    mfu: float | None = None  # model FLOPs utilization: achieved / the device's peak (lmkit.device.peak_flops)
 
     @property
     def val_loss(self) -> float | None:
@@ -199,6 +200,8 @@ def train_loop(
         progress, metrics_file, also_log = None, Path(os.devnull), None
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = tokens_per_batch * cfg.grad_accum
+    flops = _flops_per_token(model)
+    peak = peak_flops(device) * world.size if flops and world.is_main else 0.0
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
     interval_start, interval_tokens = start, 0
     latest: dict[str, float] = {}  # train_loss and validation metrics as last measured
@@ -236,6 +239,8 @@ def train_loop(
                       "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1),
                       "grad_norm": round(norm, 6) if math.isfinite(norm) else None,  # before clipping
                       "peak_memory_mb": round(peak_memory_mb(device), 1)}
+            if peak:
+                record["mfu"] = round(record["tokens_per_sec"] * flops / peak, 4)
             if evaluating:
                 val_metrics = validate()
                 record.update(val_metrics)
@@ -253,7 +258,8 @@ def train_loop(
                 if cfg.time_budget:
                     eta = min(eta, cfg.time_budget - state.elapsed)
                 progress(Progress(state.step, cfg.max_steps, record["loss"], lr, record["tokens_per_sec"],
-                                  state.elapsed, max(eta, 0.0), val_metrics if evaluating else None))
+                                  state.elapsed, max(eta, 0.0), val_metrics if evaluating else None,
+                                  record.get("mfu")))
             interval_start, interval_tokens = time.perf_counter(), 0
             if saving:
                 save(state, dict(latest))
@@ -314,6 +320,17 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm.detach()
+
+
+def _flops_per_token(model: nn.Module) -> float:
+    """lmkit.device.flops_per_token of the model inside any wrapper (DDP, FSDP, a classifier); 0 if unknown."""
+    inner = model
+    while not hasattr(inner, "config") and hasattr(inner, "module"):
+        inner = inner.module
+    config = getattr(inner, "config", None)
+    if config is None or not all(hasattr(config, k) for k in ("n_layer", "d_model", "max_seq_len")):
+        return 0.0
+    return flops_per_token(inner)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -32,7 +32,7 @@ def two_runs(tmp_path_factory, tiny_project, small_corpus) -> Project:
 
 def test_metrics_rows_carry_gradient_norm_and_memory(tiny_project) -> None:
     rows = [json.loads(line) for line in tiny_project.metrics_file("run1").read_text().splitlines()]
-    assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 for r in rows)
+    assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 and 0 < r["mfu"] < 2 for r in rows)
     assert all(k in rows[-1] for k in ("tokens", "elapsed", "tokens_per_sec", "val_loss"))
 
 
@@ -106,6 +106,7 @@ def test_training_ends_with_a_summary_block(tmp_path, small_corpus) -> None:
     result = lmkit("pretrain", small_corpus, "-p", project, "--preset", "tiny", "--set", "tokenizer.vocab_size=500",
                    "--max-steps", "6", "--set", "train.eval_interval=3")
     assert result.exit_code == 0, result.output
+    assert "MFU" in result.output  # in the progress lines
     block = result.output[result.output.index("run1 summary"):]
     assert "tokens/s" in block and "best        val_loss" in block and "checkpoint  " in block
     command = block.split("curves      ")[1].split("\n")[0].split()
