@@ -69,13 +69,17 @@ def summarize(project: Project, run: str) -> RunSummary:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     rows = read_metrics(project.metrics_file(run))
     steps = project.run_checkpoints(run)
-    newest = checkpoint.Checkpoint(steps[-1]) if steps else None
+    try:
+        newest = checkpoint.Checkpoint(steps[-1]) if steps else None
+        snapshot = newest.trainer() if newest else None
+    except LmkitError:  # a damaged checkpoint: the metrics still tell the run's story
+        newest = snapshot = None
     vals = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
     best = min(vals, key=lambda v: v[1]) if vals else None
     max_steps = int(config.get("train", {}).get("max_steps", 0))
     last = rows[-1] if rows else {}
     status = "interrupted"
-    if newest is not None and (snapshot := newest.trainer()) is not None:
+    if newest is not None and snapshot is not None:
         state = train.TrainState(**snapshot.state)
         if train._finished(state, TrainConfig(**newest.config.to_dict()["train"])):
             status = "finished"
