@@ -558,6 +558,7 @@ class RunPlan:
     meta: dict[str, Any] = field(default_factory=dict)  # more checkpoint metadata (labels, base, data)
     adapters_only: bool = False  # LoRA: checkpoints hold the trainable parameters only
     keep_best: bool = False  # keep checkpoints/<run>/best by train.best_metric; it is the result
+    val_bytes_per_token: float | None = None  # a decoder on text: val_loss also as bits per byte
 
 
 def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer, plan: RunPlan,
@@ -611,7 +612,10 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
 
     def validation() -> dict[str, float]:
         metrics = validate(scored, mine, plan.metrics_fn, device, tcfg.precision)
-        return distributed.mean_metrics(world, metrics, int(sum(b.loss_units()[0] for b in mine)))
+        metrics = distributed.mean_metrics(world, metrics, int(sum(b.loss_units()[0] for b in mine)))
+        if plan.val_bytes_per_token and "val_loss" in metrics:  # the validation text's average bytes per token
+            metrics["val_bits_per_byte"] = metrics["val_loss"] / math.log(2) / plan.val_bytes_per_token
+        return metrics
 
     sinks = sinks_lib.Sinks(tcfg.log, project.run_dir(run), run, cfg.to_dict()) if tcfg.log and world.is_main \
         else None
@@ -639,8 +643,11 @@ def pretraining_plan(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: 
     """What pretraining means for cfg.model.arch (its objective, batches and metrics), on PREPARED data."""
     objective = ARCHS[cfg.model.arch].pretraining(cfg, prepared.train.array(tokenizer.vocab_size),
                                                    prepared.val.array(tokenizer.vocab_size), tokenizer)
+    decoder = ARCHS[cfg.model.arch].decoding == "continue"  # its val_loss is nats per next token
+    per_token = prepared.val.meta.get("bytes", 0) / prepared.val.tokens if decoder and prepared.val.tokens else None
     return RunPlan(objective.batches, objective.val_batches, objective.loss_fn, objective.metrics_fn,
-                   objective.tokens_per_batch, meta={"data": _data_identity(prepared)})
+                   objective.tokens_per_batch, meta={"data": _data_identity(prepared)},
+                   val_bytes_per_token=per_token or None)
 
 
 def _data_identity(prepared: prepare.PreparedData) -> dict[str, object]:

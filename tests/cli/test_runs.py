@@ -34,6 +34,12 @@ def test_metrics_rows_carry_gradient_norm_and_memory(tiny_project) -> None:
     rows = [json.loads(line) for line in tiny_project.metrics_file("run1").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 and 0 < r["mfu"] < 2 for r in rows)
     assert all(k in rows[-1] for k in ("tokens", "elapsed", "tokens_per_sec", "val_loss"))
+    from lmkit.prepare import TokenFile
+
+    val = TokenFile.open(tiny_project.tokens_file("val"))
+    per_token = val.meta["bytes"] / val.tokens
+    for row in (r for r in rows if "val_loss" in r):  # a decoder's validation also in bits per byte
+        assert row["val_bits_per_byte"] == pytest.approx(row["val_loss"] / np.log(2) / per_token)
 
 
 def test_runs_lists_finished_and_interrupted(two_runs) -> None:
