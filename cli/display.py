@@ -15,11 +15,16 @@ def duration(seconds: float) -> str:
 
 
 def run_summary(result: Any, root: Path) -> str:
-    """The block that ends a training command (on stderr): time, tokens, throughput, the best
+    """The block that ends a training command (on stderr): time, tokens, throughput and MFU, the best
     validation and its step, where the checkpoint is, and how to see the curves."""
+    from lmkit.runs import read_metrics
+
     state, out = result.state, result.outcome
+    mfus = sorted(r["mfu"] for r in read_metrics(root / "runs" / result.run / "metrics.jsonl")
+                  if isinstance(r.get("mfu"), (int, float)))
+    mfu = f", MFU {mfus[len(mfus) // 2]:.0%}" if mfus else ""  # the median of the run's rows
     lines = [f"  time        {duration(state.elapsed)} ({state.tokens_seen:,} tokens, "
-             f"{out.tokens_per_sec:,.0f} tokens/s)"]
+             f"{out.tokens_per_sec:,.0f} tokens/s{mfu})"]
     if state.best_step:
         lines.append(f"  best        {result.best_metric or 'val_loss'} {state.best:.4f} at step {state.best_step}")
     lines.append(f"  checkpoint  {out.best_checkpoint or out.checkpoint}")

@@ -114,7 +114,20 @@ def test_training_ends_with_a_summary_block(tmp_path, small_corpus) -> None:
     assert result.exit_code == 0, result.output
     assert "MFU" in result.output  # in the progress lines
     block = result.output[result.output.index("run1 summary"):]
-    assert "tokens/s" in block and "best        val_loss" in block and "checkpoint  " in block
+    assert "tokens/s, MFU " in block and "best        val_loss" in block and "checkpoint  " in block
     command = block.split("curves      ")[1].split("\n")[0].split()
     assert command[:2] == ["lmkit", "plot"]
     assert lmkit(*command[1:]).exit_code == 0 and (project / "run1.png").is_file()  # the command works as printed
+
+
+def test_wandb_offline_needs_no_account(tmp_path, small_corpus, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    project = tmp_path / "wb"
+    result = lmkit("pretrain", small_corpus, "-p", project, "--preset", "tiny", "--set", "tokenizer.vocab_size=500",
+                   "--max-steps", "4", "--set", "train.log_interval=2", "--log", "wandb", "-q")
+    assert result.exit_code == 0, result.output
+    offline = list((project / "runs" / "run1" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # the run's records, ready for `wandb sync`
