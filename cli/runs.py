@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import display
 from cli.options import Json, ProjectDir, Quiet, common, user_errors
 
 
@@ -43,7 +44,7 @@ def runs(ctx: typer.Context, json_out: Json = False, project: ProjectDir = None,
     header = ["run", "kind", "arch", "task", "params", "steps", "tokens", "time", "last val", "best val",
               "bpb", "status", "started"]
     rows = [[r.run, r.kind, r.arch, r.task, f"{r.parameters / 1e6:.2f}M" if r.parameters else "-",
-             f"{r.steps}/{r.max_steps}", f"{r.tokens:,}", _duration(r.wall_s),
+             f"{r.steps}/{r.max_steps}", f"{r.tokens:,}", display.duration(r.wall_s),
              _number(r.last_val), _number(r.best_val) + (f" @{r.best_step}" if r.best_step else ""),
              _number(r.bits_per_byte), r.status, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started))]
             for r in found]
@@ -102,8 +103,3 @@ def plot(
 def _number(value: Optional[float]) -> str:
     return f"{value:.4f}" if value is not None else "-"
 
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
