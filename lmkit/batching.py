@@ -26,7 +26,7 @@ from lmkit.config import SampleConfig
 from lmkit.device import autocast, autocast_dtype
 from lmkit.generate import Sample, _Texts
 from lmkit.models.layers import SlotCache
-from lmkit.search import _penalties, _stop_ids, penalize, sample_next
+from lmkit.search import _penalties, _stop_ids, extend, penalize, sample_next
 from lmkit.tokenizer import Tokenizer
 
 
@@ -74,18 +74,11 @@ class _Running:
         if _penalties(cfg):
             logits = penalize(logits, [self.job.prompt_ids + s.tokens for s in self.samples], cfg)
         next_ids = sample_next(logits, cfg, self.generator).cpu().masked_fill(self.finished, self.pad_id)
+        on_token = self.texts.stream if self.texts.on_text else None
+        stopped = self.texts.stopped if cfg.stop else None
         for row, token in enumerate(next_ids.tolist()):
-            if self.finished[row]:
-                continue
-            sample = self.samples[row]
-            if token in self.eos_ids:
-                sample.finish_reason, self.finished[row] = "eos", True
-                continue
-            sample.tokens.append(token)
-            if self.texts.on_text:
-                self.texts.stream(row, sample.tokens)
-            if cfg.stop and self.texts.stopped(row, sample.tokens):
-                sample.finish_reason, self.finished[row] = "stop", True
+            if not self.finished[row] and extend(row, self.samples[row], token, self.eos_ids, on_token, stopped):
+                self.finished[row] = True
         self.step += 1
         self.next_ids = next_ids
         return bool(self.finished.all()) or self.step == cfg.max_new_tokens

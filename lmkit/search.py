@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,23 @@ def _penalties(cfg: SampleConfig) -> bool:
     return cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0
 
 
+def extend(row: int, hypothesis: Any, token: int, eos_ids: frozenset[int] | set[int],
+           on_token: Callable[[int, list[int]], None] | None, stopped: Stopped | None) -> bool:
+    """Add TOKEN to row ROW's HYPOTHESIS (anything with tokens and finish_reason): an end-of-text
+    id ends it ("eos"), and so does a stop string its text now holds ("stop"); True when it ended.
+    What sampling, batched serving and speculative decoding all do with each new token."""
+    if token in eos_ids:
+        hypothesis.finish_reason = "eos"
+        return True
+    hypothesis.tokens.append(token)
+    if on_token:
+        on_token(row, hypothesis.tokens)
+    if stopped and stopped(row, hypothesis.tokens):
+        hypothesis.finish_reason = "stop"
+        return True
+    return False
+
+
 def _max_steps(stepper: Stepper, cfg: SampleConfig) -> int:
     return min(cfg.max_new_tokens, stepper.limit or cfg.max_new_tokens)
 
@@ -128,16 +145,8 @@ def sample(stepper: Stepper, n_rows: int, cfg: SampleConfig, eos_id: int | Seque
             logits = penalize(logits, [p + h.tokens for p, h in zip(prefixes, done)], cfg)
         next_ids = sample_next(logits, cfg, generator).cpu().masked_fill(finished, eos_id)  # (N,)
         for row, token in enumerate(next_ids.tolist()):
-            if finished[row]:
-                continue
-            if token in eos_ids:
-                done[row].finish_reason, finished[row] = "eos", True
-                continue
-            done[row].tokens.append(token)
-            if on_token:
-                on_token(row, done[row].tokens)
-            if stopped and stopped(row, done[row].tokens):
-                done[row].finish_reason, finished[row] = "stop", True
+            if not finished[row] and extend(row, done[row], token, eos_ids, on_token, stopped):
+                finished[row] = True
         if finished.all() or step == steps - 1:
             break
         stepper.advance(next_ids.to(logits.device))

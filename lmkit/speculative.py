@@ -24,7 +24,7 @@ from torch import nn
 
 from lmkit.config import ConfigError, SampleConfig
 from lmkit.device import autocast, autocast_dtype
-from lmkit.search import _penalties, next_token_probs, sample_next
+from lmkit.search import _penalties, extend, next_token_probs, sample_next
 from lmkit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -178,18 +178,10 @@ def generate_with_draft(target: nn.Module, draft: nn.Module, tokenizer: Tokenize
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, sample = _Texts(tokenizer, cfg.stop, on_text), Sample()
     stop_ids = set(tokenizer.stop_ids)
+    on_token, stopped = texts.stream if on_text else None, texts.stopped if cfg.stop else None
 
     def emit(token: int) -> bool:
-        if token in stop_ids:
-            sample.finish_reason = "eos"
-            return True
-        sample.tokens.append(token)
-        if on_text:
-            texts.stream(0, sample.tokens)
-        if cfg.stop and texts.stopped(0, sample.tokens):
-            sample.finish_reason = "stop"
-            return True
-        return len(sample.tokens) == cfg.max_new_tokens
+        return extend(0, sample, token, stop_ids, on_token, stopped) or len(sample.tokens) == cfg.max_new_tokens
 
     stats = speculate(target, draft, tokenizer.encode_document(prompt), cfg, device, emit,
                       draft_tokens=draft_tokens, generator=generator)
