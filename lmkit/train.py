@@ -208,7 +208,16 @@ def train_loop(
     best_path = None
     with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
         finished = _finished(state, cfg)
-        while not finished and not stop["signal"]:
+        # The signal the ranks agreed to stop on. Only this decides: the handler may set
+        # stop["signal"] at any bytecode (on one rank, after the vote), and a rank acting on that
+        # alone would leave the others waiting in a collective; a signal after the vote counts at
+        # the next one. One process has no one to agree with: it stops after the step in progress.
+        stopping: int | None = None
+        while not finished:
+            if not world.enabled:
+                stopping = stopping or stop["signal"]
+            if stopping:
+                break
             lr = learning_rate(state.step, cfg, state.elapsed)
             step_loss, grad_norm = _optimizer_step(model, params, batches, loss_fn, optimizer, lr, cfg, device, scaler,
                                                    world)
@@ -216,15 +225,15 @@ def train_loop(
             state.tokens_seen += tokens_per_step
             state.elapsed = elapsed_before + time.perf_counter() - start
             interval_tokens += tokens_per_step
-            finished, stop["signal"] = distributed.agree(world, _finished(state, cfg), stop["signal"])
+            finished, stopping = distributed.agree(world, _finished(state, cfg), stop["signal"])
             evaluating = state.step % cfg.eval_interval == 0 or finished
-            saving = state.step % cfg.save_interval == 0 and not finished and not stop["signal"]
-            if not (evaluating or finished or saving or stop["signal"] or state.step % cfg.log_interval == 0):
+            saving = state.step % cfg.save_interval == 0 and not finished and not stopping
+            if not (evaluating or finished or saving or stopping or state.step % cfg.log_interval == 0):
                 continue
 
             # The one host sync per log interval (plus, with several ranks, the sum of their shares).
             latest["train_loss"] = distributed.total(world, step_loss).item()
-            writes = saving or evaluating or finished or bool(stop["signal"])  # a checkpoint may follow
+            writes = saving or evaluating or finished or bool(stopping)  # a checkpoint may follow
             loss_ok = math.isfinite(latest["train_loss"])
             if not (loss_ok and (not writes or _all_finite(params, world))):
                 # before anything is saved: the checkpoints already written stay finite
@@ -266,7 +275,7 @@ def train_loop(
         last_checkpoint = save(state, dict(latest))
     rate = (state.step - start_step) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
     validation = {k: v for k, v in latest.items() if k.startswith("val_")}
-    return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), validation, rate, stop["signal"],
+    return LoopOutcome(last_checkpoint, latest.get("train_loss", math.nan), validation, rate, stopping,
                        best_path)
 
 

@@ -135,14 +135,16 @@ def test_fsdp_on_two_ranks_trains_saves_and_resumes_like_one_process(arch: list[
 
     assert close(losses(one, "run1"), losses(two, "run1"))
     # The checkpoint is the usual one, gathered from the shards: same tensors (the tied head stored
-    # once), same optimizer state, so it resumes anywhere.
+    # once), same optimizer state, so it resumes anywhere. Same to 1e-4: Adam divides by sqrt(v), so
+    # where a gradient is near zero the shards' differently ordered sums move a weight by a visible
+    # fraction of one step (lr 3e-3; 1.5e-5 measured on some CPUs).
     single, gathered = Checkpoint(one.latest_checkpoint()), Checkpoint(two.latest_checkpoint())
     tied = {"gpt": "transformer.wte.weight", "llama": "model.embed_tokens.weight"}[arch[1]]
     assert gathered.meta["tied_weights"] == single.meta["tied_weights"] == {"lm_head.weight": tied}
     for name in ("model.safetensors", "trainer.safetensors"):
         a, b = load_file(single.path / name), load_file(gathered.path / name)
         assert a.keys() == b.keys()
-        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a if not k.startswith("rng")), name
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a if not k.startswith("rng")), name
     assert gathered.trainer().optimizer["param_groups"] == single.trainer().optimizer["param_groups"]
 
     # Resume: the sharded run on 2 ranks (its config says fsdp), the other in one process.
