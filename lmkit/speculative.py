@@ -24,6 +24,7 @@ from torch import nn
 
 from lmkit.config import ConfigError, SampleConfig
 from lmkit.device import autocast, autocast_dtype
+from lmkit.models.layers import SlotCache
 from lmkit.search import _penalties, extend, next_token_probs, sample_next
 from lmkit.tokenizer import Tokenizer
 
@@ -52,48 +53,81 @@ class Speculation:
 
 def check_options(cfg: SampleConfig) -> None:
     """Raises ConfigError for settings speculative decoding does not take."""
-    if cfg.beam > 1 or cfg.num_samples > 1:
-        raise ConfigError("--draft decodes one sequence: leave out --beam and --num-return-sequences")
+    if cfg.beam > 1:
+        raise ConfigError("--draft samples or decodes greedily: leave out --beam")
     if _penalties(cfg):
         raise ConfigError("--draft does not take --repetition-penalty or --no-repeat-ngram-size")
 
 
-class _Cached:
-    """One model's KV cache over the committed tokens; the tokens not yet in it are fed with the next call."""
+class _Rows:
+    """One model's KV cache over the committed tokens of the rows still speculating, each row at a
+    length of its own (a SlotCache: rows accept different numbers of proposals); the tokens a row
+    has not fed yet go in with the next call. The active rows are the first slots; `row_of` names
+    the sequence each slot decodes."""
 
-    def __init__(self, model: nn.Module, tokens: list[int], device: torch.device, dtype: torch.dtype,
-                 reach: int) -> None:
-        """REACH: the most positions the cache will hold (not the whole context of a long-context model)."""
+    def __init__(self, model: nn.Module, sequences: list[list[int]], rows: list[int], device: torch.device,
+                 dtype: torch.dtype, reach: int) -> None:
+        """REACH: the most positions a row will hold (not the whole context of a long-context model)."""
         self.model, self.device = model, device
-        self.cache = model.new_cache(1, device, dtype, min(model.config.max_seq_len, reach))
-        if len(tokens) > 1:
-            model(torch.tensor([tokens[:-1]], device=device), cache=self.cache)
-        self.pending = tokens[-1:]
+        probe = model.new_cache(1, device, dtype, 1)[0]  # the geometry of one layer's cache
+        _, heads, _, head_dim = probe.k.shape
+        reach = min(model.config.max_seq_len, reach)
+        self.cache = [SlotCache(len(rows), heads, head_dim, reach, device, dtype) for _ in range(model.config.n_layer)]
+        for slot, row in enumerate(rows):
+            tokens = sequences[row]
+            if len(tokens) > 1:  # prefilled alone, then moved into its slot
+                prefill = model.new_cache(1, device, dtype, len(tokens) - 1)
+                model(torch.tensor([tokens[:-1]], device=device), cache=prefill)
+                for layer, cache in zip(prefill, self.cache):
+                    cache.load(slot, layer)
+        for cache in self.cache:
+            cache.active = len(rows)
+        self.row_of = list(rows)
+        self.pending = [sequences[row][-1:] for row in rows]
 
     @property
-    def length(self) -> int:
-        return self.cache[0].length
+    def active(self) -> int:
+        return len(self.row_of)
 
-    def feed(self, extra: list[int]) -> torch.Tensor:
-        """Logits (T, V) after each of the pending tokens and EXTRA, which join the cache."""
-        ids = self.pending + extra
-        self.pending = []
-        return self.model(torch.tensor([ids], device=self.device), cache=self.cache)[0][0]
+    def feed(self, extra: list[list[int]] | None = None) -> list[torch.Tensor]:
+        """Each active row's logits (T_r, V) after its pending tokens and its EXTRA, which join its
+        cache. Rows of fewer tokens are padded on the right: the padding is written past the row's
+        length, where no later query looks, and overwritten by what comes next."""
+        ids = [p + (extra[slot] if extra else []) for slot, p in enumerate(self.pending)]
+        width = max(map(len, ids))
+        batch = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=self.device)  # (n, T)
+        logits = self.model(batch, cache=self.cache)[0]  # (n, T, V)
+        for cache in self.cache:
+            cache.lengths[:self.active] -= torch.tensor([width - len(row) for row in ids], device=self.device)
+        self.pending = [[] for _ in ids]
+        return [logits[slot, :len(row)] for slot, row in enumerate(ids)]
 
-    def keep(self, length: int, pending: list[int]) -> None:
-        """Forget cached positions from LENGTH on; PENDING are fed next."""
-        for layer in self.cache:
-            layer.length = length
-        self.pending = pending
+    def keep(self, slot: int, length: int, pending: list[int]) -> None:
+        """Forget SLOT's cached positions from LENGTH on; PENDING are fed next."""
+        for cache in self.cache:
+            cache.lengths[slot] = length
+        self.pending[slot] = pending
+
+    def drop(self, slot: int) -> None:
+        """SLOT leaves; the last active slot moves into its place."""
+        last = self.active - 1
+        if slot != last:
+            for cache in self.cache:
+                cache.move(last, slot)
+            self.row_of[slot], self.pending[slot] = self.row_of[last], self.pending[last]
+        self.row_of.pop()
+        self.pending.pop()
+        for cache in self.cache:
+            cache.active = last
 
 
 @torch.no_grad()
-def speculate(target: nn.Module, draft: nn.Module, prompt_ids: list[int], cfg: SampleConfig, device: torch.device,
-              emit: Callable[[int], bool], *, draft_tokens: int = 4,
+def speculate(target: nn.Module, draft: nn.Module, prompts: list[list[int]], cfg: SampleConfig, device: torch.device,
+              emit: Callable[[int, int], bool], *, draft_tokens: int = 4,
               generator: torch.Generator | None = None) -> Speculation:
-    """Continue PROMPT_IDS with TARGET, DRAFT proposing DRAFT_TOKENS tokens a round. Each new token
-    goes to EMIT(token), which returns True to stop (an end-of-text token, a stop string, the
-    length limit)."""
+    """Continue each of PROMPTS (rows decoded together) with TARGET, DRAFT proposing DRAFT_TOKENS
+    tokens a round. Each new token of row r goes to EMIT(r, token), which returns True to end the
+    row (an end-of-text token, a stop string, the length limit)."""
     check_options(cfg)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ConfigError(f"the draft scores {draft.config.vocab_size} tokens, the model {target.config.vocab_size}: "
@@ -102,46 +136,66 @@ def speculate(target: nn.Module, draft: nn.Module, prompt_ids: list[int], cfg: S
         generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     k, greedy = draft_tokens, cfg.is_greedy
     window = target.config.max_seq_len
+    limit = min(window, draft.config.max_seq_len)
     stats = Speculation()
-    sequence = list(prompt_ids[-window:])
+    sequences = [list(ids[-window:]) for ids in prompts]
+
+    def room(row: int) -> bool:  # every token the target scores must fit the window with K more behind it
+        return len(sequences[row]) + k + 1 < limit
+
     dtype = autocast_dtype(device, "auto") or torch.float32
     with autocast(device):
-        # Full context only: every token the target scores must fit the window with K more behind it.
-        if len(sequence) + k + 1 < min(window, draft.config.max_seq_len):
-            reach = len(sequence) + cfg.max_new_tokens + k + 1
-            tgt, dft = _Cached(target, sequence, device, dtype, reach), _Cached(draft, sequence, device, dtype, reach)
-            while len(sequence) + k + 1 < min(window, draft.config.max_seq_len):
-                stats.rounds += 1
-                logits = dft.feed([])[-1]
-                proposed, draft_probs = [], []
-                for i in range(k):
-                    q = None if greedy else next_token_probs(logits[None], cfg)[0]  # (V,)
-                    token = int(logits.argmax() if greedy else torch.multinomial(q, 1, generator=generator))
-                    proposed.append(token)
-                    draft_probs.append(q)
-                    if i < k - 1:
-                        logits = dft.feed([token])[-1]
-                scores = tgt.feed(proposed)[-(k + 1):]  # (K + 1, V): after the last committed token and each proposal
-                accepted, token = _judge(scores, proposed, draft_probs, cfg, generator)
+        rows = [row for row in range(len(sequences)) if room(row)]
+        plain = [row for row in range(len(sequences)) if not room(row)]
+        if rows:
+            reach = max(len(sequences[row]) for row in rows) + cfg.max_new_tokens + k + 1
+            tgt, dft = (_Rows(m, sequences, rows, device, dtype, reach) for m in (target, draft))
+        while rows and tgt.active:
+            stats.rounds += 1
+            logits = torch.stack([scores[-1] for scores in dft.feed()])  # (n, V)
+            proposed, draft_probs = [], []  # K x (n,), K x (n, V)
+            for i in range(k):
+                q = None if greedy else next_token_probs(logits, cfg)
+                tokens = logits.argmax(dim=-1) if greedy else torch.multinomial(q, 1, generator=generator)[:, 0]
+                proposed.append(tokens)
+                draft_probs.append(q)
+                if i < k - 1:
+                    logits = torch.stack([scores[-1] for scores in dft.feed(tokens[:, None].tolist())])
+            proposals = torch.stack(proposed, dim=1).tolist()  # (n, K)
+            scores = torch.stack(tgt.feed(proposals))  # (n, K + 1, V): after the last committed token and each proposal
+            picks = scores.argmax(dim=-1).tolist() if greedy else None
+            for slot in reversed(range(tgt.active)):  # from the end: a dropped slot takes the last one, already done
+                row, mine = tgt.row_of[slot], proposals[slot]
+                accepted, token = _judge(scores[slot], mine, [q[slot] for q in draft_probs] if not greedy else None,
+                                         picks[slot] if greedy else None, cfg, generator)
                 stats.proposed, stats.accepted = stats.proposed + k, stats.accepted + accepted
                 # Both caches hold the committed tokens; the target keeps the proposals it agreed with, the
                 # draft those of them it has seen (all but the last proposal); the rest is fed next round.
-                base = len(sequence)
-                tgt.keep(base + accepted, [token])
-                dft.keep(base + min(accepted, k - 1), proposed[k - 1:] * (accepted == k) + [token])
-                for new in [*proposed[:accepted], token]:
-                    sequence.append(new)
-                    if emit(new):
-                        return stats
-        _plain(target, sequence, cfg, device, emit, generator, stats)
+                base = len(sequences[row])
+                tgt.keep(slot, base + accepted, [token])
+                dft.keep(slot, base + min(accepted, k - 1), mine[k - 1:] * (accepted == k) + [token])
+                ended = False
+                for new in [*mine[:accepted], token]:
+                    sequences[row].append(new)
+                    if emit(row, new):
+                        ended = True
+                        break
+                if ended or not room(row):
+                    tgt.drop(slot)
+                    dft.drop(slot)
+                    if not ended:
+                        plain.append(row)
+        for row in sorted(plain):
+            _plain(target, sequences[row], cfg, device, lambda token, row=row: emit(row, token), generator, stats)
     return stats
 
 
-def _judge(scores: torch.Tensor, proposed: list[int], draft_probs: list[torch.Tensor | None], cfg: SampleConfig,
-           generator: torch.Generator) -> tuple[int, int]:
-    """(how many proposals the target keeps, the token it adds): its own pick after the last kept one."""
-    if cfg.is_greedy:
-        picks = scores.argmax(dim=-1).tolist()  # (K + 1,)
+def _judge(scores: torch.Tensor, proposed: list[int], draft_probs: list[torch.Tensor] | None,
+           picks: list[int] | None, cfg: SampleConfig, generator: torch.Generator) -> tuple[int, int]:
+    """(how many proposals the target keeps, the token it adds): its own pick after the last kept one.
+    SCORES (K + 1, V) the target's logits; greedy, PICKS their argmax; sampling, DRAFT_PROBS the K
+    distributions the proposals were drawn from."""
+    if picks is not None:
         accepted = next((i for i, (a, b) in enumerate(zip(proposed, picks)) if a != b), len(proposed))
         return accepted, picks[accepted]
     probs = next_token_probs(scores, cfg)  # (K + 1, V)
@@ -171,20 +225,23 @@ def _plain(model: nn.Module, sequence: list[int], cfg: SampleConfig, device: tor
 def generate_with_draft(target: nn.Module, draft: nn.Module, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                         device: torch.device, *, draft_tokens: int = 4,
                         on_text: Callable[[int, str], None] | None = None) -> tuple[Completion, Speculation]:
-    """lmkit.generate.generate for one sample, with DRAFT proposing tokens; and how it fared."""
+    """lmkit.generate.generate with DRAFT proposing tokens (cfg.num_samples rows decoded together);
+    and how it fared."""
     from lmkit.generate import Completion, Sample, _Texts
 
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
-    texts, sample = _Texts(tokenizer, cfg.stop, on_text), Sample()
+    texts, samples = _Texts(tokenizer, cfg.stop, on_text), [Sample() for _ in range(cfg.num_samples)]
     stop_ids = set(tokenizer.stop_ids)
     on_token, stopped = texts.stream if on_text else None, texts.stopped if cfg.stop else None
 
-    def emit(token: int) -> bool:
-        return extend(0, sample, token, stop_ids, on_token, stopped) or len(sample.tokens) == cfg.max_new_tokens
+    def emit(row: int, token: int) -> bool:
+        sample = samples[row]
+        return extend(row, sample, token, stop_ids, on_token, stopped) or len(sample.tokens) == cfg.max_new_tokens
 
-    stats = speculate(target, draft, tokenizer.encode_document(prompt), cfg, device, emit,
+    stats = speculate(target, draft, [tokenizer.encode_document(prompt)] * cfg.num_samples, cfg, device, emit,
                       draft_tokens=draft_tokens, generator=generator)
-    sample.text = texts.final(sample.tokens)
-    texts.finish(0, sample.text)
-    return Completion(prompt, seed, [sample]), stats
+    for row, sample in enumerate(samples):
+        sample.text = texts.final(sample.tokens)
+        texts.finish(row, sample.text)
+    return Completion(prompt, seed, samples), stats

@@ -33,7 +33,7 @@ def test_rows_at_different_positions_decode_as_each_alone(trained) -> None:
     alone, caches = [], []
     with torch.no_grad():
         for slot, ids in enumerate(prompts):
-            cache = model.new_cache(1, CPU, torch.float32, len(ids) + 1)
+            cache = model.new_cache(1, CPU, torch.float32, len(ids) + 4)
             model(torch.tensor([ids]), cache=cache)
             for layer, slot_layer in zip(cache, slots):
                 slot_layer.load(slot, layer)
@@ -44,6 +44,15 @@ def test_rows_at_different_positions_decode_as_each_alone(trained) -> None:
         together = model(torch.tensor([[7]] * len(prompts)), cache=slots)[0][:, -1]  # one forward for all rows
     assert torch.allclose(together, torch.stack(alone), atol=1e-5)
     assert slots[0].length.tolist() == [len(ids) + 1 for ids in prompts]
+
+    # Several tokens per row at once (speculative decoding scores a draft's proposals so): each
+    # row's logits at every new position are those of the row fed alone.
+    extra = [[11, 12, 13], [14, 15, 16], [17, 18, 19]]
+    with torch.no_grad():
+        alone = [model(torch.tensor([more]), cache=cache)[0][0] for more, cache in zip(extra, caches)]  # (3, V) each
+        together = model(torch.tensor(extra), cache=slots)[0]  # (rows, 3, V)
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+    assert slots[0].length.tolist() == [len(ids) + 4 for ids in prompts]
 
 
 def test_overlapping_jobs_get_what_generate_gives_alone(trained) -> None:

@@ -79,8 +79,8 @@ def test_sampling_keeps_the_targets_distribution() -> None:
     rng = torch.Generator().manual_seed(1)
     for _ in range(draws):
         out: list[int] = []
-        stats = speculate(Bigram(target_table), Bigram(draft_table), prompt, cfg, CPU,
-                          lambda t, into=out: into.append(t) or len(into) == 2, draft_tokens=2, generator=rng)
+        stats = speculate(Bigram(target_table), Bigram(draft_table), [prompt], cfg, CPU,
+                          lambda row, t, into=out: into.append(t) or len(into) == 2, draft_tokens=2, generator=rng)
         counts[out[0], out[1]] += 1
         accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
     empirical = counts / draws
@@ -89,9 +89,49 @@ def test_sampling_keeps_the_targets_distribution() -> None:
     assert 0.05 < accepted / proposed < 0.95  # the draft is neither always right nor always wrong
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_rows_decoded_together_each_get_their_own_greedy_output(target, k) -> None:
+    """Prompts of different lengths in one batch: the rows accept different numbers of proposals,
+    end at different times (one at an end-of-text token, one runs past the window and goes on
+    without the draft), and each gets what plain decoding gives it alone."""
+    model, tokenizer = target
+    torch.manual_seed(2)
+    draft = build_model(dataclasses.replace(model.config, n_layer=1, d_model=32, n_head=2)).eval()
+    prompts = ["Ham.\nTo be, or not to be", "Hor.", "Friends, Romans, countrymen, lend me", "O", "Ber.\nWho's there?"]
+    ids = [tokenizer.encode_document(p) for p in prompts]
+    limits = [10, 40, 6, 24, 16]  # 40 runs past the 32-token window
+    cfg = SampleConfig(greedy=True, max_new_tokens=max(limits))
+    stop_ids = set(tokenizer.stop_ids)
+    got: list[list[int]] = [[] for _ in prompts]
+
+    def emit(row: int, token: int) -> bool:
+        if token in stop_ids:
+            return True
+        got[row].append(token)
+        return len(got[row]) == limits[row]
+
+    stats = speculate(model, draft, ids, cfg, CPU, emit, draft_tokens=k)
+    for prompt, limit, tokens in zip(prompts, limits, got):
+        want = generate(model, tokenizer, prompt, dataclasses.replace(cfg, max_new_tokens=limit), CPU).samples[0]
+        assert tokens == want.tokens, prompt
+    assert stats.plain_steps > 0 and stats.rounds < sum(limits)
+
+
+def test_samples_decoded_together_with_a_draft(target) -> None:
+    """--num-samples rows of one prompt: seeded runs repeat, the rows differ, each has its text."""
+    model, tokenizer = target
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=16, num_samples=3, seed=4)
+    first, stats = generate_with_draft(model, model, tokenizer, "Ham.", cfg, CPU, draft_tokens=3)
+    again, _ = generate_with_draft(model, model, tokenizer, "Ham.", cfg, CPU, draft_tokens=3)
+    assert [s.tokens for s in first.samples] == [s.tokens for s in again.samples]
+    assert len({tuple(s.tokens) for s in first.samples}) == 3
+    assert all(s.text == tokenizer.decode(s.tokens) for s in first.samples)
+    assert stats.acceptance_rate == 1.0  # the model drafting for itself: p == q, every proposal kept
+
+
 def test_what_speculation_refuses(target) -> None:
     model, tokenizer = target
-    for cfg in (SampleConfig(num_samples=2), SampleConfig(beam=2), SampleConfig(repetition_penalty=1.2)):
+    for cfg in (SampleConfig(beam=2), SampleConfig(repetition_penalty=1.2)):
         with pytest.raises(ConfigError):
             generate_with_draft(model, model, tokenizer, "Ham.", cfg, CPU)
 
@@ -108,7 +148,9 @@ def test_generate_with_a_draft_on_the_command_line(tiny_project, tmp_path, small
     assert out["completions"] == json.loads(plain.stdout)["completions"]
     assert out["acceptance_rate"] == 1.0 and "accepted" in drafted.stderr
     assert_user_error(lmkit(*args, "--draft", root, "--quantize", "int8"), "float weights")
-    assert_user_error(lmkit(*args, "--draft", root, "--num-samples", "2"), "one sequence")
+    assert_user_error(lmkit(*args, "--draft", root, "--beam", "2"), "leave out --beam")
+    several = lmkit(*args, "--draft", root, "--num-return-sequences", "2")
+    assert several.exit_code == 0 and len(json.loads(several.stdout)["completions"]) == 2
     assert_user_error(lmkit(*args, "--draft", tmp_path / "nowhere"), "does not exist")
     other = tmp_path / "other"
     assert lmkit("pretrain", small_corpus, "-p", other, "--preset", "tiny", "--set", "tokenizer.vocab_size=700",

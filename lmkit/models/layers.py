@@ -50,7 +50,7 @@ class KVCache:
         self.v = self.v.index_select(0, rows)
 
     def visible(self) -> torch.Tensor | None:
-        """(B, S) True at the keys each row may see, when rows differ (SlotCache); None: all rows alike."""
+        """(B, T, S) True at the keys each new query may see, when rows differ (SlotCache); None: all rows alike."""
         return None
 
 
@@ -66,6 +66,7 @@ class SlotCache(KVCache):
         super().__init__(slots, n_head, head_dim, max_len, device, dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = 0
+        self.span, self.new = 0, 0  # of the last append: positions in use, positions it added
 
     @property
     def length(self) -> torch.Tensor:  # type: ignore[override]
@@ -90,24 +91,30 @@ class SlotCache(KVCache):
         self.lengths[target] = n
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one new position (active, G, 1, D) per active row at its own place; return the
+        """Store T new positions (active, G, T, D) per active row at its own place (one token each
+        while serving, a few while speculative decoding scores a draft's proposals); return the
         positions in use (active, G, S, D), S the longest row's length: visible() says which of
-        them each row sees."""
-        n = self.active
-        if k.size(0) != n or k.size(2) != 1:
-            raise ValueError(f"a SlotCache decodes one token for each of its {n} active rows, got {tuple(k.shape)}")
-        if bool((self.lengths[:n] >= self.max_len).any()):
+        them each query sees."""
+        n, T = self.active, k.size(2)
+        if k.size(0) != n:
+            raise ValueError(f"a SlotCache decodes its {n} active rows, got {k.size(0)}")
+        if bool((self.lengths[:n] + T > self.max_len).any()):
             raise ValueError(f"KV cache holds {self.max_len} positions; a row would need more")
-        rows = torch.arange(n, device=k.device)
-        self.k[rows, :, self.lengths[:n]] = k[:, :, 0]
-        self.v[rows, :, self.lengths[:n]] = v[:, :, 0]
-        self.lengths[:n] += 1
+        rows = torch.arange(n, device=k.device)[:, None]  # (n, 1)
+        places = self.lengths[:n, None] + torch.arange(T, device=k.device)  # (n, T)
+        # rows and places are split by the head slice, so the indexed dims come first: (n, T, G, D)
+        self.k[rows, :, places] = k.transpose(1, 2)
+        self.v[rows, :, places] = v.transpose(1, 2)
+        self.lengths[:n] += T
+        self.new = T
         self.span = int(self.lengths[:n].max())  # the positions any active row uses: attention stops there
         return self.k[:n, :, :self.span], self.v[:n, :, :self.span]
 
     def visible(self) -> torch.Tensor:
+        """(active, T, S): query t of a row (the T positions just appended) sees that row's keys up to itself."""
         span = torch.arange(self.span, device=self.k.device)
-        return span[None, :] < self.lengths[:self.active, None]
+        ends = self.lengths[:self.active, None] - self.new + 1 + torch.arange(self.new, device=self.k.device)  # (n, T)
+        return span[None, None, :] < ends[:, :, None]
 
 
 class Attention(nn.Module):
@@ -197,8 +204,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, p
     if cache is not None:
         past = cache.length
         k, v = cache.append(k, v)  # (B, G, past + T, D)
-        if (rows_visible := cache.visible()) is not None:  # rows at positions of their own, one query each
-            pad_mask, past = rows_visible, k.size(2) - T
+        if (rows_visible := cache.visible()) is not None:  # rows at positions of their own: the mask is theirs
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=rows_visible[:, None], dropout_p=dropout,
+                                                  enable_gqa=k.size(1) != q.size(1))
     mask = _mask(causal, T, k.size(2), past, pad_mask, q.device)
     # With no padding and no cached prefix, is_causal lets torch pick its fastest kernel.
     plain_causal = causal and mask is None and past == 0 and T > 1
