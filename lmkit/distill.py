@@ -144,6 +144,9 @@ def evenly_spaced(n_student: int, n_teacher: int) -> list[int]:
     return [round(i * n_teacher / n_student) for i in range(n_student)]
 
 
+_SHAPE = ("d_model", "n_layer", "n_head", "n_kv_head", "d_ff", "head_dim")  # a student's shape
+
+
 def student_config(teacher: ModelConfig, preset: str | None, layers: list[int] | None) -> ModelConfig:
     """The teacher's model config with a preset's shape (if given) and len(LAYERS) layers (if given)."""
     cfg = teacher
@@ -151,7 +154,11 @@ def student_config(teacher: ModelConfig, preset: str | None, layers: list[int] |
         if preset not in PRESETS[teacher.arch]:
             raise ConfigError(f"unknown preset {preset!r} for arch {teacher.arch}; "
                               f"choose one of: {', '.join(PRESETS[teacher.arch])}")
-        shape = {k: v for k, v in PRESETS[teacher.arch][preset].get("model", {}).items() if k != "max_seq_len"}
+        # the shape the preset gives a new model: its own values over the defaults (GPT's "default" is
+        # the defaults), so a teacher's other width or depth never carries over
+        defaults = ModelConfig()
+        shape = {k: getattr(defaults, k) for k in _SHAPE}
+        shape.update({k: v for k, v in PRESETS[teacher.arch][preset].get("model", {}).items() if k != "max_seq_len"})
         cfg = dataclasses.replace(cfg, **shape)
     if layers is not None:
         if not layers or any(not 0 <= i < teacher.n_layer for i in layers):

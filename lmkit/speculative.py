@@ -8,8 +8,10 @@ replaced by a draw from max(0, p - q), renormalised (Leviathan et al. 2023; Chen
 tokens are distributed exactly as the target's own samples.
 
 A round is one target forward for up to K + 1 tokens, instead of one per token: the gain is the
-acceptance rate times K, less the draft's cost. Rounds run while the target's whole context fits its
-window; past it, decoding goes on without the draft, sliding the window as lmkit.generate does.
+acceptance rate times K, less the draft's cost. Several rows (prompts, or samples of one) speculate
+together: each keeps its own length in both caches (a SlotCache), since each accepts its own number
+of proposals, and leaves the batch when it ends. Rounds run while a row's whole context fits the
+window; past it, the row goes on alone without the draft, sliding the window as lmkit.generate does.
 """
 
 from __future__ import annotations

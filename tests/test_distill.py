@@ -67,6 +67,19 @@ def test_student_starts_from_the_chosen_teacher_layers() -> None:
     assert distill.evenly_spaced(2, 4) == [0, 2] and distill.evenly_spaced(3, 6) == [0, 2, 4]
 
 
+def test_a_preset_gives_the_student_its_own_shape() -> None:
+    wide = ModelConfig(arch="gpt", vocab_size=8192, d_model=384, n_layer=6, n_head=6, max_seq_len=256)
+    # GPT's default preset is the defaults: a 4x128 student, not the teacher's 6x384 again
+    student = distill.student_config(wide, "default", None)
+    assert (student.d_model, student.n_layer, student.n_head) == (128, 4, 4)
+    assert (student.vocab_size, student.max_seq_len) == (8192, 256)  # the teacher's tokenizer and context
+    tiny = distill.student_config(wide, "tiny", [0, 1])
+    assert (tiny.d_model, tiny.n_layer) == (64, 2)
+    llama = ModelConfig(arch="llama", d_model=384, n_layer=6, n_head=6, n_kv_head=2, d_ff=1024, bias=False)
+    small = distill.student_config(llama, "default", None)
+    assert (small.d_model, small.d_ff, small.n_kv_head, small.dropout) == (128, 352, 2, 0.1)
+
+
 def test_the_student_learns_while_the_teacher_stays_frozen() -> None:
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16)
     teacher = GPT(cfg).requires_grad_(False).eval()
