@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -48,20 +50,12 @@ def peak_flops(device: torch.device) -> float:
     """Dense matmul FLOP/s of DEVICE in the dtype training computes in (fp32 on a CPU, bf16 on
     CUDA), the reference of MFU: $LMKIT_PEAK_FLOPS when set, else measured once (a second or so
     of large products) and cached in $XDG_CACHE_HOME/lmkit/peak_flops.json, per device and threads."""
-    import json
-    import os
     import time
-    from pathlib import Path
 
     if os.environ.get("LMKIT_PEAK_FLOPS"):
         return float(os.environ["LMKIT_PEAK_FLOPS"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmkit" / "peak_flops.json"
-    try:
-        known = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(name), (int, float)):
+    name, cache, known = _known_peaks(device)
+    if isinstance(known.get(name), (int, float)):
         return float(known[name])
     size = 4096 if device.type == "cuda" else 1024
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -76,14 +70,40 @@ def peak_flops(device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
-    try:
-        from lmkit.fileio import atomic_write_json
+    _remember(cache, {**known, name: best})
+    return best
 
+
+def raise_peak_flops(device: torch.device, achieved: float) -> float:
+    """The peak once a run has ACHIEVED more FLOP/s than it (measured while the machine was busy,
+    it came out low): that rate is a floor for the peak, so it is cached as the new one."""
+    if not os.environ.get("LMKIT_PEAK_FLOPS"):  # a peak the user gave stays theirs
+        name, cache, known = _known_peaks(device)
+        _remember(cache, {**known, name: achieved})
+    return achieved
+
+
+def _known_peaks(device: torch.device) -> tuple[str, Path, dict]:
+    """(this device's name in the cache, the cache file, the peaks it holds)."""
+    import json
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmkit" / "peak_flops.json"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    return name, cache, known if isinstance(known, dict) else {}
+
+
+def _remember(cache: Path, peaks: dict) -> None:
+    from lmkit.fileio import atomic_write_json
+
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache, {**(known if isinstance(known, dict) else {}), name: best})
+        atomic_write_json(cache, peaks)
     except OSError:
         pass  # an unwritable cache only means measuring again next time
-    return best
 
 
 def flops_per_token(model: torch.nn.Module) -> float:

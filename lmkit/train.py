@@ -30,7 +30,7 @@ from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit import sinks as sinks_lib
 from lmkit.batches import to_device
 from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
-from lmkit.device import autocast, flops_per_token, grad_scaler, peak_flops, pick_device
+from lmkit.device import autocast, flops_per_token, grad_scaler, peak_flops, pick_device, raise_peak_flops
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers, naming
 from lmkit.models import ARCHS, build_model, count_parameters
@@ -249,7 +249,9 @@ def train_loop(
                       "grad_norm": round(norm, 6) if math.isfinite(norm) else None,  # before clipping
                       "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if peak:
-                record["mfu"] = round(record["tokens_per_sec"] * flops / peak, 4)
+                if (achieved := record["tokens_per_sec"] * flops) > peak:  # the peak was measured on a busy machine
+                    peak = raise_peak_flops(device, achieved / world.size) * world.size
+                record["mfu"] = round(achieved / peak, 4)
             if evaluating:
                 val_metrics = validate()
                 record.update(val_metrics)

@@ -32,7 +32,7 @@ def two_runs(tmp_path_factory, tiny_project, small_corpus) -> Project:
 
 def test_metrics_rows_carry_gradient_norm_and_memory(tiny_project) -> None:
     rows = [json.loads(line) for line in tiny_project.metrics_file("run1").read_text().splitlines()]
-    assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 and 0 < r["mfu"] < 2 for r in rows)
+    assert all(r["grad_norm"] > 0 and r["peak_memory_mb"] > 10 and 0 < r["mfu"] <= 1 for r in rows)
     assert all(k in rows[-1] for k in ("tokens", "elapsed", "tokens_per_sec", "val_loss"))
     from lmkit.prepare import TokenFile
 
