@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmkit.config import ConfigError
-from lmkit.project import Project
-from lmkit.runs import BITS_PER_NAT, RunSummary, _bytes_per_token
+from lmkit.runs import BITS_PER_NAT, RunSummary
 
 X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens seen"), "time": ("elapsed", "seconds")}
 METRICS = ("loss", "bpb")
@@ -29,7 +28,7 @@ def plot_runs(runs: Sequence[RunSummary], out: Path, *, metric: str = "loss", x:
         raise ConfigError(f"{out}: the image is PNG or SVG (a file ending in .png or .svg)")
     scales = {}
     for run in runs:
-        per_token = _bytes_per_token(Project(Path(run.project))) if run.kind == "pretrain" else None
+        per_token = run.val_bytes_per_token
         if metric == "loss" or per_token:
             scales[id(run)] = BITS_PER_NAT / per_token if metric == "bpb" else 1.0
     drawn = [run for run in runs if id(run) in scales and run.rows]

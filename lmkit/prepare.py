@@ -48,6 +48,11 @@ class TokenFile:
     def tokenizer_fingerprint(self) -> str:
         return str(self.meta["tokenizer"])
 
+    @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of the text per token, if recorded: what turns nats per token into bits per byte."""
+        return self.meta["bytes"] / self.tokens if self.meta.get("bytes") and self.tokens else None
+
     def array(self, vocab_size: int | None = None) -> np.ndarray:
         """The ids as a read-only memory map (an empty array for an empty split).
 

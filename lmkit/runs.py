@@ -48,10 +48,11 @@ class RunSummary:
     bits_per_byte: float | None  # pretraining: the best validation loss per byte of the validation text
     status: str  # finished, interrupted or running
     started: float  # when the run's config was written (seconds since the epoch)
+    val_bytes_per_token: float | None = field(default=None, repr=False)  # what turns its losses into bits per byte
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "rows"}
+        return {k: v for k, v in asdict(self).items() if k not in ("rows", "val_bytes_per_token")}
 
 
 def summarize(project: Project, run: str) -> RunSummary:
@@ -97,7 +98,7 @@ def summarize(project: Project, run: str) -> RunSummary:
         last_val=vals[-1][1] if vals else None, best_val=best[1] if best else None,
         best_step=best[0] if best else None,
         bits_per_byte=best[1] * BITS_PER_NAT / bytes_per_token if best and bytes_per_token else None,
-        status=status, started=config_file.stat().st_mtime, rows=rows)
+        status=status, started=config_file.stat().st_mtime, val_bytes_per_token=bytes_per_token, rows=rows)
 
 
 def list_runs(project: Project) -> list[RunSummary]:
@@ -117,6 +118,4 @@ def _bytes_per_token(project: Project) -> float | None:
     from lmkit.prepare import TokenFile
 
     token_file = TokenFile.open(project.tokens_file("val"))
-    if not token_file or not token_file.tokens:
-        return None
-    return token_file.meta["bytes"] / token_file.tokens
+    return token_file.bytes_per_token if token_file else None

@@ -655,10 +655,9 @@ def pretraining_plan(cfg: RunConfig, prepared: prepare.PreparedData, tokenizer: 
     objective = ARCHS[cfg.model.arch].pretraining(cfg, prepared.train.array(tokenizer.vocab_size),
                                                    prepared.val.array(tokenizer.vocab_size), tokenizer)
     decoder = ARCHS[cfg.model.arch].decoding == "continue"  # its val_loss is nats per next token
-    per_token = prepared.val.meta.get("bytes", 0) / prepared.val.tokens if decoder and prepared.val.tokens else None
     return RunPlan(objective.batches, objective.val_batches, objective.loss_fn, objective.metrics_fn,
                    objective.tokens_per_batch, meta={"data": _data_identity(prepared)},
-                   val_bytes_per_token=per_token or None)
+                   val_bytes_per_token=prepared.val.bytes_per_token if decoder else None)
 
 
 def _data_identity(prepared: prepare.PreparedData) -> dict[str, object]:
