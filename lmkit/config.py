@@ -138,6 +138,9 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_head
 
 
+LOG_SINKS = ("tensorboard", "wandb")  # where train.log sends metrics besides metrics.jsonl (lmkit.sinks)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation recipe shared by pretrain, finetune and distill."""
@@ -196,8 +199,13 @@ class TrainConfig:
         _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
                "validation metric such as val_loss or val_accuracy")
         _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
-        _check(all(k.strip() in ("tensorboard", "wandb") for k in self.log.split(",") if k.strip()),
+        _check(all(k in LOG_SINKS for k in self.log_sinks),
                f"train.log={self.log!r}: give tensorboard, wandb or both, comma-separated")
+
+    @property
+    def log_sinks(self) -> list[str]:
+        """train.log ("tensorboard,wandb") as a list."""
+        return [k.strip() for k in self.log.split(",") if k.strip()]
 
     @property
     def tokens_per_step(self) -> int:

@@ -11,26 +11,17 @@ from typing import Any
 
 from lmkit.config import ConfigError
 
-KINDS = ("tensorboard", "wandb")
 _INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}
 
 
-def kinds_of(setting: str) -> list[str]:
-    """train.log ("tensorboard,wandb") as a list, checked."""
-    kinds = [k.strip() for k in setting.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise ConfigError(f"train.log: unknown sink {unknown[0]!r} (lmkit logs to {', '.join(KINDS)})")
-    return kinds
-
-
 class Sinks:
-    """The sinks of train.log for one run: log(record) after each metrics row, close() at the end."""
+    """The sinks of train.log (TrainConfig.log_sinks, checked) for one run: log(record) after each
+    metrics row, close() at the end."""
 
-    def __init__(self, setting: str, run_dir: Path, run: str, config: dict[str, Any]) -> None:
+    def __init__(self, kinds: list[str], run_dir: Path, run: str, config: dict[str, Any]) -> None:
         self.writers: list[Any] = []
         self.wandb = None
-        for kind in kinds_of(setting):
+        for kind in kinds:
             try:
                 if kind == "tensorboard":
                     from torch.utils.tensorboard import SummaryWriter

@@ -628,7 +628,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
             metrics["val_bits_per_byte"] = metrics["val_loss"] / math.log(2) / plan.val_bytes_per_token
         return metrics
 
-    sinks = sinks_lib.Sinks(tcfg.log, project.run_dir(run), run, cfg.to_dict()) if tcfg.log and world.is_main \
+    sinks = sinks_lib.Sinks(tcfg.log_sinks, project.run_dir(run), run, cfg.to_dict()) if tcfg.log and world.is_main \
         else None
     try:
         outcome = train_loop(
