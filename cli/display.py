@@ -3,7 +3,6 @@ training), plain lines otherwise, nothing with --quiet."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
@@ -14,13 +13,13 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def run_summary(result: Any, root: Path) -> str:
+def run_summary(result: Any, project: Any) -> str:
     """The block that ends a training command (on stderr): time, tokens, throughput and MFU, the best
     validation and its step, where the checkpoint is, and how to see the curves."""
     from lmkit.runs import read_metrics
 
-    state, out = result.state, result.outcome
-    mfus = sorted(r["mfu"] for r in read_metrics(root / "runs" / result.run / "metrics.jsonl")
+    state, out, root = result.state, result.outcome, project.root
+    mfus = sorted(r["mfu"] for r in read_metrics(project.metrics_file(result.run))
                   if isinstance(r.get("mfu"), (int, float)))
     mfu = f", MFU {mfus[len(mfus) // 2]:.0%}" if mfus else ""  # the median of the run's rows
     lines = [f"  time        {duration(state.elapsed)} ({state.tokens_seen:,} tokens, "

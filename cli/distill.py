@@ -109,7 +109,7 @@ def distill(
         typer.echo(_table(summary))
         typer.echo(f"student: {out.best_checkpoint or out.checkpoint}")
     if not json_out:
-        opts.say(display.run_summary(result, p.root))
+        opts.say(display.run_summary(result, p))
     exit_if_interrupted(out.stopped_by, "distill", p.root)
 
 

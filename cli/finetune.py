@@ -140,5 +140,5 @@ def finetune(
             typer.echo(f"best {result.best_metric} {result.state.best:.4f} at step {result.state.best_step}: "
                        f"{out.best_checkpoint}")
     if not json_out:
-        opts.say(display.run_summary(result, p.root))
+        opts.say(display.run_summary(result, p))
     exit_if_interrupted(out.stopped_by, "finetune", p.root)

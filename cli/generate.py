@@ -103,15 +103,15 @@ def generate(
             raise DataError("--draft speeds up continuing a prompt with a decoder (not --chat, seq2seq or BERT)")
         texts, typed = input_texts(prompts, "prompt")
         chunk = 1 if typed else 64  # typed lines get an answer each
-        where = dev.pick_device(opts.device)
-        from lmkit.quantize import model_for_decoding
-
         level = quantize.value if quantize else None
-        model, tokenizer = model_for_decoding(ckpt, where, level), ckpt.tokenizer()
         if draft is not None and (level or ckpt.is_int8):
             raise DataError("--draft needs the model's float weights: int8 quantizes activations per call, so "
                             "scoring the draft's tokens together would differ slightly from one at a time "
                             "(the draft itself may be an int8 checkpoint)")
+        where = dev.pick_device(opts.device)
+        from lmkit.quantize import model_for_decoding
+
+        model, tokenizer = model_for_decoding(ckpt, where, level), ckpt.tokenizer()
         if compile_model:
             import torch
 

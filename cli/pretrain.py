@@ -92,5 +92,5 @@ def pretrain(
         typer.echo(f"{out.checkpoint}: step {result.state.step}, train loss {out.train_loss:.4f}{val}, "
                    f"{display.duration(result.state.elapsed)}, {out.tokens_per_sec:,.0f} tokens/s")
     if not json_out:
-        opts.say(display.run_summary(result, p.root))
+        opts.say(display.run_summary(result, p))
     exit_if_interrupted(out.stopped_by, "pretrain", p.root)
