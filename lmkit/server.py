@@ -1,9 +1,10 @@
 """`lmkit serve`: OpenAI's HTTP API (completions, chat completions, models) in front of one
 checkpoint, on FastAPI. Requests become lmkit.batching jobs, so those in flight decode together.
 
-Errors are OpenAI's error object with its status: 400 for a bad request (invalid JSON, a field of
-the wrong type, a value out of range, a prompt that does not fit the context), 401 without the API
-key, 404 for another model, 429 (with Retry-After) when the waiting line is full.
+Errors are OpenAI's error object with its status: 400 for a bad request (a body that is not UTF-8
+JSON or not an object, a field of the wrong type, a value out of range, a prompt that does not fit
+the context), 401 without the API key, 404 for another model or an unknown URL, 405 for the wrong
+method, 413 for a body over Served.max_body, 429 (with Retry-After) when the waiting line is full.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmkit.batching import Engine, Job, QueueFull
 from lmkit.chat import ChatFormat, check_messages
@@ -27,12 +31,28 @@ from lmkit.config import ConfigError, SampleConfig
 from lmkit.errors import LmkitError
 
 MAX_N = 16
+MAX_BODY = 16 * 2**20  # bytes of a request; a 4096-token prompt needs well under 1 MiB
+
+
+def _strings(value: Any) -> str | list[str]:
+    """A string or a list of strings, as `prompt` and `stop` take them (token ids are not accepted)."""
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    if isinstance(value, list):
+        k, item = next((k, v) for k, v in enumerate(value) if not isinstance(v, str))
+        raise ValueError(f"must be a string or a list of strings; item {k} is {_json_type(item)}")
+    raise ValueError(f"must be a string or a list of strings, not {_json_type(value)}")
+
+
+Strings = Annotated[str | list[str], PlainValidator(_strings)]
 
 
 class _Request(BaseModel):
-    """The fields both endpoints share, as OpenAI defines them; others a client sends are ignored."""
+    """The fields both endpoints share, as OpenAI defines them; others a client sends are ignored.
+    Strict, as OpenAI is: "5" is not an integer, nor true a number, nor "yes" a boolean (a whole
+    number is still a float), and NaN or Infinity is no temperature."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -40,16 +60,17 @@ class _Request(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
-    stop: str | list[str] | None = None
+    stop: Strings | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Strings
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # not returned: a request for them is refused
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -57,6 +78,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None  # not returned: a request for them is refused
 
 
 class ApiError(Exception):
@@ -66,16 +88,82 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
+def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: the one shape of every error this server sends, streamed ones too."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, kind, param), status_code=status, headers=headers)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null", bytes: "raw bytes"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _invalid(err: RequestValidationError, content_type: str | None) -> tuple[str, str | None]:
+    """(message, param) for the first thing wrong with a request's body."""
+    first = err.errors()[0] if err.errors() else {}
+    kind, loc = first.get("type", ""), [p for p in first.get("loc", ()) if p != "body"]
+    if kind == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    if not loc:  # the body as a whole
+        if kind == "missing":
+            return "the body is empty; send a JSON object", None
+        if isinstance(err.body, bytes):  # not parsed: it was not sent as JSON
+            return f"send the body as JSON with Content-Type: application/json (not {content_type or 'none'})", None
+        return f"the body must be a JSON object, not {_json_type(err.body)}", None
+    where = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    message = first.get("msg", "invalid").removeprefix("Value error, ")
+    if kind.endswith("_type"):
+        message += f", not {_json_type(first.get('input'))}"
+    return f"{where}: {message}", where
+
+
+def _http_message(request: Request, err: HTTPException) -> str:
+    """What an HTTPException (routing's 404 and 405, FastAPI's unreadable body, a body too large) says."""
+    if err.status_code == 404:
+        return f"invalid URL ({request.method} {request.url.path})"
+    if err.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path} (only {(err.headers or {}).get('Allow', '')})"
+    if isinstance(err.__cause__, UnicodeDecodeError):
+        return f"the body is not UTF-8 ({err.__cause__.reason} at byte {err.__cause__.start})"
+    return str(err.detail)
+
+
+class _BodyLimit:
+    """413 for a request body over LIMIT bytes: at once by its Content-Length, or as it arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the body is larger than the server's limit of {self.limit:,} bytes"
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error(413, too_large)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_large)  # FastAPI passes it on to the handler below
+            return message
+
+        await self.app(scope, counted, send)
 
 
 @dataclass
 class Served:
     """What the app serves: the engine, the tokenizer's chat format (None: no template), the
-    model's name, the default max_tokens, and the API key (None: open)."""
+    model's name, the default max_tokens, the API key (None: open), and the largest body in bytes."""
 
     engine: Engine
     chat: ChatFormat | None
@@ -83,19 +171,25 @@ class Served:
     default_max_tokens: int = 256
     api_key: str | None = None
     retry_after: int = 1
+    max_body: int = MAX_BODY
 
 
 def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="lmkit", docs_url=None, redoc_url=None, openapi_url=None)
     tokenizer = served.engine.tokenizer
+    # inside authorize (added later, so outside it): the route reads the body through this, and
+    # authorize's task group would wrap the 413 raised while reading in an ExceptionGroup
+    app.add_middleware(_BodyLimit, limit=served.max_body)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
-        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        message, param = _invalid(err, request.headers.get("content-type"))
+        return _error(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return _error(err.status_code, _http_message(request, err), kind, headers=err.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -119,6 +213,8 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        if body.logprobs is not None:
+            raise ApiError(400, "this server does not return logprobs", param="logprobs")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "one prompt per request (send several requests: they are batched together)",
@@ -129,6 +225,8 @@ def create_app(served: Served) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         if served.chat is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        if body.logprobs:
+            raise ApiError(400, "this server does not return logprobs", param="logprobs")
         try:
             messages = check_messages([m.model_dump() for m in body.messages], "messages", needs_assistant=False)
             prompt_ids = served.chat.prompt(messages)
@@ -252,8 +350,7 @@ async def _stream(request: Request, call: _Call, job: Job, meta: dict[str, Any],
             if event == "text":
                 yield chunk(value[0], value[1], None)
             elif event == "error":
-                body = {"error": {"message": f"decoding failed: {value}", "type": "server_error"}}
-                yield f"data: {json.dumps(body)}\n\n"
+                yield f"data: {json.dumps(_error_body(f'decoding failed: {value}', 'server_error'))}\n\n"
                 return
             else:
                 samples, _ = value

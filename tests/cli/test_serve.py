@@ -179,6 +179,95 @@ def test_bad_chat_requests(served) -> None:
         assert code == 400 and "messages" in answer["error"]["message"], answer
 
 
+def openai_error(answer: dict) -> dict:
+    """ANSWER's error, once it is checked to be OpenAI's error object and nothing else."""
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    return answer["error"]
+
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, content_type, says, param", [
+    (COMPLETIONS, {"prompt": "Ham.", "max_tokens": "5"}, None, "not a string", "max_tokens"),
+    (COMPLETIONS, {"prompt": "Ham.", "max_tokens": True}, None, "not a boolean", "max_tokens"),
+    (COMPLETIONS, {"prompt": "Ham.", "stream": "yes"}, None, "valid boolean", "stream"),
+    (COMPLETIONS, {"prompt": "Ham.", "n": 2.0}, None, "valid integer", "n"),
+    (COMPLETIONS, {"prompt": "Ham.", "seed": "7"}, None, "valid integer", "seed"),
+    (COMPLETIONS, {"prompt": "Ham.", "logprobs": "yes"}, None, "valid integer", "logprobs"),
+    (COMPLETIONS, {"prompt": "Ham.", "logprobs": 2}, None, "does not return logprobs", "logprobs"),
+    (COMPLETIONS, {"prompt": ["Ham.", 5]}, None, "item 1 is an integer", "prompt"),
+    (COMPLETIONS, {"prompt": "Ham.", "stop": 5}, None, "a list of strings", "stop"),
+    (COMPLETIONS, {"prompt": "Ham.", "stop": ["\n", None]}, None, "item 1 is null", "stop"),
+    (COMPLETIONS, b'{"prompt": "Ham.", "temperature": NaN}', None, "finite number", "temperature"),
+    (COMPLETIONS, b'{"prompt": "Ham.", "top_p": Infinity}', None, "finite number", "top_p"),
+    (COMPLETIONS, {"prompt": "Ham.", "temperature": True}, None, "valid number", "temperature"),
+    (COMPLETIONS, b'["Ham."]', None, "must be a JSON object, not an array", None),
+    (COMPLETIONS, b'"Ham."', None, "must be a JSON object, not a string", None),
+    (COMPLETIONS, b'{"prompt": "Ham.\xff"}', None, "not UTF-8", None),
+    (COMPLETIONS, b"", None, "empty", None),
+    (COMPLETIONS, {"prompt": "Ham."}, "text/plain", "Content-Type: application/json", None),
+    (CHAT, {"messages": "hi"}, None, "not a string", "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, None, "not an integer", "messages[0].content"),
+    (CHAT, {"messages": HI, "logprobs": "yes"}, None, "valid boolean", "logprobs"),
+])
+def test_loose_or_malformed_bodies_get_400_in_openais_shape(served, path, body, content_type, says, param) -> None:
+    headers = {"Content-Type": content_type} if content_type else None
+    code, answer, _ = served.post(path, body, headers)
+    error = openai_error(answer)
+    assert code == 400 and says in error["message"] and error["param"] == param, answer
+    assert error["type"] == "invalid_request_error"
+
+
+def test_the_openai_client_gets_bad_request_for_loose_types(served) -> None:
+    client = served.client()
+    for field, value in (("max_tokens", "5"), ("max_tokens", True), ("stream", "yes")):
+        with pytest.raises(openai.BadRequestError, match=field) as raised:
+            client.completions.create(model=served.model, prompt="Ham.", **{"max_tokens": 2, field: value})
+        assert raised.value.param == field and raised.value.type == "invalid_request_error"
+    # whole numbers are numbers, as OpenAI takes them; a null stop is no stop
+    out = client.completions.create(model=served.model, prompt="Ham.", max_tokens=2, temperature=1, top_p=1,
+                                    stop=None, extra_body={"logprobs": None})
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_unknown_urls_and_wrong_methods_get_openais_shape(served) -> None:
+    for method, path, status, says in (("GET", "/v1/engines", 404, "invalid URL (GET /v1/engines)"),
+                                       ("GET", COMPLETIONS, 405, "only POST"),
+                                       ("DELETE", "/v1/models", 405, "only GET")):
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(urllib.request.Request(served.url + path, method=method), timeout=30)
+        error = openai_error(json.loads(raised.value.read()))
+        assert raised.value.code == status and says in error["message"] and error["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError, match="invalid URL"):
+        served.client().get("/nowhere", cast_to=object)
+
+
+def test_an_oversized_body_is_413_by_its_length_or_as_it_arrives(reference) -> None:
+    """On the app in-process (TestClient) with a 100-byte limit: a body that declares its length is
+    refused before it is read, one sent in chunks once it passes the limit."""
+    from fastapi.testclient import TestClient
+
+    from lmkit.batching import Engine
+    from lmkit.server import Served, create_app
+
+    model, tokenizer, _ = reference
+    engine = Engine(model, tokenizer, CPU, max_batch=1)
+    try:
+        client = TestClient(create_app(Served(engine, None, "tiny", max_body=100)))
+        big = json.dumps({"prompt": "Ham. " * 30, "max_tokens": 1}).encode()
+        pieces = (big[k:k + 16] for k in range(0, len(big), 16))
+        for content in (big, pieces):
+            response = client.post(COMPLETIONS, content=content, headers={"Content-Type": "application/json"})
+            error = openai_error(response.json())
+            assert response.status_code == 413 and "larger than the server's limit of 100 bytes" in error["message"]
+        small = client.post(COMPLETIONS, json={"prompt": "Ham.", "max_tokens": 1})
+        assert small.status_code == 200, small.text
+    finally:
+        engine.close()
+
+
 def test_a_vanished_client_frees_its_rows(long_project, tmp_path) -> None:
     server = Server(tmp_path / "log", "-p", str(long_project.root))
     try:
