@@ -96,6 +96,9 @@ class Arch:
     # `lmkit eval FILE` of a (pretrained or finetuned, not classifier) checkpoint:
     # (model, tokenizer, file, options, device) -> (result, per-example records or None)
     evaluate: Callable[..., tuple[Any, list[dict[str, Any]] | None]]
+    # The FLOPs of training on one batch (forward and backward; lmkit.models.flops), the numerator of
+    # MFU: a batch of the architecture's pretraining or finetuning, or a classifier's ClassifyBatch
+    train_flops: Callable[[ModelConfig, Batch], float]
     eval_task: str = "lm"  # the --task that evaluation scores
     pair_layout: Callable[[Tokenizer], PairLayout] | None = None  # classifier inputs; None: no classify
     default_temperature: float = 0.8  # generate's sampling temperature when none is given (0: greedy)

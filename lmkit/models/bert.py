@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit import data, evaluate, objectives
-from lmkit.batches import IGNORE, MaskedLMBatch
+from lmkit.batches import IGNORE, ClassifyBatch, MaskedLMBatch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
+from lmkit.models import flops
 from lmkit.models.arch import Arch, Distillation, HFMapping, Pretraining, Scored, require_options
 from lmkit.models.layers import MLP, Attention, init_weights, mean_over_tokens, run_block
 from lmkit.tasks import PairLayout
@@ -145,6 +146,22 @@ def scored(model: BERT, batch: MaskedLMBatch) -> Scored:
     return Scored(model.mlm_logits(hidden[chosen]), batch.mlm_labels[chosen], hidden[batch.pad_mask])
 
 
+def train_flops(cfg: ModelConfig, batch: MaskedLMBatch | ClassifyBatch) -> float:
+    """The encoder over each row's real tokens; the MLM head (dense, then the vocabulary) at the
+    masked positions only, as BERT.forward computes it, and the pooler and NSP head once per pair;
+    a classifier reads the pooled [CLS] state (pooling "mean": no pooler). The position and segment
+    tables are looked up, not multiplied."""
+    d = cfg.d_model
+    lengths = batch.pad_mask.sum(dim=1)
+    forward = flops.stack(cfg.n_layer, lengths, 4 * d * d + 2 * d * cfg.ff_dim, d)
+    if isinstance(batch, MaskedLMBatch):
+        masked = int((batch.mlm_labels != IGNORE).sum())
+        forward += flops.matmul(masked, d * d + d * cfg.vocab_size) + flops.matmul(len(lengths), d * d + d * 2)
+    elif cfg.pooling != "mean":
+        forward += flops.matmul(len(lengths), d * d)
+    return flops.TRAINING * forward
+
+
 # --- Hugging Face BERT --------------------------------------------------------------------------
 # lmkit's BERT is BERT's structure with the query, key and value projections fused into one c_attn.
 
@@ -252,6 +269,7 @@ ARCH = Arch(
     tasks=("classify", "lm"),  # lm: more masked-LM pretraining on new text
     decoding="fill-mask",
     evaluate=evaluate.evaluate_masked_text,
+    train_flops=train_flops,
     pair_layout=lambda tok: PairLayout([tok.cls_id], [tok.sep_id], [tok.sep_id]),
     lora_targets={"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
     hf=HFMapping(model_types=("bert",), config_in=config_from_hf, weights_in=weights_from_hf,

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lmkit import data, objectives
-from lmkit.batches import IGNORE, LMBatch
-from lmkit.config import RunConfig
+from lmkit.batches import IGNORE, ClassifyBatch, LMBatch
+from lmkit.config import ModelConfig, RunConfig
+from lmkit.models import flops
 from lmkit.models.arch import Distillation, Pretraining, Scored
 from lmkit.models.layers import mean_over_tokens
 from lmkit.tasks import PairLayout
@@ -33,6 +34,19 @@ def scored(model: nn.Module, batch: LMBatch) -> Scored:
 
 # The soft targets lead and the hard labels keep the student honest.
 DISTILLATION = Distillation(scored, {"soft_weight": 1.0, "hard_weight": 0.5, "cosine_weight": 0.0}, "val_loss")
+
+
+def train_flops(cfg: ModelConfig, batch: LMBatch | ClassifyBatch, block_weights: int, width: int) -> float:
+    """Training FLOPs of a decoder on BATCH, given the projection weights of one block and its
+    attention WIDTH (heads x head size): the blocks and the output layer up to each row's last
+    target; a classifier reads the blocks' states only (its own head, d_model x labels once per
+    text, is left out)."""
+    if isinstance(batch, ClassifyBatch):
+        lengths, head = batch.pad_mask.sum(dim=1), 0
+    else:
+        lengths, head = flops.scored_lengths(batch.targets), cfg.d_model * cfg.vocab_size
+    forward = flops.stack(cfg.n_layer, lengths, block_weights, width) + flops.matmul(int(lengths.sum()), head)
+    return flops.TRAINING * forward
 
 
 def pair_layout(tokenizer: Tokenizer) -> PairLayout:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmkit import evaluate
+from lmkit.batches import ClassifyBatch, LMBatch
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
@@ -134,6 +135,12 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, label
     return config, weights
 
 
+def train_flops(cfg: ModelConfig, batch: LMBatch | ClassifyBatch) -> float:
+    """A block's projections: q, k, v and the output (4 d^2) and the MLP (2 d ff); attention d wide."""
+    d = cfg.d_model
+    return causal.train_flops(cfg, batch, 4 * d * d + 2 * d * cfg.ff_dim, d)
+
+
 ARCH = Arch(
     name="gpt",
     summary="GPT-2 layout: learned positions, LayerNorm, GELU MLP (for GPT-2 interop)",
@@ -144,6 +151,7 @@ ARCH = Arch(
     tasks=("chat", "classify", "instruct", "lm"),
     decoding="continue",
     evaluate=evaluate.evaluate_text,
+    train_flops=train_flops,
     pair_layout=causal.pair_layout,
     lora_targets={"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
     hf=HFMapping(model_types=("gpt2",), config_in=config_from_hf, weights_in=weights_from_hf,

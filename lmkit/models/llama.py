@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmkit import evaluate
+from lmkit.batches import ClassifyBatch, LMBatch
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
@@ -192,6 +193,13 @@ def special_ids(tokenizer: Any) -> dict[str, Any]:
             "pad_token_id": tokenizer.pad_id}
 
 
+def train_flops(cfg: ModelConfig, batch: LMBatch | ClassifyBatch) -> float:
+    """A block's projections: H query heads, G key/value heads and the output, D wide each, and the
+    three of the gated MLP; attention H x D wide (each key/value head serves H / G query heads)."""
+    d, H, G, D = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.attention_head_dim
+    return causal.train_flops(cfg, batch, d * (2 * H + 2 * G) * D + 3 * d * cfg.ff_dim, H * D)
+
+
 ARCH = Arch(
     name="llama",
     summary="the modern decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention (Llama, Qwen, Mistral)",
@@ -202,6 +210,7 @@ ARCH = Arch(
     tasks=("chat", "classify", "instruct", "lm"),
     decoding="continue",
     evaluate=evaluate.evaluate_text,
+    train_flops=train_flops,
     pair_layout=causal.pair_layout,
     lora_targets={"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
                   "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},

@@ -22,6 +22,7 @@ from torch import nn
 from lmkit import data, evaluate, objectives
 from lmkit.batches import IGNORE, Seq2SeqBatch
 from lmkit.config import ModelConfig, RunConfig
+from lmkit.models import flops
 from lmkit.models.arch import Arch, Distillation, Pretraining, Scored
 from lmkit.models.gpt import Block as EncoderBlock
 from lmkit.models.layers import MLP, Attention, KVCache, init_weights, run_block
@@ -161,6 +162,19 @@ def scored(model: Seq2Seq, batch: Seq2SeqBatch) -> Scored:
     return Scored(logits[chosen], batch.targets[chosen], None)
 
 
+def train_flops(cfg: ModelConfig, batch: Seq2SeqBatch) -> float:
+    """Both stacks over each row's real tokens (S source, T target): the encoder's blocks as GPT's;
+    each decoder block's self-attention and MLP as GPT's, plus cross attention: its queries and
+    output per target token, its keys and values per source token, every target token with every
+    source token; the output layer at the target tokens."""
+    d, ff = cfg.d_model, cfg.ff_dim
+    src, tgt = batch.src_pad.sum(dim=1), (batch.targets != IGNORE).sum(dim=1)
+    encoder = flops.stack(cfg.n_layer, src, 4 * d * d + 2 * d * ff, d)
+    decoder = flops.stack(cfg.n_layer, tgt, 6 * d * d + 2 * d * ff, d)
+    cross = cfg.n_layer * (flops.matmul(int(src.sum()), 2 * d * d) + flops.attention(int((src * tgt).sum()), d))
+    return flops.TRAINING * (encoder + decoder + cross + flops.matmul(int(tgt.sum()), d * cfg.vocab_size))
+
+
 ARCH = Arch(
     name="seq2seq",
     summary="encoder-decoder (the 2017 Transformer, pre-norm), pretrained by denoising",
@@ -172,6 +186,7 @@ ARCH = Arch(
     tasks=("seq2seq", "lm"),  # lm: more denoising on new text
     decoding="rewrite",
     evaluate=evaluate.evaluate_pairs,
+    train_flops=train_flops,
     eval_task="seq2seq",
     default_temperature=0.0,  # a rewrite has one right answer more often than not: decode greedily
     lora_targets={"attn": ("attn.c_attn", "attn.q_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
