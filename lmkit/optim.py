@@ -1,6 +1,12 @@
 """The optimizers of the training loop: AdamW, or Muon for the hidden weight matrices with AdamW for
 everything else (as nanochat and the modded-nanogpt speedrun train), behind one object whose
 param_groups, step, zero_grad and state_dict the loop, the gradient scaler and checkpoints use.
+
+The hidden matrices are the weights of the Linears inside the model's stacks of blocks (its
+nn.ModuleLists, as modded-nanogpt takes `model.blocks`): whatever sits outside them (embeddings,
+the output layer, BERT's pooler, MLM transform and NSP head, a classifier's head) reads into or out
+of the residual stream and goes to AdamW, with the norms and biases. A fused weight (c_attn stacks
+the query, key and value matrices by rows) is orthogonalised one matrix at a time.
 """
 
 from __future__ import annotations
@@ -12,10 +18,6 @@ from torch import nn
 
 from lmkit.config import TrainConfig
 from lmkit.errors import ConfigError
-
-# Linear layers that are not hidden matrices: the output layer and a task head read out of the
-# residual stream (Muon's orthogonalised updates suit the square-ish maps inside the blocks).
-OUTPUT_LAYERS = ("lm_head", "head")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | MuonAndAdamW:
@@ -47,8 +49,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer 
         raise ConfigError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); use adamw")
     # match_rms_adamw scales each matrix's update to AdamW's typical RMS, so one learning rate and
     # schedule (train.lr) serves both optimizers, as in Moonshot's Muon.
-    muon = torch.optim.Muon([p for p in params if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    muon = Muon([p for p in params if id(p) in hidden], _stacked_matrices(model), lr=cfg.lr,
+                weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
     return MuonAndAdamW(adamw, muon)
 
 
@@ -72,10 +74,37 @@ def _layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
 
 
 def _hidden_matrices(model: nn.Module) -> set[int]:
-    """ids of the trainable weights of the linear layers inside the blocks (not the output layers)."""
-    return {id(module.weight) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module.weight.requires_grad
-            and name.rpartition(".")[2] not in OUTPUT_LAYERS}
+    """ids of the trainable weights of the Linears inside MODEL's stacks of blocks (nn.ModuleLists)."""
+    return {id(module.weight) for stack in model.modules() if isinstance(stack, nn.ModuleList)
+            for module in stack.modules() if isinstance(module, nn.Linear) and module.weight.requires_grad}
+
+
+def _stacked_matrices(model: nn.Module) -> dict[int, int]:
+    """{id(weight): how many matrices it stacks by rows} of the fused Linears that MODEL's modules
+    declare in their `stacked_matrices` ({child name: count}, as Attention declares c_attn)."""
+    return {id(child.weight): count for module in model.modules()
+            for name, count in getattr(module, "stacked_matrices", {}).items()
+            if isinstance(child := module.get_submodule(name), nn.Linear)}
+
+
+class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.9 has none: make_optimizer refuses
+    """torch's Muon, but a weight that stacks several matrices (STACKED {id(weight): count}: c_attn's
+    queries, keys and values) is orthogonalised one matrix at a time, as modded-nanogpt does: torch's
+    own step (momentum, weight decay, Newton-Schulz, the learning-rate scale of each matrix's shape)
+    runs on row-block views of the weight, its gradient and its momentum. The state stays one buffer
+    per weight, so state dicts and checkpoints are unchanged."""
+
+    def __init__(self, params: list[nn.Parameter], stacked: dict[int, int], **options: Any) -> None:
+        super().__init__(params, **options)
+        self.stacked = stacked
+
+    def _init_group(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                    buffers: list[torch.Tensor]) -> bool:
+        has_complex = super()._init_group(group, params, grads, buffers)
+        blocks = [parts for p, g, b in zip(params, grads, buffers)
+                  for parts in zip(*(t.chunk(self.stacked.get(id(p), 1)) for t in (p, g, b)))]
+        params[:], grads[:], buffers[:] = ([part[i] for part in blocks] for i in range(3))
+        return has_complex
 
 
 class MuonAndAdamW:

@@ -4,6 +4,7 @@ output (logits, greedy generation, perplexity), and exported back bit for bit.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmkit.checkpoint import Checkpoint
 from lmkit.config import SampleConfig
 from lmkit.errors import CheckpointError, LmkitError
 from lmkit.project import Project
+from tests.models.test_llama_transformers import TOLERANCE, sharpen_attention, tolerances_off
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -28,7 +30,7 @@ FAMILIES = {
                                                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                     "original_max_position_embeddings": 32}), True),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), False),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1000000.0), False),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=16), False),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None), True),
 }
@@ -54,6 +56,7 @@ def _hf_dir(path: Path, family: str, sample_text: str, **overrides: object) -> P
     config = getattr(transformers, config_class)(vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=[1, 2],
                                                  **SHAPE, **{**options, **overrides})
     model = getattr(transformers, model_class)(config)
+    sharpen_attention(model)  # so that a wrong rotary setting moves the logits far past the tolerance
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
@@ -73,12 +76,26 @@ def test_logits_agree_with_transformers_with_and_without_padding(imported) -> No
     model = ckpt.model()
     idx = torch.randint(3, ckpt.config.model.vocab_size, (2, 24))
     with torch.no_grad():
-        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, **TOLERANCE)
         # Right padding: the real positions are unchanged (causal attention never sees the pad).
         padded = torch.cat([idx[:, :20], torch.zeros(2, 4, dtype=torch.long)], dim=1)
         mask = torch.cat([torch.ones(2, 20), torch.zeros(2, 4)], dim=1).long()
         expected = hf(padded, attention_mask=mask).logits[:, :20]
-        torch.testing.assert_close(model(padded)[0][:, :20], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(padded)[0][:, :20], expected, **TOLERANCE)
+
+
+def test_a_wrong_rotary_setting_would_be_caught(imported) -> None:
+    family, source, ckpt = imported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    cfg = ckpt.config.model
+    wrong = [dataclasses.replace(cfg, rope_theta=10000.0 if cfg.rope_theta != 10000.0 else 500000.0)]
+    if cfg.rope_scaling != "none":
+        wrong.append(dataclasses.replace(cfg, rope_scaling="none"))
+    idx = torch.randint(3, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        for model_config in wrong:
+            assert tolerances_off(ckpt.model(model_config=model_config)(idx)[0], expected) >= 100, model_config
 
 
 def test_prompts_encode_as_auto_tokenizer_and_greedy_generation_is_identical(imported) -> None:

@@ -35,6 +35,51 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     assert len(optimizer.param_groups) == len(optimizer.adamw.param_groups) + len(optimizer.muon.param_groups)
 
 
+def _muon_and_adamw_names(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    return ({names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]},
+            {names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]})
+
+
+def test_heads_of_every_kind_go_to_adamw() -> None:
+    bert = ModelConfig(arch="bert", vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16)
+    muon, adamw = _muon_and_adamw_names(build_model(bert))
+    assert {"nsp_head.weight", "pooler.weight", "mlm_dense.weight", "embeddings.word.weight"} <= adamw
+    assert {"layers.0.attn.c_attn.weight", "layers.1.mlp.c_fc.weight"} <= muon
+    assert all(name.startswith("layers.") for name in muon)
+    gpt = ModelConfig(arch="gpt", vocab_size=64, d_model=32, n_layer=2, n_head=4, max_seq_len=16, tie_embeddings=False)
+    muon, adamw = _muon_and_adamw_names(SequenceClassifier(build_model(gpt), 3))
+    assert {"head.weight", "backbone.lm_head.weight"} <= adamw and "backbone.transformer.h.0.attn.c_attn.weight" in muon
+    seq2seq = ModelConfig(arch="seq2seq", vocab_size=64, d_model=32, n_layer=1, n_head=4, max_seq_len=16)
+    muon, adamw = _muon_and_adamw_names(build_model(seq2seq))
+    assert {"encoder.h.0.attn.c_attn.weight", "decoder.h.0.cross_attn.q_attn.weight"} <= muon
+    assert not any("wte" in name or "wpe" in name for name in muon)
+
+
+def test_a_fused_attention_weight_is_orthogonalised_one_matrix_at_a_time() -> None:
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="seq2seq", vocab_size=64, d_model=32, n_layer=1, n_head=4, max_seq_len=16)
+    model = build_model(cfg)
+    fused = {"self (q, k, v)": model.decoder.h[0].attn.c_attn, "cross (k, v)": model.decoder.h[0].cross_attn.c_attn}
+    before = {name: linear.weight.detach().clone() for name, linear in fused.items()}
+    for linear in fused.values():
+        linear.weight.grad = torch.randn_like(linear.weight)
+        linear.weight.grad[:32] *= 100  # one matrix's gradient far larger: a fused update would be mostly its
+    grads = {name: linear.weight.grad.clone() for name, linear in fused.items()}
+    lr = 0.01
+    make_optimizer(model, TrainConfig(optimizer="muon", lr=lr, weight_decay=0.0, muon_momentum=0.0)).step()
+    for name, linear in fused.items():
+        parts = grads[name].split(32)
+        expected = torch.cat([-lr * 0.2 * 32 ** 0.5 * _zeropower_via_newtonschulz(g, (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                                                                                 5, EPS).float() for g in parts])
+        torch.testing.assert_close(linear.weight.detach() - before[name], expected, rtol=0, atol=1e-6, msg=name)
+        whole = _zeropower_via_newtonschulz(grads[name], (DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, EPS).float()
+        assert (whole * (0.2 * (len(parts) * 32) ** 0.5 * -lr) - expected).abs().max() > 1e-3  # tells them apart
+
+
 def test_state_dict_round_trip_continues_exactly() -> None:
     torch.manual_seed(0)
     model = build_model(LLAMA)

@@ -38,6 +38,29 @@ def test_int8_scores_match_float_and_the_checkpoint_is_small(source, tmp_path, s
     assert len(generate(int8, tokenizer, "Ham.", cfg, CPU).samples[0].tokens) >= 1
 
 
+def test_an_int8_checkpoint_and_quantizing_on_load_are_the_same_numbers(source, tmp_path) -> None:
+    saved = Checkpoint(quantize.quantize_checkpoint(source, tmp_path / "q8"))
+    loaded = quantize.model_for_decoding(saved, CPU)
+    on_load = quantize.model_for_decoding(Checkpoint(source), CPU, "int8")
+    int8_linear = quantize._dynamic_linear()
+    assert any(type(m) is torch.nn.Embedding for m in loaded.modules())  # rounded to int8 per row both ways
+    theirs = dict(on_load.named_modules())
+    for name, module in loaded.named_modules():
+        if isinstance(module, int8_linear):  # its int8 weight, scales and bias
+            ours, other = module.weight(), theirs[name].weight()
+            assert torch.equal(ours.int_repr(), other.int_repr()), name
+            assert torch.equal(ours.q_per_channel_scales(), other.q_per_channel_scales()), name
+            assert (module.bias() is None) == (theirs[name].bias() is None)
+            assert module.bias() is None or torch.equal(module.bias(), theirs[name].bias()), name
+        else:  # embeddings, norms, biases: float
+            other = dict(theirs[name].named_parameters(recurse=False)) | dict(theirs[name].named_buffers(recurse=False))
+            for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                assert torch.equal(tensor, other[key]), f"{name}.{key}"
+    idx = torch.randint(0, saved.config.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], on_load(idx)[0])
+
+
 def test_int8_in_every_decoding_command_and_refused_for_training(source, tmp_path, small_corpus) -> None:
     out = tmp_path / "q8"
     result = lmkit("quantize", source, "-o", out, "--json")

@@ -134,6 +134,7 @@ class Attention(nn.Module):
             self.c_attn = nn.Linear(d_model, 2 * d_model, bias=bias)  # keys and values of the context
         else:
             self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # queries, keys and values, fused
+        self.stacked_matrices = {"c_attn": 2 if cross else 3}  # Muon orthogonalises each on its own (lmkit.optim)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
