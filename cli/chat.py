@@ -40,7 +40,7 @@ def chat(
     system: System = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = None,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens only (0: all).")] = 0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k likeliest tokens only (0: all).")] = 0,
     top_p: TopP = 0.95,
     greedy: Greedy = False,
     no_repeat_ngram_size: NoRepeatNgram = 0,
@@ -73,16 +73,16 @@ def chat(
         if gen.decoding_of(ckpt) != "continue":
             raise DataError(f"lmkit chat talks to a decoder (gpt or llama); {ckpt.path} is a "
                             f"{ckpt.config.model.arch} checkpoint for task {ckpt.task!r}")
+        sampler = gen.sample_config(ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k,
+                                    top_p=top_p, greedy=greedy, seed=opts.seed,
+                                    no_repeat_ngram_size=no_repeat_ngram_size,
+                                    repetition_penalty=repetition_penalty, stop=tuple(stop or ()))  # checked first
         where = dev.pick_device(opts.device)
         from lmkit.quantize import model_for_decoding
 
         model = model_for_decoding(ckpt, where, quantize.value if quantize else None)
         tokenizer = ckpt.tokenizer()
         form = chat_lib.ChatFormat(tokenizer, chat_lib.load_template(chat_template) if chat_template else None)
-        sampler = gen.sample_config(ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k,
-                                    top_p=top_p, greedy=greedy, seed=opts.seed,
-                                    no_repeat_ngram_size=no_repeat_ngram_size,
-                                    repetition_penalty=repetition_penalty, stop=tuple(stop or ()))
         session = _Session(gen, chat_lib, model, form, sampler, where, system)
         if stream.isatty() and not json_out:
             _terminal(session, ckpt.path, opts.say)
@@ -187,7 +187,7 @@ def _pipe(session: _Session, stream: Any) -> None:
     for number, raw in enumerate(stream, 1):
         where = f"line {number} of stdin"
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # no byte-order mark: it is not JSON
         except UnicodeDecodeError:
             raise DataError(f"{where} is not valid UTF-8") from None
         if not line.strip():

@@ -36,9 +36,9 @@ def evaluate(
         help="lm, classify, seq2seq, or chat (a decoder on JSONL conversations: the replies' loss; default: the "
         "checkpoint's own task, which it must match).")] = None,
     stride: Annotated[Optional[int], typer.Option(
-        min=1, show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
+        show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        min=1, show_default=False, help="Sequences per forward pass (default: 8; seq2seq: 64 sources).")] = None,
+        show_default=False, help="Sequences per forward pass (default: 8; seq2seq: 64 sources).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(
         show_default=False, help="classify, seq2seq: write each example's prediction to this JSONL file.")] = None,
     beam: Beam = 1,

@@ -47,7 +47,7 @@ def generate(
     max_new_tokens: MaxNewTokens = 200,
     temperature: Temperature = None,
     top_k: Annotated[int, typer.Option(
-        min=0, help="Sample from the k likeliest tokens only (0: all); with --fill-mask, candidates shown (0: 5).",
+        help="Sample from the k likeliest tokens only (0: all); with --fill-mask, candidates shown (0: 5).",
     )] = 0,
     top_p: TopP = 0.95,
     greedy: Greedy = False,
@@ -62,9 +62,9 @@ def generate(
     draft: Annotated[Optional[Path], typer.Option(
         show_default=False, help="Speculative decoding: a smaller checkpoint with the same tokenizer (e.g. a "
         "distilled student) proposes tokens that the model checks in one pass.")] = None,
-    draft_tokens: Annotated[int, typer.Option(min=1, max=32, help="Tokens the draft proposes per round.")] = 4,
+    draft_tokens: Annotated[int, typer.Option(help="Tokens the draft proposes per round (1 to 32).")] = 4,
     num_samples: Annotated[int, typer.Option(
-        "--num-return-sequences", "--num-samples", min=1,
+        "--num-return-sequences", "--num-samples",
         help="Outputs per input: samples, or the best hypotheses of a beam search.")] = 1,
     beam: Beam = 1,
     length_penalty: LengthPenalty = 1.0,
@@ -101,6 +101,16 @@ def generate(
             raise DataError("--system and --chat-template go with --chat")
         if draft is not None and (mode != "continue" or chat):
             raise DataError("--draft speeds up continuing a prompt with a decoder (not --chat, seq2seq or BERT)")
+        # Built (and so checked) before the model loads, whatever the mode: a bad value fails at once.
+        sampler = gen.sample_config(
+            ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
+            greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam, length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
+            stop=tuple(stop or ()))
+        if draft is not None:
+            from lmkit import speculative
+
+            speculative.check_options(sampler, draft_tokens)
         texts, typed = input_texts(prompts, "prompt")
         chunk = 1 if typed else 64  # typed lines get an answer each
         level = quantize.value if quantize else None
@@ -123,11 +133,6 @@ def generate(
             for text in texts:
                 _print_fill(gen.fill_mask(model, tokenizer, text, top_k or 5, where), json_out)
         else:
-            sampler = gen.sample_config(
-                ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
-                greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam, length_penalty=length_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-                stop=tuple(stop or ()))
             if mode == "rewrite":
                 _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
             elif draft is not None:
@@ -167,7 +172,6 @@ def _speculate(gen: Any, ckpt: Any, draft_ckpt: Any, model: Any, tokenizer: Any,
                               "(distill one with `lmkit distill --teacher`)")
     if gen.decoding_of(draft_ckpt) != "continue":
         raise CheckpointError(f"the draft {draft_ckpt.path} is not a decoder language model")
-    speculative.check_options(sampler)
     from lmkit.quantize import model_for_decoding
 
     draft_model = model_for_decoding(draft_ckpt, where)

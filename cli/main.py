@@ -21,7 +21,7 @@ from cli import (
     serve,
     tokenize,
 )
-from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed
+from cli.options import Common, Device, DeviceOpt, ProjectDir, Quiet, Seed, StdoutClosed, guard_stdout
 
 app = typer.Typer(
     name="lmkit",
@@ -79,7 +79,12 @@ app.command(name="export")(interop.export_model)
 
 
 def main() -> None:
-    app()
+    guard_stdout()  # `lmkit ... >&-`: results written anywhere raise StdoutClosed
+    try:
+        app()
+    except StdoutClosed as err:  # printed outside a command's user_errors() (--help, --version, a last line)
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

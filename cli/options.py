@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import re
 import sys
@@ -31,7 +33,7 @@ ProjectDir = Annotated[Optional[Path], typer.Option(
     help="Project directory (default: $LMKIT_PROJECT, else the current directory).")]
 DeviceOpt = Annotated[Optional[Device], typer.Option(
     "--device", show_default=False, help="Where to run: auto (cuda > mps > cpu), cpu, cuda or mps.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, show_default=False, help="Random seed.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", show_default=False, help="Random seed.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or info on stderr.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", show_default=False,
@@ -41,7 +43,9 @@ ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", show_default=False, help="A TOML config file, or a run's saved config.json.")]
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", show_default=False, help="Override one setting, e.g. --set train.lr=1e-4 (repeatable).")]
-MaxSteps = Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Optimizer steps.")]
+# No min=/max= on options: ranges are checked where the values are used (lmkit.config's
+# check_range and the config classes), so a bad value is one `error:` line, not Click's usage block.
+MaxSteps = Annotated[Optional[int], typer.Option(show_default=False, help="Optimizer steps.")]
 Compile = Annotated[Optional[bool], typer.Option(
     "--compile/--no-compile", show_default=False, help="torch.compile the model for training (default: off).")]
 
@@ -68,21 +72,21 @@ Strategy = Annotated[Optional[StrategyChoice], typer.Option(
     help="With several ranks: ddp replicates the model on each (default); fsdp shards parameters, gradients "
     "and optimizer state across them, for models that do not fit one GPU.")]
 Keep = Annotated[Optional[int], typer.Option(
-    "--keep", min=1, show_default=False,
+    "--keep", show_default=False,
     help="Periodic checkpoints kept per run (default 2); the latest and the best are never deleted.")]
 NewRun = Annotated[bool, typer.Option(
     "--new-run", help="Start a new run even when an interrupted run with the same config and data could continue.")]
 Nproc = Annotated[Optional[int], typer.Option(
-    "--nproc", min=1, show_default=False,
+    "--nproc", show_default=False,
     help="Train on this many processes (data parallel): hands the command to torchrun.")]
 
 # Decoding, shared by generate, chat and eval (seq2seq).
-MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens to add per output.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to add per output.")]
 Temperature = Annotated[Optional[float], typer.Option(
-    min=0.0, show_default=False,
+    show_default=False,
     help="Sampling temperature; 0 means greedy (default: 0.8; seq2seq models decode greedily).")]
 TopP = Annotated[float, typer.Option(
-    min=0.0, max=1.0, help="Sample from the smallest set of tokens holding this much probability.")]
+    help="Sample from the smallest set of tokens holding this much probability (0 < p <= 1).")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Always take the likeliest token.")]
 class LogChoice(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
     tensorboard = "tensorboard"
@@ -107,13 +111,13 @@ System = Annotated[Optional[str], typer.Option(
 ChatTemplate = Annotated[Optional[Path], typer.Option(
     show_default=False, help="Chat: a Jinja chat template (or a tokenizer_config.json holding one) instead of "
     "the checkpoint's own.")]
-Beam = Annotated[int, typer.Option("--beam", min=1, help="Beam search of this width (1: no beam search).")]
+Beam = Annotated[int, typer.Option("--beam", help="Beam search of this width (1: no beam search).")]
 LengthPenalty = Annotated[float, typer.Option(
     help="Beam search ranks by log-prob / length ** this (0: raw log-prob; > 0 favours longer outputs).")]
 NoRepeatNgram = Annotated[int, typer.Option(
-    "--no-repeat-ngram-size", min=0, help="Never produce an n-gram of this size twice (0: off).")]
+    "--no-repeat-ngram-size", help="Never produce an n-gram of this size twice (0: off).")]
 RepetitionPenalty = Annotated[float, typer.Option(
-    min=0.01, help="Above 1 discourages tokens already in the text (CTRL's penalty; 1: off).")]
+    help="Above 1 discourages tokens already in the text (CTRL's penalty; 1: off; > 0).")]
 Stop = Annotated[Optional[list[str]], typer.Option(
     "--stop", show_default=False, help="End an output where this string appears, leaving it out (repeatable).")]
 
@@ -166,6 +170,77 @@ def stdin_bytes() -> typing.BinaryIO:
     return sys.stdin.buffer
 
 
+class StdoutClosed(LmkitError):
+    """stdout cannot take the results: closed by the shell (`lmkit ... >&-`) or opened read-only."""
+
+    def __init__(self) -> None:
+        super().__init__("stdout is closed, so the results have nowhere to go; redirect it to a file "
+                         "(> out.txt), or to /dev/null to discard them")
+
+
+class _NoStdout(io.TextIOBase):
+    """sys.stdout when there is none to write to: the first text written raises StdoutClosed, so every
+    command that prints results (typer.echo, sys.stdout.write, print) stops with the one-line error,
+    and commands that print nothing (serve, a quiet pretrain) run as usual."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):  # how click tells a text stream from a binary one
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            raise StdoutClosed()
+        return 0
+
+    def fileno(self) -> int:
+        return 1
+
+
+def _stdout_writable() -> bool:
+    """False for a closed stdout (Python makes sys.stdout None when fd 1 is closed at start, as
+    `>&-` leaves it), a closed sys.stdout, or a file descriptor 1 that is not open for writing."""
+    stream = sys.stdout
+    if stream is None or isinstance(stream, _NoStdout) or stream.closed:
+        return False
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a file (CliRunner's buffer, a StringIO): it takes text
+        return True
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cheap check; a write there fails as before
+        return True
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:  # EBADF: the descriptor is closed
+        return False
+
+
+def _lost_stdout(err: BaseException) -> bool:
+    """ERR is a write to a stdout that went away while the command ran: a closed sys.stdout
+    (ValueError) or a closed file descriptor 1 (EBADF)."""
+    if isinstance(err, OSError) and not isinstance(err, io.UnsupportedOperation):
+        return err.errno == errno.EBADF and not _stdout_writable()
+    return isinstance(err, ValueError) and not _stdout_writable()
+
+
+def guard_stdout() -> None:
+    """Before a command runs: a stdout that cannot take results becomes _NoStdout (the one place
+    every command's results go through), and /dev/null takes file descriptor 1, so that no file lmkit
+    opens lands on it (a library's or a child's write to fd 1 would go into that file)."""
+    if _stdout_writable():
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != 1:
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    sys.stdout = _NoStdout()
+
+
 def input_texts(arguments: Optional[list[str]], what: str) -> tuple[Iterator[str], bool]:
     """ARGUMENTS, else the lines of stdin (without their line ends), each checked to be UTF-8
     (errors name the argument or line; WHAT says what they are, e.g. "prompt"); and whether they
@@ -188,10 +263,14 @@ def _checked_arguments(arguments: list[str], what: str) -> Iterator[str]:
 def _stdin_lines(stream: typing.BinaryIO, what: str) -> Iterator[str]:
     for number, raw in enumerate(stream, 1):  # line by line, so typed lines are answered as they come
         try:
-            yield raw.decode("utf-8").rstrip("\r\n")
+            # utf-8-sig: a byte-order mark opening the stream (a file saved on Windows) is not text
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
             raise DataError(f"line {number} of stdin ({what}s, one a line) is not valid UTF-8; convert it first, "
                             "e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+MAX_NPROC = 1024  # ranks on this one machine (--standalone)
 
 
 def hand_off_to_torchrun(nproc: Optional[int]) -> None:
@@ -202,6 +281,10 @@ def hand_off_to_torchrun(nproc: Optional[int]) -> None:
     A user error on the ranks is printed once, as one line, with exit code 2; the launcher's own
     logging and failure report are kept quiet (a crashing rank prints its traceback itself).
     """
+    from lmkit.config import check_range
+
+    with user_errors():  # called before the command's own user_errors() block
+        check_range("nproc", nproc, 1, MAX_NPROC)
     if not nproc or nproc == 1 or "WORLD_SIZE" in os.environ:
         return
     import logging
@@ -277,8 +360,13 @@ def user_errors() -> Iterator[None]:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(code=141) from None
-    except (OSError, MemoryError, RuntimeError) as err:  # a full disk, a model too big for memory: one line
-        message = write_failure(err) if isinstance(err, OSError) else out_of_memory(err)
+    except (OSError, ValueError, MemoryError, RuntimeError) as err:  # a full disk, no memory, no stdout: one line
+        if _lost_stdout(err):  # stdout closed while the command ran
+            message: str | None = str(StdoutClosed())
+        elif isinstance(err, ValueError):
+            message = None
+        else:
+            message = write_failure(err) if isinstance(err, OSError) else out_of_memory(err)
         if message is None or os.environ.get("LMKIT_DEBUG"):
             raise
         _report_error(message)

@@ -16,22 +16,22 @@ from cli.options import ChatTemplate, CheckpointOpt, DeviceOpt, ProjectDir, Quan
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless you say otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
-    max_batch: Annotated[int, typer.Option(min=1, help="Rows decoded together at most.")] = 8,
+    port: Annotated[int, typer.Option(help="Port to listen on, 0 to 65535 (0: any free one).")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Rows decoded together at most (1 to 4096).")] = 8,
     max_queue: Annotated[int, typer.Option(
-        min=0, help="Requests waiting for room at most; beyond, 429 with Retry-After.")] = 64,
+        help="Requests waiting for room at most; beyond, 429 with Retry-After.")] = 64,
     max_context: Annotated[int, typer.Option(
-        min=8, help="Prompt + new tokens of a request at most (capped by the model's context): each of the "
+        help="Prompt + new tokens of a request at most (capped by the model's context): each of the "
         "--max-batch rows holds a KV cache this long.")] = 4096,
     max_tokens: Annotated[int, typer.Option(
-        min=1, help="New tokens for a request that gives no max_tokens.")] = 256,
+        help="New tokens for a request that gives no max_tokens.")] = 256,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="LMKIT_API_KEY", show_default=False,
         help="Require `Authorization: Bearer KEY` on /v1/ (also $LMKIT_API_KEY).")] = None,
     model_name: Annotated[Optional[str], typer.Option(
         show_default=False, help="The model's name in the API (default: project/run/checkpoint).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
-        min=0.0, help="On SIGTERM or Ctrl-C: seconds to let requests in flight finish.")] = 30.0,
+        help="On SIGTERM or Ctrl-C: seconds to let requests in flight finish.")] = 30.0,
     chat_template: ChatTemplate = None,
     quantize: Quantize = None,
     checkpoint: CheckpointOpt = None,
@@ -57,6 +57,8 @@ def serve(
             from lmkit import batching, server
         except ImportError as err:
             raise DataError(f"lmkit serve needs {err.name}: pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
+        server.check_settings(max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                              max_tokens=max_tokens, shutdown_timeout=shutdown_timeout)
         p = proj.Project.open(opts.project, create=False)
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, p))
         if gen.decoding_of(ckpt) != "continue":
@@ -102,9 +104,12 @@ def _name(path: Path, root: Path) -> str:
 
 
 def _check_port(host: str, port: int) -> None:
-    """A port already taken is a one-line error before the model loads (uvicorn would log and exit 1)."""
+    """A port out of range or already taken is a one-line error before the model loads (uvicorn would
+    log and exit 1)."""
+    from lmkit.config import check_range
     from lmkit.errors import DataError
 
+    check_range("port", port, 0, 65535)
     try:
         with socket.create_server((host, port)):
             pass

@@ -26,11 +26,51 @@ ARCHS: tuple[str, ...] = tuple(PRESETS)  # the architectures, in the order help 
 
 MAX_VOCAB_SIZE = 2**31 - 1
 MAX_SEED = 2**63 - 1  # what a torch generator takes as a signed 64-bit seed
+# Upper bounds, far above any real model or run, that keep a huge value (a typo, an extra digit)
+# from reaching torch, whose 64-bit sizes it overflows with a traceback, or a loop it never ends.
+MAX_WIDTH = 2**16  # model.d_model, model.head_dim, lora.rank
+MAX_FF = 2**20  # model.d_ff
+MAX_DEPTH = 1024  # model.n_layer, model.n_head
+MAX_CONTEXT = 2**24  # model.max_seq_len: tokens of context; also new tokens per output
+MAX_BATCH = 2**20  # sequences per forward pass
+MAX_STEPS = 10**12  # step counts and intervals
+MAX_SAMPLES = 2**16  # outputs or beams per input
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_range(name: str, value: float | None, low: float, high: float | None = None, *,
+                low_open: bool = False) -> None:
+    """The one check of a setting's range: VALUE in [LOW, HIGH] ((LOW, HIGH] with LOW_OPEN; no upper
+    limit when HIGH is None); None (not given) passes.
+
+    Raises:
+        ConfigError: `NAME=VALUE must be in [LOW, HIGH]`, naming the setting as its flag is spelled
+            (--top-p sets top_p).
+    """
+    if value is None:
+        return
+    inside = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not inside:  # NaN fails every comparison, so it lands here too
+        raise ConfigError(f"{name}={value} must be {_range_text(low, high, low_open)}")
+
+
+def _range_text(low: float, high: float | None, low_open: bool = False) -> str:
+    if high is None:
+        return f"> {low}" if low_open else ("at least 1" if low == 1 else f">= {low}")
+    return f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}]"
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) and value >= 10_000 else str(value)
+
+
+def _check_ranges(section: str, obj: object, ranges: dict[str, tuple[int, int]]) -> None:
+    for name, (low, high) in ranges.items():
+        check_range(f"{section}.{name}", getattr(obj, name), low, high)
 
 
 @dataclass(frozen=True)
@@ -51,7 +91,8 @@ class TokenizerConfig:
                f"sentencepiece takes at most {MAX_VOCAB_SIZE:,} (a 32-bit id)")
         _check(0.9 <= self.character_coverage <= 1.0,
                f"tokenizer.character_coverage={self.character_coverage} must be in [0.9, 1.0]")
-        _check(self.max_sentences >= 1000, "tokenizer.max_sentences must be at least 1000")
+        _check(1000 <= self.max_sentences <= MAX_VOCAB_SIZE,
+               f"tokenizer.max_sentences={self.max_sentences} must be in [1000, {MAX_VOCAB_SIZE:,}]")
 
 
 @dataclass(frozen=True)
@@ -106,12 +147,14 @@ class ModelConfig:
             value = _coerce(f"model.{name}", getattr(self, name), annotation, "the model config")
             object.__setattr__(self, name, value)
         _check(self.arch in ARCHS, f"model.arch={self.arch!r} is not one of: {', '.join(ARCHS)}")
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
-            _check(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be at least 1")
+        _check_ranges("model", self, {"vocab_size": (1, MAX_VOCAB_SIZE), "d_model": (1, MAX_WIDTH),
+                                      "n_layer": (1, MAX_DEPTH), "n_head": (1, MAX_DEPTH),
+                                      "max_seq_len": (1, MAX_CONTEXT), "rope_original_max_len": (1, MAX_CONTEXT)})
+        for name, high in (("d_ff", MAX_FF), ("n_kv_head", MAX_DEPTH), ("head_dim", MAX_WIDTH)):
+            value = getattr(self, name)
+            _check(0 <= value <= high, f"model.{name}={value} must be in [0, {_number(high)}] (0: the default)")
         _check(self.head_dim > 0 or self.d_model % self.n_head == 0,
                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        for name in ("d_ff", "n_kv_head", "head_dim"):
-            _check(getattr(self, name) >= 0, f"model.{name}={getattr(self, name)} must be >= 0 (0: the default)")
         _check(self.n_head % self.kv_heads == 0,
                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         _check(self.attention_head_dim % 2 == 0,
@@ -123,7 +166,6 @@ class ModelConfig:
         _check(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1")
         _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
                "model.rope_low_freq_factor must be > 0 and below model.rope_high_freq_factor")
-        _check(self.rope_original_max_len >= 1, "model.rope_original_max_len must be at least 1")
 
     @property
     def ff_dim(self) -> int:
@@ -159,8 +201,9 @@ class TrainConfig:
     layer_lr_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
-    # muon: torch.optim.Muon for the weight matrices inside the blocks, AdamW (lr, betas) for
-    # embeddings, norms, biases and the output layer, as nanochat trains
+    # muon: torch.optim.Muon for the weight matrices inside the blocks (a fused c_attn as its q, k
+    # and v apart), AdamW (lr, betas) for embeddings, norms, biases and every head outside the
+    # blocks, as nanochat trains (lmkit.optim)
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
@@ -181,13 +224,14 @@ class TrainConfig:
     log: str = ""  # metric sinks besides metrics.jsonl: "tensorboard", "wandb" or both, comma-separated
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "save_interval", "log_interval", "keep_checkpoints"):
-            _check(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be at least 1")
+        _check_ranges("train", self, {
+            "batch_size": (1, MAX_BATCH), "grad_accum": (1, 2**16), "max_steps": (1, MAX_STEPS),
+            "eval_interval": (1, MAX_STEPS), "eval_batches": (1, MAX_BATCH), "save_interval": (1, MAX_STEPS),
+            "log_interval": (1, MAX_STEPS), "keep_checkpoints": (1, MAX_STEPS), "warmup_steps": (0, MAX_STEPS),
+            "patience": (0, MAX_STEPS)})
         _check(self.time_budget >= 0, f"train.time_budget={self.time_budget} must be >= 0")
         _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
         _check(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
-        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(0 < self.layer_lr_decay <= 1, f"train.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
@@ -198,7 +242,6 @@ class TrainConfig:
         _check(0 <= self.seed <= MAX_SEED, f"train.seed={self.seed} must be in [0, {MAX_SEED}]")
         _check(self.best_metric.startswith("val_"), f"train.best_metric={self.best_metric!r} must name a "
                "validation metric such as val_loss or val_accuracy")
-        _check(self.patience >= 0, f"train.patience={self.patience} must be >= 0")
         _check(all(k in LOG_SINKS for k in self.log_sinks),
                f"train.log={self.log!r}: give tensorboard, wandb or both, comma-separated")
 
@@ -223,7 +266,7 @@ class LoraConfig:
     targets: Literal["attn", "mlp", "all"] = "attn"  # which projections get adapters
 
     def __post_init__(self) -> None:
-        _check(self.rank >= 0, f"lora.rank={self.rank} must be >= 0")
+        _check(0 <= self.rank <= MAX_WIDTH, f"lora.rank={self.rank} must be in [0, {MAX_WIDTH:,}] (0: no adapters)")
         _check(self.alpha > 0, f"lora.alpha={self.alpha} must be > 0")
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1)")
 
@@ -292,17 +335,18 @@ class SampleConfig:
     stop: tuple[str, ...] = ()  # end a sequence when its text contains one of these (left out)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, "max_new_tokens must be at least 1")
-        _check(self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]")
-        _check(self.temperature >= 0, "temperature must be >= 0")
-        _check(self.top_k >= 0, "top_k must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _check(self.num_samples >= 1, "num_samples must be at least 1")
-        _check(self.beam >= 1, "beam must be at least 1")
+        # Named as the flags spell them (--top-p: top_p), with the value given.
+        check_range("max_new_tokens", self.max_new_tokens, 1, MAX_CONTEXT)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        check_range("temperature", self.temperature, 0)
+        check_range("top_k", self.top_k, 0, MAX_VOCAB_SIZE)
+        check_range("top_p", self.top_p, 0, 1, low_open=True)
+        check_range("num_samples", self.num_samples, 1, MAX_SAMPLES)
+        check_range("beam", self.beam, 1, MAX_SAMPLES)
         _check(self.beam == 1 or self.num_samples <= self.beam,
                f"beam search returns at most beam={self.beam} sequences; asked for {self.num_samples}")
-        _check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0")
-        _check(self.repetition_penalty > 0, "repetition_penalty must be > 0")
+        check_range("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_CONTEXT)
+        check_range("repetition_penalty", self.repetition_penalty, 0, low_open=True)
         _check(all(self.stop), "stop strings must not be empty")
 
     @property
@@ -437,14 +481,14 @@ def load_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not TOML
         if path.suffix == ".json":
             data = json.loads(text)
             if isinstance(data, dict) and isinstance(data.get("config"), dict):
                 data = data["config"]  # a checkpoint's config.json nests the run config
         else:
             data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (tomllib.TOMLDecodeError, ValueError) as err:  # ValueError: bad JSON, UTF-8, or a 4,300-digit number
         raise ConfigError(f"cannot parse config file {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold an object of settings, not {type(data).__name__}")
@@ -470,6 +514,9 @@ def parse_set(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # bare words such as gpt or bpe
+    except ValueError:  # an integer of more than 4,300 digits, which Python will not read
+        raise ConfigError(f"--set {key}: the number has {len(raw.strip()):,} digits; no setting takes one "
+                          "that large") from None
     if "." not in key and key not in TOP_LEVEL_KEYS:
         owners = [name for name, cls in SECTIONS.items() if key in _field_types(cls)]
         if len(owners) == 1:
@@ -585,6 +632,8 @@ def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} in {source} must be a number")
+        if isinstance(value, int) and abs(value) >= 2**1024:  # no float holds it (math.isfinite would overflow)
+            raise ConfigError(f"{key} in {source} is a {len(str(abs(value)))}-digit number; it must be finite")
         if not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} in {source} must be finite")
         return float(value)

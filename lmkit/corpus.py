@@ -1,8 +1,9 @@
 """Reading user text safely: plain text, JSONL and .gz files become checked UTF-8 documents.
 
 A document is a stream of lines that keep their "\\n" (the last may lack one), so what is read
-can be written back byte for byte. Memory stays bounded: files are read in 1 MiB blocks and a
-line longer than MAX_LINE_CHARS is handed on in pieces.
+can be written back byte for byte (but for a byte-order mark opening a file, which is not text).
+Memory stays bounded: files are read in 1 MiB blocks and a line longer than MAX_LINE_CHARS is
+handed on in pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmkit.errors import DataError
 BLOCK_BYTES = 1 << 20
 MAX_LINE_CHARS = 1 << 20
 SNIFF_BYTES = 8192
+BOM = "\ufeff"  # a UTF-8 byte-order mark, as decoded
 
 
 CORPUS_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".gz")  # what a directory of corpora contributes
@@ -88,10 +90,14 @@ def iter_documents(paths: Sequence[Path], text_field: str = "text") -> Iterator[
 
 def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:
     """Lines of a binary stream, decoded strictly as UTF-8, keeping their newlines; NAME ("-" for
-    stdin) is how errors refer to the stream."""
+    stdin) is how errors refer to the stream.
+
+    A byte-order mark opening the stream is left out: it is the encoding's signature that Windows
+    editors and Excel write, not text (else a CSV's header becomes a row and a JSONL's first line
+    no JSON, and a corpus teaches a stray U+FEFF). Everything after it is kept byte for byte."""
     name = "stdin" if name == "-" else name
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    pending, line_no, offset = "", 1, 0
+    pending, line_no, offset, opening = "", 1, 0, True
     while True:
         block = stream.read(BLOCK_BYTES)
         try:
@@ -100,6 +106,8 @@ def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:
             bad_line = line_no + block[:err.start].count(b"\n")
             raise DataError(f"{name} is not valid UTF-8 (byte {offset + err.start}, line {bad_line}); "
                             "convert it first, e.g. `iconv -f latin1 -t utf-8`") from None
+        if opening and text:  # the decoder holds back a split character, so this is the stream's start
+            text, opening = text.removeprefix(BOM), False
         offset += len(block)
         pending += text
         if "\n" in pending:

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmkit import chat, corpus, data, metrics, objectives, tasks
 from lmkit.batches import to_device
-from lmkit.config import SampleConfig
+from lmkit.config import MAX_BATCH, MAX_CONTEXT, SampleConfig, check_range
 from lmkit.device import autocast
 from lmkit.errors import CheckpointError, DataError
 from lmkit.quantize import model_for_decoding
@@ -45,6 +45,10 @@ class EvalOptions:
     batch_size: int | None = None  # sequences per forward pass (default: each evaluation's own)
     sampler: SampleConfig = field(default_factory=lambda: SampleConfig(greedy=True))  # seq2seq decoding
     quantize: str | None = None  # "int8": score the model with int8 weights (lmkit.quantize)
+
+    def __post_init__(self) -> None:
+        check_range("stride", self.stride, 1, MAX_CONTEXT)
+        check_range("batch_size", self.batch_size, 1, MAX_BATCH)
 
 
 def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device,

@@ -46,7 +46,7 @@ class RunSummary:
     best_val: float | None
     best_step: int | None
     bits_per_byte: float | None  # pretraining: the best validation loss per byte of the validation text
-    status: str  # finished, interrupted or running
+    status: str  # finished, interrupted, running or damaged (its config.json cannot be read)
     started: float  # when the run's config was written (seconds since the epoch)
     val_bytes_per_token: float | None = field(default=None, repr=False)  # what turns its losses into bits per byte
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -67,7 +67,7 @@ def summarize(project: Project, run: str) -> RunSummary:
     config_file = project.run_config_file(run)
     if not config_file.is_file():
         raise LmkitError(f"{project.root} has no run {run!r} (no {config_file})")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = _read_config(config_file)
     rows = read_metrics(project.metrics_file(run))
     steps = project.run_checkpoints(run)
     try:
@@ -77,28 +77,49 @@ def summarize(project: Project, run: str) -> RunSummary:
         newest = snapshot = None
     vals = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
     best = min(vals, key=lambda v: v[1]) if vals else None
-    max_steps = int(config.get("train", {}).get("max_steps", 0))
+    max_steps = _int(config.get("train", {}).get("max_steps", 0)) if config else 0
     last = rows[-1] if rows else {}
     status = "interrupted"
-    if newest is not None and snapshot is not None:
+    if config is None:  # its settings are unknown, so whether it finished is too
+        status = "damaged"
+    elif newest is not None and snapshot is not None:
         state = train.TrainState(**snapshot.state)
         if train._finished(state, TrainConfig(**newest.config.to_dict()["train"])):
             status = "finished"
     elif last.get("step", 0) >= max_steps > 0:
         status = "finished"
-    if status != "finished" and project.writer() and run == _newest_run(project):
+    if status == "interrupted" and project.writer() and run == _newest_run(project):
         status = "running"
     kind = train.run_kind(newest) if newest else "pretrain"
     bytes_per_token = _bytes_per_token(project) if kind == "pretrain" else None  # validated on the prepared val split
     return RunSummary(
         run=run, project=str(project.root), kind=kind,
-        arch=config.get("model", {}).get("arch", "?"), task=newest.task if newest else "lm",
+        arch=str((config or {}).get("model", {}).get("arch", "?")), task=newest.task if newest else "lm",
         parameters=newest.meta.get("parameters") if newest else None, steps=int(last.get("step", 0)),
-        max_steps=max_steps, tokens=int(last.get("tokens", 0)), wall_s=float(last.get("elapsed", 0.0)),
+        max_steps=max_steps, tokens=_int(last.get("tokens", 0)), wall_s=_float(last.get("elapsed", 0.0)),
         last_val=vals[-1][1] if vals else None, best_val=best[1] if best else None,
         best_step=best[0] if best else None,
         bits_per_byte=best[1] * BITS_PER_NAT / bytes_per_token if best and bytes_per_token else None,
         status=status, started=config_file.stat().st_mtime, val_bytes_per_token=bytes_per_token, rows=rows)
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A run's saved config.json, or None when it is damaged (torn, not JSON, not sections of settings)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("model", "train")):
+        return None
+    return config
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def list_runs(project: Project) -> list[RunSummary]:

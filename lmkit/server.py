@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmkit.batching import Engine, Job, QueueFull
 from lmkit.chat import ChatFormat, check_messages
-from lmkit.config import ConfigError, SampleConfig
+from lmkit.config import ConfigError, SampleConfig, check_range
 from lmkit.errors import LmkitError
 
 MAX_N = 16
@@ -158,6 +158,20 @@ class _BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+def check_settings(*, max_batch: int, max_queue: int, max_context: int, max_tokens: int,
+                   shutdown_timeout: float) -> None:
+    """The server's own settings (`lmkit serve`'s flags), checked before a model loads.
+
+    Raises:
+        ConfigError: one is out of its range (named as its flag is spelled).
+    """
+    check_range("max_batch", max_batch, 1, 4096)
+    check_range("max_queue", max_queue, 0, 1 << 20)
+    check_range("max_context", max_context, 8, 1 << 24)
+    check_range("max_tokens", max_tokens, 1, 1 << 24)
+    check_range("shutdown_timeout", shutdown_timeout, 0, 24 * 3600)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lmkit.config import ConfigError, SampleConfig
+from lmkit.config import ConfigError, SampleConfig, check_range
 from lmkit.device import autocast, autocast_dtype
 from lmkit.models.layers import SlotCache
 from lmkit.search import _penalties, extend, next_token_probs, sample_next
@@ -53,8 +53,12 @@ class Speculation:
                 "plain_steps": self.plain_steps}
 
 
-def check_options(cfg: SampleConfig) -> None:
+MAX_DRAFT_TOKENS = 32  # beyond, a draft's proposals are almost never all accepted: the extra passes are waste
+
+
+def check_options(cfg: SampleConfig, draft_tokens: int = 4) -> None:
     """Raises ConfigError for settings speculative decoding does not take."""
+    check_range("draft_tokens", draft_tokens, 1, MAX_DRAFT_TOKENS)
     if cfg.beam > 1:
         raise ConfigError("--draft samples or decodes greedily: leave out --beam")
     if _penalties(cfg):
@@ -130,7 +134,7 @@ def speculate(target: nn.Module, draft: nn.Module, prompts: list[list[int]], cfg
     """Continue each of PROMPTS (rows decoded together) with TARGET, DRAFT proposing DRAFT_TOKENS
     tokens a round. Each new token of row r goes to EMIT(r, token), which returns True to end the
     row (an end-of-text token, a stop string, the length limit)."""
-    check_options(cfg)
+    check_options(cfg, draft_tokens)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ConfigError(f"the draft scores {draft.config.vocab_size} tokens, the model {target.config.vocab_size}: "
                           "they must share the vocabulary")

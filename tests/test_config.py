@@ -57,6 +57,21 @@ def test_saved_json_config_round_trips(tmp_path) -> None:
     (["tokenizer.vocab_size=2147483648"], "too large: sentencepiece takes at most 2,147,483,647"),
     (["train.seed=9223372036854775808"], "train.seed=9223372036854775808 must be in"),
     (["preset={name='tiny'}"], "preset in --set must be a name"),
+    # Huge values stop here, naming the key and its range, instead of overflowing torch later.
+    (["train.batch_size=99999999999999999999"], r"train.batch_size=99999999999999999999 must be in \[1, 1,048,576\]"),
+    (["train.grad_accum=99999999999999999999"], r"train.grad_accum=\d+ must be in \[1, 65,536\]"),
+    (["train.max_steps=99999999999999999999"], r"train.max_steps=\d+ must be in \[1, 1,000,000,000,000\]"),
+    (["train.eval_batches=99999999999999999999"], r"train.eval_batches=\d+ must be in \[1, "),
+    (["model.d_model=99999999999999999999"], r"model.d_model=\d+ must be in \[1, 65,536\]"),
+    (["model.n_layer=5000"], r"model.n_layer=5000 must be in \[1, 1024\]"),
+    (["model.max_seq_len=99999999999999999999"], r"model.max_seq_len=\d+ must be in \[1, 16,777,216\]"),
+    (["model.d_ff=99999999999999999999"], r"model.d_ff=\d+ must be in \[0, 1,048,576\]"),
+    (["model.head_dim=99999999999999999998"], r"model.head_dim=\d+ must be in \[0, 65,536\]"),
+    (["model.vocab_size=99999999999999999999"], r"model.vocab_size=\d+ must be in \[1, 2,147,483,647\]"),
+    (["lora.rank=99999999999999999999"], r"lora.rank=\d+ must be in \[0, 65,536\]"),
+    (["tokenizer.max_sentences=99999999999999999999"], r"tokenizer.max_sentences=\d+ must be in \[1000, "),
+    ([f"train.lr=1{'0' * 400}"], "train.lr .* is a 401-digit number; it must be finite"),
+    ([f"train.lr=1{'0' * 5000}"], "the number has 5,001 digits"),
 ])
 def test_bad_values_name_the_key_and_source(sets, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -105,6 +120,15 @@ def test_config_files_of_the_wrong_shape_are_clear_errors(tmp_path, name, conten
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         config.resolve(config_file=path)
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_reads(tmp_path) -> None:
+    toml = tmp_path / "lmkit.toml"
+    toml.write_text("\ufeff[train]\nlr = 0.01\n", encoding="utf-8")  # as Windows Notepad saves it
+    assert config.resolve(project_file=toml).train.lr == 0.01
+    saved = tmp_path / "config.json"
+    saved.write_text("\ufeff" + json.dumps({"train": {"lr": 0.02}}), encoding="utf-8")
+    assert config.resolve(config_file=saved).train.lr == 0.02
 
 
 def test_a_directory_for_a_config_file_is_named_as_such(tmp_path) -> None:

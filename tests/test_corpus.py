@@ -40,6 +40,18 @@ def test_huge_lines_come_in_bounded_pieces() -> None:
     assert "".join(pieces) == text
 
 
+@pytest.mark.parametrize("block_bytes", [1, 2, corpus.BLOCK_BYTES])  # the mark split across reads too
+def test_a_byte_order_mark_opening_a_file_is_not_text(tmp_path, monkeypatch, block_bytes) -> None:
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", block_bytes)
+    text = tmp_path / "notepad.txt"
+    text.write_bytes(b"\xef\xbb\xbfFirst line\nsecond \xef\xbb\xbf stays\n")  # only the opening one is a mark
+    assert lines_of([text]) == [["First line\n", "second \ufeff stays\n"]]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "one"}).encode() + b"\n")
+    assert lines_of([jsonl]) == [["one"]]
+    assert corpus.read_text(text) == "First line\nsecond \ufeff stays\n"
+
+
 def test_multibyte_characters_split_across_blocks_decode(monkeypatch) -> None:
     monkeypatch.setattr(corpus, "BLOCK_BYTES", 3)
     text = "é漢😀\nab"

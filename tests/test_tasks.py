@@ -35,6 +35,20 @@ def test_csv_tsv_and_jsonl_give_the_same_examples(tmp_path) -> None:
     assert [e.label for e in tasks.read_labelled(tsv_file)] == [lab for _, lab in rows]
 
 
+def test_a_byte_order_mark_hides_no_header_and_breaks_no_json(tmp_path) -> None:
+    bom = "\ufeff"  # what Excel's "CSV UTF-8" and Windows editors put first
+    csv_file = tmp_path / "excel.csv"
+    csv_file.write_text(f"{bom}text,label\nFair is foul,tragedy\nJourneys end,comedy\n", encoding="utf-8")
+    assert tasks.read_labelled(csv_file) == [tasks.LabelledText("Fair is foul", "tragedy"),
+                                             tasks.LabelledText("Journeys end", "comedy")]
+    jsonl_file = tmp_path / "a.jsonl"
+    jsonl_file.write_text(bom + json.dumps({"prompt": "Hi", "completion": " there"}) + "\n", encoding="utf-8")
+    assert tasks.read_prompt_completions(jsonl_file) == [tasks.PromptCompletion("Hi", " there")]
+    tsv_file = tmp_path / "pairs.tsv"
+    tsv_file.write_text(f"{bom}hello\tbonjour\n", encoding="utf-8")
+    assert tasks.read_source_targets(tsv_file) == [tasks.SourceTarget("hello", "bonjour")]
+
+
 def test_a_second_text_column_makes_pairs(tmp_path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("text,text_b,label\nA man,A person,entails\nA cat,A dog,contradicts\n")

@@ -45,6 +45,24 @@ def test_user_errors_for_finetune_and_classifier_checkpoints(ckpt_project, tiny_
     assert_user_error(lmkit("merge", "-p", project, "-o", tmp_path / "m"), "holds full weights already")
 
 
+def test_a_csv_saved_with_a_byte_order_mark_trains_its_own_labels(ckpt_project, task_files, tmp_path) -> None:
+    import csv
+
+    from lmkit.checkpoint import Checkpoint
+    from lmkit.project import Project
+
+    rows = [json.loads(line) for line in task_files["train"].read_text().splitlines()[:60]]
+    data = tmp_path / "excel.csv"
+    with data.open("w", encoding="utf-8-sig", newline="") as f:  # Excel's "CSV UTF-8": a byte-order mark first
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([r["text"], r["label"]] for r in rows)
+    result = lmkit("finetune", data, "--task", "classify", "--from", ckpt_project, "-p", tmp_path / "ft",
+                   "--max-steps", "1", "--set", "train.eval_interval=1", "--set", "train.batch_size=8", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Checkpoint(Project.open(tmp_path / "ft").latest_checkpoint()).labels == ["shout", "speak", "whisper"]
+
+
 def test_scratch_starts_from_fresh_weights(ckpt_project, task_files, tmp_path) -> None:
     args = [task_files["train"], "--from", ckpt_project, "--val", task_files["val"], *QUICK, "--json"]
     pretrained = json.loads(lmkit("finetune", *args, "-p", tmp_path / "a").output)

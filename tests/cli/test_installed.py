@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -106,6 +108,48 @@ def test_debug_variable_shows_the_traceback(tmp_path) -> None:
     plain = sh(f"lmkit pretrain {tmp_path}/missing.txt -p proj", tmp_path, check=False)
     assert plain.returncode == 2
     assert plain.stderr.strip().splitlines() == [f"error: {tmp_path}/missing.txt does not exist"]
+
+
+@pytest.mark.parametrize("command", [
+    "lmkit generate -p PROJECT 'To be' --max-new-tokens 3 >&-",
+    "echo 'To be' | lmkit tokenize encode -p PROJECT >&-",
+    "lmkit runs -p PROJECT >&-",  # prints after its user_errors() block
+    "lmkit --version >&-",
+    "echo 'To be' | lmkit tokenize encode -p PROJECT 1< /dev/null",  # open, but not for writing
+], ids=["generate", "encode", "runs", "version", "read-only"])
+def test_a_closed_stdout_is_a_one_line_error(command, tiny_project, tmp_path) -> None:
+    result = sh(command.replace("PROJECT", str(tiny_project.root)), tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: stdout is closed, so the results have nowhere to go; redirect it "
+                                          "to a file (> out.txt), or to /dev/null to discard them"]
+
+
+@pytest.mark.parametrize("how", ["closed-file", "closed-descriptor"])
+def test_stdout_closed_while_a_command_runs_is_a_one_line_error(how, monkeypatch, capsys) -> None:
+    import io
+
+    import typer
+
+    from cli.options import user_errors
+
+    if how == "closed-file":
+        stream = io.StringIO()
+        stream.close()  # writes raise ValueError
+    else:
+        stream = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        read_only = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(read_only, stream.fileno())  # its descriptor now refuses writes: OSError EBADF
+        os.close(read_only)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        with pytest.raises(typer.Exit) as exited, user_errors():
+            print("result", flush=True)
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError, ValueError):
+            stream.close()
+    assert exited.value.exit_code == 2
+    assert capsys.readouterr().err.startswith("error: stdout is closed")
 
 
 def test_fill_mask_through_the_installed_command(tmp_path, small_corpus) -> None:

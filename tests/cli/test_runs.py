@@ -80,6 +80,23 @@ def test_plot_and_runs_errors(two_runs, tmp_path) -> None:
     assert_user_error(lmkit("runs", "-p", tmp_path / "nowhere"), "does not exist")
 
 
+@pytest.mark.parametrize("damage", ["{", "[1, 2]", '{"train": 5}', b"\xff\xfe"])
+def test_a_damaged_run_config_is_listed_as_damaged(tiny_project, tmp_path, damage) -> None:
+    project = tmp_path / "proj"
+    shutil.copytree(tiny_project.root, project)
+    config = project / "runs" / "run1" / "config.json"
+    config.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    result = lmkit("runs", "-p", project, "--json")
+    assert result.exit_code == 0, result.output
+    (run,) = map(json.loads, result.stdout.splitlines())
+    assert run["run"] == "run1" and run["status"] == "damaged" and run["steps"] > 0  # the metrics still tell
+    table = lmkit("runs", "-p", project)
+    assert table.exit_code == 0 and "damaged" in table.stdout
+    plotted = lmkit("plot", "-p", project, "-o", tmp_path / "c.svg")
+    assert plotted.exit_code == 0, plotted.output
+    assert lmkit("plot", f"{project}/runs/run1", "-o", tmp_path / "d.svg").exit_code == 0
+
+
 def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path, small_corpus) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
