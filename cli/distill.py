@@ -50,7 +50,7 @@ def distill(
     kl: Annotated[Optional[str], typer.Option(
         show_default=False, help="forward (Hinton), reverse (MiniLLM) or jsd (default: forward).")] = None,
     temperature: Annotated[Optional[float], typer.Option(
-        min=0.01, show_default=False, help="Softmax temperature of the soft targets (default 2).")] = None,
+        show_default=False, help="Softmax temperature of the soft targets (default 2).")] = None,
     config_file: ConfigFile = None,
     set_: Sets = None,
     max_steps: MaxSteps = None,
@@ -73,8 +73,7 @@ def distill(
     from lmkit import project as proj
 
     opts = common(ctx, project, device, seed, quiet)
-    with user_errors():
-        p = proj.Project.open(opts.project)
+    with user_errors(), proj.Project.writing(opts.project) as p:
         flags = {"distill.kl": kl, "distill.temperature": temperature,
                  **opts.train_flags(max_steps=max_steps, keep=keep, log=log)}
         if resume:  # the run's own command line may come along; what it changes is refused

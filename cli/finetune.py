@@ -66,11 +66,11 @@ def finetune(
     val: Annotated[Optional[Path], typer.Option(
         show_default=False, help="Validation file (default: 10% of DATA held back, stratified by label).")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(
-        min=0, show_default=False, help="Train LoRA adapters of this rank on a frozen model (0: all weights).")] = None,
+        show_default=False, help="Train LoRA adapters of this rank on a frozen model (0: all weights).")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(
-        min=0.0, show_default=False, help="LoRA updates are scaled by alpha / rank (default 16).")] = None,
+        show_default=False, help="LoRA updates are scaled by alpha / rank (default 16).")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(
-        min=0.0, max=0.99, show_default=False, help="Dropout on the LoRA path (default 0).")] = None,
+        show_default=False, help="Dropout on the LoRA path, in [0, 1) (default 0).")] = None,
     lora_targets: Annotated[Optional[LoraTargets], typer.Option(
         show_default=False, help="Projections that get adapters: attn, mlp or all (default attn).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="With LoRA: also write a merged full checkpoint.")] = False,
@@ -103,8 +103,7 @@ def finetune(
 
     hand_off_to_torchrun(nproc)
     opts = common(ctx, project, device, seed, quiet)
-    with user_errors():
-        p = proj.Project.open(opts.project)
+    with user_errors(), proj.Project.writing(opts.project) as p:
         flags = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
                  "lora.targets": lora_targets.value if lora_targets else None,
                  **opts.train_flags(max_steps=max_steps, keep=keep, log=log, compile_model=compile_model,

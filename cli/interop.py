@@ -32,8 +32,8 @@ def import_model(
     from lmkit import project as proj
 
     opts = common(ctx, project, quiet=quiet)
-    with user_errors():
-        path = interop.import_hf(source, proj.Project.open(opts.project))
+    with user_errors(), proj.Project.writing(opts.project) as p:
+        path = interop.import_hf(source, p)
         report = interop.describe(path)
     if json_out:
         typer.echo(json.dumps(report))
@@ -50,7 +50,8 @@ def export_model(
         help="A checkpoint, run or project (default: the project's latest).")] = None,
     format_: Annotated[ExportFormat, typer.Option("--format", help="hf: a Hugging Face model directory.")]
     = ExportFormat.hf,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT when it is a model directory already.")]
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite OUT when it is an earlier export (never an lmkit checkpoint or project).")]
     = False,
     project: ProjectDir = None,
 ) -> None:

@@ -17,8 +17,10 @@ def merge(
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", show_default=False,
         help="Where to write the merged checkpoint (default: beside it, named '-merged'): a new or empty "
-        "folder, or an lmkit checkpoint to replace with --force.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT when it is an lmkit checkpoint.")] = False,
+        "folder, or with --force an lmkit checkpoint that nothing refers to.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace OUT when it is an lmkit checkpoint that no other checkpoint or latest.json "
+        "refers to.")] = False,
     project: ProjectDir = None,
 ) -> None:
     """Merge a LoRA checkpoint's adapters into a full checkpoint that needs no base."""

@@ -67,8 +67,7 @@ def pretrain(
 
     hand_off_to_torchrun(nproc)
     opts = common(ctx, project, device, seed, quiet)
-    with user_errors():
-        p = proj.Project.open(opts.project)
+    with user_errors(), proj.Project.writing(opts.project) as p:
         budget = config.parse_duration(time_budget) if time_budget else None
         flags = {"arch": arch, "preset": preset, "train.time_budget": budget,
                  **opts.train_flags(max_steps=max_steps, keep=keep, log=log, compile_model=compile_model,

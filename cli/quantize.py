@@ -16,7 +16,8 @@ def quantize(
     source: Annotated[Optional[Path], typer.Argument(
         show_default=False, help="Checkpoint, run or project (default: the project's latest).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the int8 checkpoint (new or empty).")] = ...,
-    force: Annotated[bool, typer.Option("--force", help="Replace an lmkit checkpoint already at OUT.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an lmkit checkpoint already at OUT that nothing refers to.")] = False,
     json_out: Json = False,
     project: ProjectDir = None,
     quiet: Quiet = False,

@@ -29,7 +29,7 @@ InputFile = Annotated[str, typer.Argument(help="Input file, or - for stdin.")]
 def train(
     ctx: typer.Context,
     corpora: Corpora,
-    vocab_size: Annotated[Optional[int], typer.Option(min=300, max=2**31 - 1, show_default=False,
+    vocab_size: Annotated[Optional[int], typer.Option(show_default=False,
                                                       help="Vocabulary size (a soft limit) (default: 4096).")] = None,
     model_type: Annotated[Optional[str], typer.Option(
         show_default=False, help="bpe, unigram, char or word (default: bpe).")] = None,
@@ -44,16 +44,15 @@ def train(
     from lmkit import tokenizer as tok
 
     opts = common(ctx, project, quiet=quiet)
-    with user_errors():
-        p = proj.Project.open(opts.project)
+    with user_errors(), proj.Project.writing(opts.project) as p:
         flags = {"tokenizer.vocab_size": vocab_size, "tokenizer.model_type": model_type, "data.text_field": text_field}
         cfg = config.resolve(project_file=p.config_file, flags=flags)
         if p.has_tokenizer() and not force:
             existing = tok.Tokenizer.load(p.tokenizer_model)
             raise config.ConfigError(f"{p.root} already has a tokenizer ({existing.fingerprint}); pass --force to "
                                      "replace it (its prepared data and checkpoints will no longer match)")
-        config.write_template(p.config_file)
         files = corpus.corpus_files(corpora)
+        config.write_template(p.config_file)
         trained = tok.train_tokenizer(corpus.iter_documents(files, cfg.data.text_field), p.tokenizer_model,
                                       cfg.tokenizer)
         typer.echo(f"{p.tokenizer_model}: {trained.vocab_size} pieces, fingerprint {trained.fingerprint}")
@@ -102,10 +101,10 @@ def prepare(
     corpora: Corpora,
     text_field: TextField = None,
     val_fraction: Annotated[Optional[float], typer.Option(
-        min=0.0, max=0.5, show_default=False, help="Share of the text kept for validation (default: 0.05).")] = None,
+        show_default=False, help="Share of the text kept for validation, in (0, 0.5] (default: 0.05).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even if the files are up to date.")] = False,
     workers: Annotated[int, typer.Option(
-        min=1, help="Encoding processes (1: this one, with sentencepiece's threads).")] = 1,
+        help="Encoding processes (1: this one, with sentencepiece's threads).")] = 1,
     project: ProjectDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -116,8 +115,7 @@ def prepare(
     from lmkit import project as proj
 
     opts = common(ctx, project, quiet=quiet)
-    with user_errors():
-        p = proj.Project.open(opts.project)
+    with user_errors(), proj.Project.writing(opts.project) as p:
         cfg = config.resolve(project_file=p.config_file,
                              flags={"data.text_field": text_field, "data.val_fraction": val_fraction})
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 
     step-000200/
       model.safetensors    weights (a tied output layer is stored once, under the embedding's name)
-      config.json          format, lmkit version, run config, tokenizer fingerprint, step, metrics
+      config.json          format, lmkit version, run config, tokenizer fingerprint, step, metrics,
+                           and the sha256 of every other file, checked when that file is read
       tokenizer.model      the tokenizer, so the folder works on its own
       trainer.safetensors  optimizer moments, RNG and data-sampler states      (for exact resume)
       trainer.json         TrainState and optimizer hyper-parameters           (for exact resume)
@@ -33,7 +34,7 @@ from lmkit.errors import CheckpointError, ConfigError
 from lmkit.fileio import atomic_dir, atomic_write_json
 from lmkit.models import build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
-from lmkit.project import Project
+from lmkit.project import Project, project_holding
 from lmkit.tokenizer import AnyTokenizer, load_tokenizer
 
 FORMAT = "lmkit-checkpoint"
@@ -99,6 +100,8 @@ def save(path: Path, *, model: nn.Module, config: RunConfig, tokenizer: AnyToken
             tensors, trainer_meta = _flatten_trainer(trainer)
             save_tensors(tensors, tmp / "trainer.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=2) + "\n", encoding="utf-8")
+        # damage that still parses (a bad block, a copy gone wrong) shows only as other bytes: loading checks these
+        meta["sha256"] = {file.name: file_sha256(file) for file in sorted(tmp.iterdir())}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -123,13 +126,74 @@ def is_checkpoint_dir(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def weights_fingerprint(path: Path) -> str:
-    """sha256 (16 hex digits) of a checkpoint's model.safetensors."""
+# What a checkpoint's config.json may name another checkpoint as: (keys, how the error says it).
+_REFERENCES = ((("base", "path"), "as the base of its adapters"), (("finetune", "base"), "as its finetuning base"),
+               (("distill", "teacher"), "as its teacher"), (("distill", "student"), "as its student's start"),
+               (("merged_from",), "as the adapters it was merged from"),
+               (("quantized_from",), "as the checkpoint it was quantized from"))
+
+
+def _named_checkpoints(meta: Any) -> list[tuple[Path, str]]:
+    found = []
+    for keys, how in _REFERENCES:
+        value = meta
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str) and value:
+            found.append((Path(value).resolve(), how))
+    return found
+
+
+def referrers(path: Path, *related: Path, ignore_latest: bool = False) -> list[str]:
+    """What refers to the checkpoint folder PATH, in the projects of PATH and of the checkpoints
+    RELATED (and in RELATED themselves): a project's latest.json (unless IGNORE_LATEST), and every
+    checkpoint that names it (an adapter's base, a finetune's base, a distillation's teacher or
+    student, the source of a merged or int8 checkpoint). Replacing it would break each of them."""
+    target, found = path.resolve(), []
+    projects = {p.root for p in map(project_holding, (path, *related)) if p is not None}
+    metas = [ckpt for ckpt in related if (ckpt / "config.json").is_file()]
+    for root in sorted(projects):
+        project = Project(root)
+        try:
+            if not ignore_latest and project.latest_checkpoint().resolve() == target:
+                found.append(str(project.latest_pointer))
+        except CheckpointError:
+            pass
+        metas += [m.parent for m in project.checkpoints_dir.rglob("config.json")
+                  if not any(part.startswith(".") for part in m.relative_to(project.checkpoints_dir).parts)]
+    for folder in dict.fromkeys(p.resolve() for p in metas):
+        try:
+            meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if folder != target:
+            found += [f"{folder} ({how})" for named, how in _named_checkpoints(meta) if named == target]
+    return found
+
+
+def refuse_referenced(path: Path, *related: Path, ignore_latest: bool = False) -> None:
+    """Refuse to replace the checkpoint PATH when anything refers to it (see referrers).
+
+    Args:
+        ignore_latest: a latest.json that names PATH does not count (the caller points it anew).
+
+    Raises:
+        CheckpointError: naming what refers to PATH.
+    """
+    found = referrers(path, *related, ignore_latest=ignore_latest)
+    if found:
+        shown = "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise CheckpointError(f"{path} is in use, so lmkit will not replace it: {shown} refers to it; "
+                              "write to a new folder")
+
+
+def file_sha256(file: Path) -> str:
+    """The sha256 (hex) of FILE's bytes, read a block at a time."""
     digest = hashlib.sha256()
-    with open(path / "model.safetensors", "rb") as f:
+    with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def set_latest(project: Project, path: Path) -> None:
@@ -196,8 +260,9 @@ def resumable(path: Path | None, project: Project, warn: Callable[[str], None]
             if snapshot is None:
                 raise CheckpointError(f"{candidate} holds weights only and cannot be resumed")
             ckpt.tokenizer()
-            with safe_open(candidate / "model.safetensors", "pt"):  # the header covers the whole file:
-                pass  # not truncated; the weights themselves are read once, by whoever resumes
+            ckpt.verify()  # damage that still parses; the weights themselves are read later, by whoever resumes
+            with safe_open(candidate / "model.safetensors", "pt"):  # the header covers the whole file: not
+                pass  # truncated (all a checkpoint saved before checksums can tell)
         except (CheckpointError, SafetensorError, OSError, ValueError, KeyError) as err:
             problem = problem or f"{candidate}: {err}"
             continue
@@ -228,6 +293,33 @@ class Checkpoint:
             self.config = RunConfig.from_dict(self.meta["config"], f"{self.path}/config.json")
         except (KeyError, ConfigError) as err:
             raise CheckpointError(f"{self.path}/config.json has an invalid config: {err}") from None
+        self._digests: dict[str, str] = {}  # sha256 of the files hashed so far, so none is hashed twice
+
+    def sha256(self, name: str) -> str:
+        """The sha256 of this checkpoint's file NAME as it is now (hashed once per Checkpoint)."""
+        if name not in self._digests:
+            try:
+                self._digests[name] = file_sha256(self.path / name)
+            except OSError as err:
+                raise CheckpointError(f"cannot read {self.path / name}: {err.strerror or err}") from None
+        return self._digests[name]
+
+    def verify(self, *names: str) -> None:
+        """Check the files NAMES (default: all) against the checksums config.json holds for them
+        (checkpoints saved before lmkit kept checksums have none, and pass).
+
+        Raises:
+            CheckpointError: a file whose bytes changed since it was saved, named.
+        """
+        checksums = self.meta.get("sha256", {})
+        for name in names or checksums:
+            if name in checksums and self.sha256(name) != checksums[name]:
+                raise damaged(self.path / name)
+
+    def weights_fingerprint(self) -> str:
+        """What identifies these weights (an adapter's base, a student's teacher): the first 16 hex
+        digits of model.safetensors' sha256 as it is now (no second hashing once loaded)."""
+        return self.sha256("model.safetensors")[:16]
 
     def require_task(self, task: str, command: str) -> Checkpoint:
         """Fail clearly when this checkpoint's model does not do what COMMAND needs."""
@@ -260,6 +352,7 @@ class Checkpoint:
 
     def tokenizer(self) -> AnyTokenizer:
         info = self.meta["tokenizer"]
+        self.verify(info["file"])
         tokenizer = load_tokenizer(self.path / info["file"], info.get("special"), info.get("options"))
         if tokenizer.fingerprint != self.tokenizer_fingerprint:
             raise CheckpointError(f"{self.path}: tokenizer.model does not match the fingerprint in config.json")
@@ -291,6 +384,7 @@ class Checkpoint:
             from lmkit import quantize
 
             quantize.check_device(torch.device(device))
+            self.verify("model.safetensors")
             return quantize.load_int8(build_model(self.config.model), self.path / "model.safetensors",
                                       self.meta.get("tied_weights", {}))
         adapters = self.meta.get("weights") == "adapters"
@@ -300,7 +394,13 @@ class Checkpoint:
             model = SequenceClassifier(model, len(self.labels))
         if adapters:
             lora.add_adapters(model, self.config.lora)
-        stored, missing, unexpected = load_weights(model, self.path / "model.safetensors")
+        expected = self.meta.get("sha256", {}).get("model.safetensors")
+        if "model.safetensors" in self._digests:  # hashed already (resumable, an adapter's base check)
+            self.verify("model.safetensors")
+            expected = None
+        stored, missing, unexpected = load_weights(model, self.path / "model.safetensors", sha256=expected)
+        if expected is not None:
+            self._digests["model.safetensors"] = expected
         if adapters:  # everything trainable must be in the file; the frozen rest came from the base
             complete = {n for n, p in model.named_parameters() if p.requires_grad} <= stored
         else:
@@ -321,7 +421,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} holds adapters for {path}, which is gone; restore it, or use a "
                                   "merged checkpoint (lmkit finetune --merge)")
         base_ckpt = Checkpoint(path)
-        if weights_fingerprint(path) != base["weights"]:
+        if base_ckpt.weights_fingerprint() != base["weights"]:
             raise CheckpointError(f"{path} has changed since the adapters in {self.path} were trained on it")
         return base_ckpt.model(model_config=model_config)  # the adapters' run may have changed dropout
 
@@ -329,6 +429,7 @@ class Checkpoint:
         """The saved training state, or None for a weights-only checkpoint."""
         if not (self.path / "trainer.json").is_file():
             return None
+        self.verify("trainer.json", "trainer.safetensors")
         try:
             meta = json.loads((self.path / "trainer.json").read_text(encoding="utf-8"))
             _check_trainer_meta(meta)
@@ -340,8 +441,8 @@ class Checkpoint:
 # config.json keys every reader relies on, and their types (bool is not an int here); _OPTIONAL
 # ones may be absent.
 _META_TYPES: dict[str, type] = {"step": int, "run": str, "tokenizer": dict, "config": dict, "task": str,
-                                "weights": str, "metrics": dict, "tied_weights": dict}
-_OPTIONAL = {"task", "weights", "metrics", "tied_weights"}
+                                "weights": str, "metrics": dict, "tied_weights": dict, "sha256": dict}
+_OPTIONAL = {"task", "weights", "metrics", "tied_weights", "sha256"}  # sha256: absent before lmkit kept checksums
 _KIND_NAMES = {int: "an integer", str: "a string", dict: "an object"}
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -381,40 +482,64 @@ def _check_trainer_meta(meta: Any) -> None:
         raise ValueError("trainer.json's optimizer_scalars or scaler is not an object")
 
 
-def load_weights(model: nn.Module, path: Path) -> tuple[set[str], list[str], list[str]]:
+def load_weights(model: nn.Module, path: Path, sha256: str | None = None) -> tuple[set[str], list[str], list[str]]:
     """Copy the tensors of the safetensors file PATH into MODEL's parameters and buffers of the same
     names, one tensor at a time (so loading holds the model plus one tensor, not two copies of the
-    weights); converts dtypes (bf16 on disk -> the model's fp32).
+    weights); converts dtypes (bf16 on disk -> the model's fp32). With SHA256, the file's checksum
+    is taken while reading and must be that.
 
     Returns:
         (names in the file, model names the file lacks, file names the model lacks)
 
     Raises:
-        CheckpointError: an unreadable file, or a tensor whose shape differs from the model's.
+        CheckpointError: an unreadable or damaged file, or a tensor whose shape differs from the model's.
     """
     state = model.state_dict()  # views of the parameters themselves: copying into them loads the model
+    digest = hashlib.sha256() if sha256 is not None else None
+    misfit = None  # a shape that differs from the model's; damage, when the checksum tells of it, comes first
     try:
-        with safe_open(path, "pt") as f:  # checks the header against the file's size
+        with safe_open(path, "pt") as f:  # checks the header against the file's size and that the tensors tile it
             stored = set(f.keys())
         # Read each tensor's bytes with plain file reads: safe_open's tensors are views of a memory
         # map, whose pages would all count as resident at once (a second copy of the weights).
+        # In file order, so that the checksum covers every byte in one pass.
         with open(path, "rb") as f, torch.no_grad():
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
-            for name in sorted(stored & state.keys()):
+            prefix = f.read(8)
+            header_size = int.from_bytes(prefix, "little")
+            raw_header = f.read(header_size)
+            header = json.loads(raw_header)
+            if digest is not None:
+                digest.update(prefix + raw_header)
+            for name in sorted(stored, key=lambda n: header[n]["data_offsets"][0]):
                 info = header[name]
-                if tuple(info["shape"]) != tuple(state[name].shape):
-                    raise CheckpointError(f"{path}: {name} has shape {tuple(info['shape'])}, the model's is "
-                                          f"{tuple(state[name].shape)}")
+                wanted = name in state
+                if wanted and tuple(info["shape"]) != tuple(state[name].shape):
+                    misfit = misfit or (f"{path}: {name} has shape {tuple(info['shape'])}, the model's is "
+                                        f"{tuple(state[name].shape)}")
+                    wanted = False
+                if not wanted and digest is None:
+                    continue
                 start, end = info["data_offsets"]
                 f.seek(8 + header_size + start)
                 data = bytearray(end - start)
                 f.readinto(data)
-                if data:
+                if digest is not None:
+                    digest.update(data)
+                if wanted and data:
                     state[name].copy_(torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]).view(info["shape"]))
     except (FileNotFoundError, SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from None
+    if digest is not None and digest.hexdigest() != sha256:
+        raise damaged(path)
+    if misfit:
+        raise CheckpointError(misfit)
     return stored, sorted(state.keys() - stored), sorted(stored - state.keys())
+
+
+def damaged(file: Path) -> CheckpointError:
+    """The error for a checkpoint's FILE whose bytes no longer match the sha256 saved with it."""
+    return CheckpointError(f"{file} is damaged: its bytes no longer match the sha256 in config.json (a disk or "
+                           "copy error); restore it from a copy, or use another checkpoint")
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

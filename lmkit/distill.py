@@ -353,7 +353,7 @@ def _single_process() -> None:
 def _identity(spec: DistillSpec, teacher: checkpoint.Checkpoint) -> dict[str, Any]:
     """What a distillation run's checkpoints record of its inputs; a resume requires the same."""
     return {**dataclasses.asdict(spec), "layers": list(spec.layers) if spec.layers else None,
-            "teacher_weights": checkpoint.weights_fingerprint(teacher.path)}
+            "teacher_weights": teacher.weights_fingerprint()}
 
 
 def _attach_loss(plan: RunPlan, teacher: nn.Module, traits: Distillation, cfg: RunConfig,

@@ -75,6 +75,37 @@ def naming(path: Path) -> Iterator[None]:
         raise
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where creating a symlink needs admin rights
+
+
+def open_owned(path: Path, flags: int, mode: int = 0o666) -> int:
+    """os.open for a file lmkit owns (a lock, a log it appends to, a temporary file), never through a
+    symbolic link: a link put in its place would make lmkit write, or empty, whatever it points at.
+
+    Raises:
+        LmkitError: PATH is a symbolic link.
+    """
+    try:
+        return os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise LmkitError(f"{shown_path(path)} is a symbolic link, and lmkit never writes through a link it did "
+                             "not make; remove the link and run the command again") from None
+        raise
+
+
+def append_text(path: Path) -> Any:
+    """PATH opened to append UTF-8 text (created if missing), never through a symbolic link (open_owned)."""
+    return os.fdopen(open_owned(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
+def _create_tmp(tmp: Path, mode: str) -> Any:
+    """The new temporary file TMP opened in MODE: a file of that name (one this PID left behind, or a
+    link someone put there) goes first, and O_EXCL makes sure the file written is the one created."""
+    _discard(tmp)
+    return os.fdopen(open_owned(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), mode)
+
+
 def _discard(path: Path) -> None:
     """Remove a temporary file if it is there; a failure here must not hide the one that got us here."""
     with contextlib.suppress(OSError):
@@ -85,7 +116,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with naming(path), open(tmp, "wb") as f:
+        with naming(path), _create_tmp(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -126,7 +157,7 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with naming(path), open(tmp, mode) as f:
+        with naming(path), _create_tmp(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -145,6 +176,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if tmp.is_symlink():  # rmtree refuses a link; the link itself goes, never what it points at
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with naming(path):
@@ -176,14 +209,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_dir(path: Path) -> bool:
+def _left_behind(pid: int, mine_too: bool) -> bool:
+    """Whether what carries PID is a dead process's: PID is gone, or (MINE_TOO) it is this process's
+    own, which writes nothing there now -- an earlier process had the same PID (containers restart
+    their processes with the same PIDs)."""
+    return (mine_too and pid == os.getpid()) or not _alive(pid)
+
+
+def recover_dir(path: Path, *, mine_too: bool = False) -> bool:
     """When atomic_dir was killed between moving the old PATH aside and moving the new one in, put
-    the old folder back (it is whole; the new one may not be); True when PATH exists afterwards."""
+    the old folder back (it is whole; the new one may not be); True when PATH exists afterwards.
+    MINE_TOO: see clean_leftovers."""
     if path.exists():
         return True
     for old in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
         match = _LEFTOVER_RE.match(old.name)
-        if match and old.is_dir() and not _alive(int(match["pid"])):
+        if match and old.is_dir() and _left_behind(int(match["pid"]), mine_too):
             try:
                 os.replace(old, path)
             except OSError:  # a read-only project: leave it as it is
@@ -193,18 +234,24 @@ def recover_dir(path: Path) -> bool:
     return False
 
 
-def clean_leftovers(folder: Path) -> None:
-    """Remove the temporary files and folders that dead processes left in FOLDER, first putting
-    back any replaced folder whose replacement never arrived (recover_dir)."""
+def clean_leftovers(folder: Path, *, mine_too: bool = False) -> None:
+    """Remove the temporary files and folders that dead processes left in FOLDER, with all they
+    hold (a temporary checkpoint folder holds safetensors' own `.tmpXXXXXX` of a file it was
+    writing), first putting back any replaced folder whose replacement never arrived (recover_dir).
+
+    Args:
+        mine_too: this process writes nothing in FOLDER now (it has just taken the project's lock),
+            so what carries its own PID is an earlier process's too.
+    """
     if not folder.is_dir():
         return
     leftovers = [(entry, match) for entry in folder.iterdir()
-                 if (match := _LEFTOVER_RE.match(entry.name)) and not _alive(int(match["pid"]))]
+                 if (match := _LEFTOVER_RE.match(entry.name)) and _left_behind(int(match["pid"]), mine_too)]
     for _, match in leftovers:
         if match["kind"] == "old":
-            recover_dir(folder / match["name"])
+            recover_dir(folder / match["name"], mine_too=mine_too)
     for entry, _ in leftovers:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
+        else:
+            _discard(entry)  # gone already, or a read-only project: nothing to stop for

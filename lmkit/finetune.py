@@ -6,6 +6,7 @@ weights trained, or with LoRA adapters on a frozen model. Every task runs on the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from lmkit.errors import CheckpointError, DataError
 from lmkit.fileio import check_target_dir
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.heads import SequenceClassifier
-from lmkit.project import Project, exclusive
+from lmkit.project import Project, exclusive, project_holding
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import (
     Log,
@@ -136,7 +137,7 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     if cfg.lora.rank:
         lora.add_adapters(model, cfg.lora)
         plan.adapters_only = True
-        plan.meta["base"] = {"path": str(base.path.resolve()), "weights": checkpoint.weights_fingerprint(base.path)}
+        plan.meta["base"] = {"path": str(base.path.resolve()), "weights": base.weights_fingerprint()}
     trainable = count_parameters(model, trainable_only=True)
     run = start_run(project, cfg, world)
     start = f"a fresh {cfg.model.arch} shaped like {base.path}" if spec.scratch else str(base.path)
@@ -189,18 +190,22 @@ def _merge_at_end(project: Project, result: TrainResult, world: distributed.Worl
     """--merge: a finished LoRA run's best checkpoint, merged, becomes the project's latest."""
     if result.outcome.stopped_by is None and world.is_main:
         merged = merge_checkpoint(result.outcome.best_checkpoint or result.outcome.checkpoint,
-                                  project.checkpoints_dir / result.run / "merged", force=True)  # the run's own folder
+                                  project.checkpoints_dir / result.run / "merged", force=True,  # the run's own folder
+                                  moving_latest=True)
         checkpoint.set_latest(project, merged)
         log(f"merged the adapters into {merged}")
 
 
-def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False) -> Path:
+def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False, *, moving_latest: bool = False) -> Path:
     """Write a full checkpoint at OUT with the LoRA adapters of ADAPTER_PATH folded into the weights;
     it gives the same outputs and needs neither the base checkpoint nor LoRA code. OUT must be new
-    or empty, or with FORCE an lmkit checkpoint to replace (fileio.check_target_dir).
+    or empty, or with FORCE an lmkit checkpoint that nothing refers to (checkpoint.referrers: not
+    the adapters' base, nor the project's latest unless MOVING_LATEST, the caller pointing it anew).
+    Holds the lock of the project OUT lies in.
 
     Raises:
-        CheckpointError: ADAPTER_PATH holds no adapters, or OUT is ADAPTER_PATH itself.
+        CheckpointError: ADAPTER_PATH holds no adapters, OUT is ADAPTER_PATH itself, or something
+            refers to OUT.
         LmkitError: OUT cannot be written (see fileio.check_target_dir).
     """
     ckpt = checkpoint.Checkpoint(adapter_path)
@@ -208,11 +213,16 @@ def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False) -> Path
         raise CheckpointError(f"{adapter_path} holds full weights already; there is nothing to merge")
     if out.resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{out} is the adapter checkpoint itself; write the merged one somewhere else")
-    check_target_dir(out, "checkpoint", checkpoint.is_checkpoint_dir, force)
-    model = lora.merge_adapters(ckpt.model())
-    extra = {k: ckpt.meta[k] for k in ("labels", "data", "finetune") if k in ckpt.meta}
-    checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run, step=ckpt.step,
-                    metrics=ckpt.meta.get("metrics"), task=ckpt.task, extra={**extra, "merged_from": str(adapter_path)})
+    owner = project_holding(out)
+    with owner.lock() if owner else contextlib.nullcontext():
+        check_target_dir(out, "checkpoint", checkpoint.is_checkpoint_dir, force)
+        if out.exists():
+            checkpoint.refuse_referenced(out, ckpt.path, ignore_latest=moving_latest)
+        model = lora.merge_adapters(ckpt.model())
+        extra = {k: ckpt.meta[k] for k in ("labels", "data", "finetune") if k in ckpt.meta}
+        checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run,
+                        step=ckpt.step, metrics=ckpt.meta.get("metrics"), task=ckpt.task,
+                        extra={**extra, "merged_from": str(adapter_path)})
     return out
 
 

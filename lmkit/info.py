@@ -17,6 +17,7 @@ TASK_OBJECTIVES = {"classify": ["classification"], "seq2seq": ["source -> target
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = ckpt_lib.Checkpoint(path)
+    ckpt.verify()  # a summary of a damaged checkpoint would pass it off as whole
     meta = ckpt.meta
     trainer_file = ckpt.path / "trainer.json"
     trainer = json.loads(trainer_file.read_text(encoding="utf-8")) if trainer_file.is_file() else None

@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 from lmkit import checkpoint
 from lmkit.checkpoint import save_tensors
 from lmkit.config import RunConfig
-from lmkit.errors import CheckpointError, ConfigError
+from lmkit.errors import CheckpointError, ConfigError, LmkitError
 from lmkit.fileio import atomic_dir, check_target_dir
 from lmkit.models import ARCHS, build_model
-from lmkit.project import Project
+from lmkit.project import Project, project_holding
 from lmkit.tokenizer import SPECIAL_PIECES, HFTokenizer, Tokenizer
 
 _SPECIAL_KEYS = {"pad": "pad_token", "unk": "unk_token", "bos": "bos_token", "eos": "eos_token",
@@ -41,7 +41,13 @@ def import_hf(source: Path, project: Project) -> Path:
     Raises:
         CheckpointError: not a model directory, pickled weights only, an architecture or config
             option lmkit does not have, or weights that do not match the config.
+        LmkitError: another process holds PROJECT's lock.
     """
+    with project.lock():
+        return _import_hf(source, project)
+
+
+def _import_hf(source: Path, project: Project) -> Path:
     if source.exists() and not source.is_dir():
         raise CheckpointError(f"{source} is a file; give the Hugging Face model directory that holds it")
     config = _ConfigFields(_read_json(source / "config.json", "a Hugging Face model directory"),
@@ -236,20 +242,30 @@ def _template(settings: dict[str, Any], tokens: dict[str, str], ids: dict[str, i
 # --- export -------------------------------------------------------------------------------------
 
 def is_model_dir(path: Path) -> bool:
-    """Whether PATH looks like a Hugging Face model directory (an earlier export)."""
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """Whether PATH looks like an earlier export: a Hugging Face model directory (config.json,
+    model.safetensors, no folders inside) that is not an lmkit checkpoint."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and \
+        not checkpoint.is_checkpoint_dir(path) and not any(p.is_dir() for p in path.iterdir())
 
 
 def export_hf(ckpt_path: Path, out: Path, force: bool = False) -> Path:
     """Write the lmkit checkpoint CKPT_PATH as a Hugging Face model directory OUT, as its
     architecture's mapping says (a GPT as GPT2LMHeadModel, a BERT as BertForMaskedLM, a BERT
     classifier as BertForSequenceClassification), with its tokenizer. OUT must be new or empty, or
-    with FORCE a model directory (config.json and model.safetensors) to overwrite.
+    with FORCE an earlier export (is_model_dir) to overwrite; never an lmkit checkpoint, a project or
+    a folder inside a project's own (project.project_holding).
 
     Raises:
         CheckpointError: a checkpoint kind that has no transformers counterpart here.
         LmkitError: OUT cannot be written (see fileio.check_target_dir).
     """
+    if checkpoint.is_checkpoint_dir(out):
+        raise LmkitError(f"{out} is an lmkit checkpoint, which export never replaces (--force replaces only an "
+                         "earlier export); give a new folder")
+    owner = project_holding(out)
+    if owner is not None:
+        where = "is the project" if owner.root == out.resolve() else "lies in the lmkit-managed folders of the project"
+        raise LmkitError(f"{out} {where} {owner.root}, which export never writes into; give a folder outside them")
     check_target_dir(out, "model directory", is_model_dir, force)
     ckpt = checkpoint.Checkpoint(ckpt_path)
     if ckpt.meta.get("weights") == "adapters":

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmkit.config import ConfigError
+from lmkit.fileio import atomic_file
 from lmkit.runs import BITS_PER_NAT, RunSummary
 
 X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens seen"), "time": ("elapsed", "seconds")}
@@ -63,7 +64,7 @@ def plot_runs(runs: Sequence[RunSummary], out: Path, *, metric: str = "loss", x:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=dpi, format=out.suffix.lower()[1:])
+    with atomic_file(out) as f:  # never through a link left at OUT (PROJECT/curves.png by default)
+        figure.savefig(f, dpi=dpi, format=out.suffix.lower()[1:])
     plt.close(figure)
     return [run for run in runs if run not in drawn]

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from lmkit import corpus
-from lmkit.config import DataConfig
+from lmkit.config import DataConfig, check_range
 from lmkit.errors import DataError
 from lmkit.fileio import atomic_file, atomic_write_json
-from lmkit.project import Project
+from lmkit.project import Project, exclusive
 from lmkit.tokenizer import AnyTokenizer, HFTokenizer, Tokenizer
 
 SPLITS = ("train", "val")
+MAX_WORKERS = 256  # encoding processes; each holds a tokenizer and a few batches
 _BATCH_LINES = 4096
 _SCAN_TOKENS = 1 << 24  # ids checked at a time against the vocabulary (32-64 MiB of a memory map)
 
@@ -221,6 +222,7 @@ def load_prepared(project: Project, tokenizer: Tokenizer, dataset: str = "") -> 
     return PreparedData(files[0], files[1], reused=True)  # type: ignore[arg-type]
 
 
+@exclusive  # a run in the project reads these files: no other process replaces them under it
 def prepare(
     project: Project,
     corpora: Sequence[Path],
@@ -241,7 +243,9 @@ def prepare(
 
     Raises:
         DataError: unreadable input, or a corpus too small to give both splits any tokens.
+        ConfigError: WORKERS out of range.
     """
+    check_range("workers", workers, 1, MAX_WORKERS)
     corpora = corpus.corpus_files(corpora)
     recipe = {"tokenizer": tokenizer.fingerprint, "sources": corpus.fingerprint(corpora),
               "val_fraction": cfg.val_fraction, "text_field": cfg.text_field}

@@ -15,6 +15,8 @@ import functools
 import json
 import os
 import re
+import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +27,7 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here; projects are not locked
     fcntl = None  # type: ignore[assignment]
-from lmkit.fileio import content_fingerprint, recover_dir
+from lmkit.fileio import clean_leftovers, content_fingerprint, open_owned, recover_dir
 
 ENV_VAR = "LMKIT_PROJECT"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,6 +54,41 @@ class Project:
             raise LmkitError(f"project directory {chosen} does not exist")
         return cls(chosen)
 
+    @classmethod
+    @contextlib.contextmanager
+    def writing(cls, root: Path | str | None = None) -> Iterator[Project]:
+        """The project at ROOT (as open, created when new) for a command that writes into it, holding
+        its lock throughout. A project is only made by a command that gets going: when the command
+        fails (a missing corpus, a bad setting) before it has started a run, the folders it made go
+        again, with what it wrote there -- lmkit's own entries only; anything else keeps the folder.
+        """
+        chosen = Path(root or os.environ.get(ENV_VAR) or ".")
+        made = [p for p in (chosen, *chosen.parents) if not p.exists()]  # innermost first
+        project = cls.open(chosen)
+        with project.lock():
+            try:
+                yield project
+            except BaseException:
+                if made and (fcntl is None or project.root.resolve() in _HELD):  # torchrun: rank 0 tidies
+                    project._unmake(made)
+                raise
+
+    def _unmake(self, made: list[Path]) -> None:
+        """Remove what a failed first command wrote into this new project, then the folders MADE."""
+        if self.checkpoints_dir.exists() or self.runs_dir.exists():
+            return  # a run started: the inputs were good, and what it wrote is the user's
+        for entry in (self.config_file, self.tokenizer_dir, self.data_dir, self.root / ".lock"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink(missing_ok=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # holds something lmkit did not write
+                return
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the project's write lock: one process trains in a project at a time (two would take
@@ -60,15 +97,19 @@ class Project:
         only rank 0 takes it: the other ranks are the same job.
 
         Raises:
-            LmkitError: another process holds it (its PID is named).
+            LmkitError: another process holds it (its PID is named), or .lock is a link (symbolic or
+                hard: writing the PID would empty the file it shares its contents with).
         """
         key = self.root.resolve()
         if key in _HELD or int(os.environ.get("RANK", "0")) != 0 or fcntl is None:
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_owned(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            if os.fstat(fd).st_nlink != 1 or not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LmkitError(f"{self.root / '.lock'} is not lmkit's own lock file (it is linked to another file, "
+                                 "or not a file); remove it and run the command again")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -79,6 +120,7 @@ class Project:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             _HELD.add(key)
             try:
+                self.clean_leftovers()
                 yield
             finally:
                 _HELD.discard(key)
@@ -86,12 +128,27 @@ class Project:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def clean_leftovers(self) -> None:
+        """Remove what killed lmkit processes left in the project's folders: files and folders under
+        the atomic writers' temporary names, with all they hold (a checkpoint folder a save was
+        writing), after putting back a checkpoint folder a kill left moved aside. Run on taking the
+        lock, whoever's command it is (a new run, a resume, a tokenizer): no lmkit process writes in
+        the project then, this one included, so even what carries this process's PID is stale."""
+        folders = [self.root]
+        for top in (self.tokenizer_dir, self.data_dir, self.checkpoints_dir, self.runs_dir):
+            folders += [top, *(p for p in (top.glob("*/") if top.is_dir() else []) if not p.is_symlink())]
+        for folder in folders:
+            clean_leftovers(folder, mine_too=True)
+
     def writer(self) -> str | None:
         """The PID of the process that holds the project's lock (trains in it now), or None."""
         path = self.root / ".lock"
-        if fcntl is None or not path.is_file():
+        if fcntl is None or path.is_symlink() or not path.is_file():
+            return None  # a link is no lock of lmkit's: lock() refuses to take one
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # replaced by a link since, or gone
             return None
-        fd = os.open(path, os.O_RDONLY)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -220,6 +277,27 @@ class Project:
             if parent.is_dir():
                 numbers += [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_RE.match(p.name))]
         return f"run{max(numbers) + 1}"
+
+
+_OWN_FOLDERS = ("checkpoints", "tokenizer", "data", "runs")  # what only lmkit writes in a project
+
+
+def is_project_dir(path: Path) -> bool:
+    """Whether PATH is an lmkit project: it has a lock, a config, checkpoints or a tokenizer."""
+    return any((path / name).exists() for name in (".lock", "lmkit.toml", "checkpoints")) or \
+        (path / "tokenizer" / "tokenizer.model").is_file()
+
+
+def project_holding(path: Path) -> Project | None:
+    """The project that PATH is, or lies in one of the own folders of (checkpoints, tokenizer, data,
+    runs: where only lmkit writes); None for anything else, such as a folder of the user's beside them."""
+    resolved = path.resolve()
+    if is_project_dir(resolved):
+        return Project(resolved)
+    for parent in resolved.parents:
+        if resolved.relative_to(parent).parts[0] in _OWN_FOLDERS and is_project_dir(parent):
+            return Project(parent)
+    return None
 
 
 def exclusive(fn: F) -> F:

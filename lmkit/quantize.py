@@ -9,6 +9,8 @@ measured 2-12x slower than float32 on this CPU, so they are not used (bench/perf
 
 `lmkit quantize` saves such a model: int8 weights and float32 scales in safetensors (embeddings int8
 per row too, turned back into float32 on loading), under half the bytes of the float32 checkpoint.
+`--quantize int8` rounds a float checkpoint's embeddings the same way, through the same code, so the
+two give the same logits to the bit.
 """
 
 from __future__ import annotations
@@ -60,13 +62,10 @@ def _int8_linear(linear: nn.Linear, weight: torch.Tensor, scale: torch.Tensor) -
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """MODEL with every nn.Linear replaced by its int8 counterpart (per-output-channel scales), in
-    place: the same numbers as a checkpoint written by `lmkit quantize`."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, _int8_linear(child, *to_int8(child.weight)))
-    return model.eval()
+    """MODEL with every nn.Linear replaced by its int8 counterpart (per-output-channel scales) and
+    every nn.Embedding rounded to int8 per row, in place: through the same tensors and code as a
+    checkpoint written by `lmkit quantize` and loaded, so the same numbers to the bit."""
+    return _from_int8(model, int8_tensors(model), "the model")
 
 
 def int8_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,6 +94,12 @@ def load_int8(model: nn.Module, file: Path, aliases: dict[str, str]) -> nn.Modul
     for dropped, kept in aliases.items():
         if kept in stored:
             stored.setdefault(dropped, stored[kept])
+    return _from_int8(model, stored, str(file))
+
+
+def _from_int8(model: nn.Module, stored: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """MODEL (in place) from STORED, the tensors of int8_tensors: embeddings (and everything else)
+    as float32, Linears int8; SOURCE names STORED in errors."""
     modules = dict(model.named_modules())
     plain = {}
     for name, tensor in stored.items():
@@ -107,7 +112,7 @@ def load_int8(model: nn.Module, file: Path, aliases: dict[str, str]) -> nn.Modul
             plain[name] = tensor
     missing, unexpected = model.load_state_dict(plain, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{file} does not match its config (missing {sorted(missing)[:3]}, "
+        raise CheckpointError(f"{source} does not match its config (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
     for name, module in modules.items():
         for child_name, child in list(module.named_children()):
@@ -120,13 +125,18 @@ def load_int8(model: nn.Module, file: Path, aliases: dict[str, str]) -> nn.Modul
 
 def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
     """Write the int8 checkpoint of the float checkpoint SOURCE at OUT (new or empty, or with
-    FORCE an lmkit checkpoint to replace).
+    FORCE an lmkit checkpoint that nothing refers to: checkpoint.referrers). Holds the lock of the
+    project OUT lies in.
 
     Raises:
-        CheckpointError: SOURCE holds adapters or is int8 already, or OUT is SOURCE.
+        CheckpointError: SOURCE holds adapters or is int8 already, OUT is SOURCE, or something
+            refers to OUT.
     """
+    import contextlib
+
     from lmkit import checkpoint
     from lmkit.fileio import check_target_dir
+    from lmkit.project import project_holding
 
     ckpt = checkpoint.Checkpoint(source)
     if ckpt.is_int8:
@@ -138,12 +148,16 @@ def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
         raise CheckpointError(f"{source} holds LoRA adapters: merge them first (lmkit merge {source} -o DIR)")
     if out.resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{out} is the checkpoint itself; write the int8 one somewhere else")
-    check_target_dir(out, "checkpoint", checkpoint.is_checkpoint_dir, force)
-    model = ckpt.model()
-    extra = {k: ckpt.meta[k] for k in ("labels", "finetune") if k in ckpt.meta}
-    checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run, step=ckpt.step,
-                    metrics=ckpt.meta.get("metrics"), task=ckpt.task, weights=int8_tensors(model), int8=True,
-                    extra={**extra, "quantized_from": str(ckpt.path)})
+    owner = project_holding(out)
+    with owner.lock() if owner else contextlib.nullcontext():
+        check_target_dir(out, "checkpoint", checkpoint.is_checkpoint_dir, force)
+        if out.exists():
+            checkpoint.refuse_referenced(out, ckpt.path)
+        model = ckpt.model()
+        extra = {k: ckpt.meta[k] for k in ("labels", "finetune") if k in ckpt.meta}
+        checkpoint.save(out, model=model, config=ckpt.config, tokenizer=ckpt.tokenizer(), run=ckpt.run,
+                        step=ckpt.step, metrics=ckpt.meta.get("metrics"), task=ckpt.task,
+                        weights=int8_tensors(model), int8=True, extra={**extra, "quantized_from": str(ckpt.path)})
     return out
 
 

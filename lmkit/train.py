@@ -29,10 +29,10 @@ from torch import nn
 from lmkit import checkpoint, corpus, distributed, prepare
 from lmkit import sinks as sinks_lib
 from lmkit.batches import to_device
-from lmkit.config import CommandLine, RunConfig, TrainConfig, write_template
-from lmkit.device import autocast, flops_per_token, grad_scaler, peak_flops, pick_device, raise_peak_flops
+from lmkit.config import CommandLine, ModelConfig, RunConfig, TrainConfig, write_template
+from lmkit.device import autocast, grad_scaler, peak_flops, pick_device, remeasure_peak_flops
 from lmkit.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmkit.fileio import atomic_write_bytes, atomic_write_json, clean_leftovers, naming
+from lmkit.fileio import append_text, atomic_write_bytes, atomic_write_json, naming
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.objectives import Batch, LossFn, MetricsFn
 from lmkit.optim import make_optimizer
@@ -200,13 +200,16 @@ def train_loop(
         progress, metrics_file, also_log = None, Path(os.devnull), None
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = tokens_per_batch * cfg.grad_accum
-    flops = _flops_per_token(model)
-    peak = peak_flops(device) * world.size if flops and world.is_main else 0.0
+    count = _train_flops(model)
+    peak = peak_flops(device) if count and world.is_main else 0.0  # MFU: of this rank's device, from its batches
+    if peak:
+        batches = tally = _FlopTally(batches, count)
+    remeasured = False
     start, start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed
     interval_start, interval_tokens = start, 0
     latest: dict[str, float] = {}  # train_loss and validation metrics as last measured
     best_path = None
-    with _stop_signals() as stop, metrics_file.open("a", encoding="utf-8") as metrics:
+    with _stop_signals() as stop, append_text(metrics_file) as metrics:
         finished = _finished(state, cfg)
         # The signal the ranks agreed to stop on. Only this decides: the handler may set
         # stop["signal"] at any bytecode (on one rank, after the vote), and a rank acting on that
@@ -249,9 +252,10 @@ def train_loop(
                       "grad_norm": round(norm, 6) if math.isfinite(norm) else None,  # before clipping
                       "peak_memory_mb": round(peak_memory_mb(device), 1)}
             if peak:
-                if (achieved := record["tokens_per_sec"] * flops) > peak:  # the peak was measured on a busy machine
-                    peak = raise_peak_flops(device, achieved / world.size) * world.size
-                record["mfu"] = round(achieved / peak, 4)
+                achieved = tally.take() / max(now - interval_start, 1e-9)
+                if achieved > peak and not remeasured:  # the peak may have been measured on a busy machine
+                    peak, remeasured = remeasure_peak_flops(device), True
+                record["mfu"] = round(min(achieved / peak, 1.0), 4)
             if evaluating:
                 val_metrics = validate()
                 record.update(val_metrics)
@@ -333,15 +337,37 @@ def _optimizer_step(model: nn.Module, params: list[nn.Parameter], batches: Itera
     return total, grad_norm.detach()
 
 
-def _flops_per_token(model: nn.Module) -> float:
-    """lmkit.device.flops_per_token of the model inside any wrapper (DDP, FSDP, a classifier); 0 if unknown."""
+def _train_flops(model: nn.Module) -> Callable[[Batch], float] | None:
+    """The training FLOPs of a batch (its architecture's Arch.train_flops) for the lmkit model inside
+    any wrapper (DDP, FSDP, torch.compile, a classifier); None for a model that is not lmkit's."""
     inner = model
     while not hasattr(inner, "config") and hasattr(inner, "module"):
         inner = inner.module
     config = getattr(inner, "config", None)
-    if config is None or not all(hasattr(config, k) for k in ("n_layer", "d_model", "max_seq_len")):
-        return 0.0
-    return flops_per_token(inner)
+    if not isinstance(config, ModelConfig):
+        return None
+    return lambda batch: ARCHS[config.arch].train_flops(config, batch)
+
+
+class _FlopTally:
+    """BATCHES, adding up the training FLOPs (COUNT) of each one drawn: the work of the real tokens
+    processed since the last take(), for MFU. The batches are still on the CPU: no device sync."""
+
+    def __init__(self, batches: Iterator[Batch], count: Callable[[Batch], float]) -> None:
+        self.batches, self.count, self.flops = batches, count, 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.batches)
+        self.flops += self.count(batch)
+        return batch
+
+    def take(self) -> float:
+        """The FLOPs since the last take."""
+        flops, self.flops = self.flops, 0.0
+        return flops
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -398,11 +424,8 @@ def silent(message: str) -> None:
 
 
 def start_run(project: Project, cfg: RunConfig, world: distributed.World) -> str:
-    """A new run in PROJECT, named by rank 0 (which writes its folder and config) for every rank."""
-    if world.is_main:  # what killed runs left behind: half-written checkpoints and token files
-        for folder in (project.checkpoints_dir, *project.checkpoints_dir.glob("*/"), project.data_dir,
-                       *project.data_dir.glob("*/")):
-            clean_leftovers(folder)
+    """A new run in PROJECT, named by rank 0 (which writes its folder and config) for every rank.
+    (What killed runs left behind went when the project's lock was taken: Project.clean_leftovers.)"""
     run = distributed.broadcast(world, project.new_run_name() if world.is_main else None)
     if world.is_main:
         project.run_dir(run).mkdir(parents=True, exist_ok=True)

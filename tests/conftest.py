@@ -115,6 +115,16 @@ def tiny_llama_project(tmp_path_factory: pytest.TempPathFactory, tiny_project: P
     return project
 
 
+def overwrite_middle(path: Path, byte: int, count: int) -> None:
+    """Damage that still parses: COUNT bytes in the middle of the file PATH become BYTE (a bad disk
+    block, a copy that went wrong); its size and header stay as they were."""
+    data = bytearray(path.read_bytes())
+    start = (len(data) - count) // 2
+    assert start > 4096, f"{path} is too small to damage in the middle"  # past any header
+    data[start:start + count] = bytes([byte]) * count
+    path.write_bytes(bytes(data))
+
+
 STYLE_LABELS = ["shout", "speak", "whisper"]
 
 

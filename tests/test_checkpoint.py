@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 
 import pytest
 import torch
 
-from lmkit import checkpoint
+from lmkit import checkpoint, quantize
 from lmkit.checkpoint import Checkpoint
 from lmkit.errors import CheckpointError
 from lmkit.fileio import atomic_dir
@@ -13,7 +16,7 @@ from lmkit.models import build_model
 from lmkit.project import Project
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import make_optimizer
-from tests.conftest import tiny_run_config
+from tests.conftest import overwrite_middle, tiny_run_config
 
 
 def test_save_then_load_gives_identical_logits_without_unpickling(tiny_project: Project, tmp_path, monkeypatch) -> None:
@@ -62,6 +65,43 @@ def test_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path) -> No
             raise KeyboardInterrupt
     assert (path / "config.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]  # no temporary leftovers
+
+
+def test_every_file_a_checkpoint_writes_has_its_sha256_in_config_json(tiny_project: Project) -> None:
+    path = tiny_project.latest_checkpoint()
+    checksums = json.loads((path / "config.json").read_text())["sha256"]
+    assert sorted(checksums) == ["model.safetensors", "tokenizer.model", "trainer.json", "trainer.safetensors"]
+    assert sorted(checksums) == sorted(p.name for p in path.iterdir() if p.name != "config.json")
+    assert all(checksums[name] == hashlib.sha256((path / name).read_bytes()).hexdigest() for name in checksums)
+
+
+@pytest.mark.parametrize(("name", "byte", "count"), [("model.safetensors", 0xFF, 4000), ("model.safetensors", 0, 40_000),
+                                                     ("trainer.safetensors", 0, 40_000)])
+def test_damage_that_still_parses_is_refused_naming_the_file(name, byte, count, tiny_project: Project,
+                                                              tmp_path) -> None:
+    path = shutil.copytree(tiny_project.latest_checkpoint(), tmp_path / "step-000040")
+    overwrite_middle(path / name, byte, count)
+    ckpt = Checkpoint(path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path / name} is damaged")):
+        ckpt.model() if name == "model.safetensors" else ckpt.trainer()
+
+
+def test_an_int8_checkpoint_is_checked_too(tiny_project: Project, tmp_path) -> None:
+    out = quantize.quantize_checkpoint(tiny_project.latest_checkpoint(), tmp_path / "int8")
+    overwrite_middle(out / "model.safetensors", 0, 20_000)
+    with pytest.raises(CheckpointError, match=re.escape(f"{out / 'model.safetensors'} is damaged")):
+        Checkpoint(out).model(quantized=True)
+
+
+def test_checkpoints_saved_without_checksums_still_load(tiny_project: Project, tmp_path) -> None:
+    path = shutil.copytree(tiny_project.latest_checkpoint(), tmp_path / "step-000040")
+    meta = json.loads((path / "config.json").read_text())
+    del meta["sha256"]
+    (path / "config.json").write_text(json.dumps(meta))
+    ckpt = Checkpoint(path)
+    assert ckpt.trainer() is not None and ckpt.tokenizer() is not None
+    idx = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(ckpt.model()(idx)[0], Checkpoint(tiny_project.latest_checkpoint()).model()(idx)[0])
 
 
 def test_resolve_accepts_checkpoint_run_and_project_folders(tiny_project: Project) -> None:

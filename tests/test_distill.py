@@ -3,6 +3,7 @@ exact resume."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -10,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from lmkit import distill
+from lmkit import checkpoint, distill
 from lmkit.batches import LMBatch
 from lmkit.config import DistillConfig, ModelConfig
 from lmkit.errors import CheckpointError
@@ -133,6 +134,9 @@ def test_a_distillation_does_not_resume_against_a_changed_teacher(tiny_project, 
     distill.distill(project, spec, flags=flags, progress=signal_at(3, signal.SIGINT))
     weights = teacher / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    meta = json.loads((teacher / "config.json").read_text())  # saved anew: other weights, their own checksum
+    meta["sha256"]["model.safetensors"] = checkpoint.file_sha256(weights)
+    (teacher / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="has changed since run1 started"):
         distill.resume(project)
     # A changed teacher is another distillation: the same call starts a new run.

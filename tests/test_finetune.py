@@ -131,6 +131,30 @@ def test_lora_checkpoints_hold_adapters_that_merge_into_the_same_model(tiny_proj
     assert Checkpoint(ft.merge_checkpoint(adapters.path, merged.path, force=True)).meta["weights"] == "full"
 
 
+def test_merge_and_quantize_force_never_replace_a_checkpoint_something_refers_to(tiny_project, task_files,
+                                                                                  tmp_path) -> None:
+    from tests.cli.conftest import assert_user_error, lmkit
+
+    base = Project(tmp_path / "base")
+    shutil.copytree(tiny_project.root, base.root)
+    project = Project.open(tmp_path / "ft")
+    result = run(project, base, "classify", task_files["train"], task_files["val"], lora__rank=2,
+                 train__max_steps=2, train__eval_interval=2)
+    adapters, base_ckpt = result.outcome.best_checkpoint, base.latest_checkpoint()
+    before = (base_ckpt / "model.safetensors").read_bytes()
+    merged = lmkit("merge", adapters, "-o", base_ckpt, "--force")
+    assert_user_error(merged, f"{base_ckpt} is in use, so lmkit will not replace it")
+    assert f"{adapters.resolve()} (as the base of its adapters)" in merged.output
+    assert str(base.latest_pointer) in merged.output  # the base project's latest names it too
+    assert (base_ckpt / "model.safetensors").read_bytes() == before
+    assert_user_error(lmkit("quantize", base_ckpt, "-o", adapters, "--force"),  # the finetune project's latest
+                      f"{project.latest_pointer} refers to it")
+    assert Checkpoint(adapters).meta["weights"] == "adapters"
+    out = tmp_path / "merged"
+    for extra in ([], ["--force"]):  # a checkpoint nothing refers to may be replaced
+        assert lmkit("merge", adapters, "-o", out, *extra).exit_code == 0
+
+
 def test_adapters_refuse_a_base_that_changed_or_went(tiny_project, task_files, tmp_path) -> None:
     base = Project.open(tmp_path / "base")
     shutil.copytree(tiny_project.root, base.root, dirs_exist_ok=True)

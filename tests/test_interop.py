@@ -310,6 +310,27 @@ def test_bad_weights_and_indexes_are_user_errors(gpt2_dir, tmp_path) -> None:
             interop.import_hf(sharded, project)
 
 
+def test_export_force_replaces_an_earlier_export_but_never_a_checkpoint_or_a_project(tiny_project, tmp_path) -> None:
+    from tests.cli.conftest import assert_user_error, lmkit
+
+    project = Project(tmp_path / "p")
+    shutil.copytree(tiny_project.root, project.root)
+    latest = project.latest_checkpoint()
+    for target in {latest, *project.run_checkpoints(Checkpoint(latest).run)}:  # the one exported, and any other
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        assert_user_error(lmkit("export", target, "-c", latest, "-p", project.root, "--force"),
+                          "is an lmkit checkpoint, which export never replaces")
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert_user_error(lmkit("export", project.root, "-p", project.root, "--force"), "is the project")
+    assert_user_error(lmkit("export", project.checkpoints_dir / "hf", "-p", project.root),
+                      "lies in the lmkit-managed folders of the project")
+    assert not (project.checkpoints_dir / "hf").exists()
+    out = tmp_path / "hf"
+    assert lmkit("export", out, "-p", project.root).exit_code == 0
+    assert_user_error(lmkit("export", out, "-p", project.root), "already holds a model directory; --force")
+    assert lmkit("export", out, "-p", project.root, "--force").exit_code == 0  # an earlier export may go
+
+
 def test_an_unhashable_shard_name_in_a_weight_map_is_a_user_error(gpt2_dir, tmp_path) -> None:
     sharded = tmp_path / "sharded"
     shutil.copytree(gpt2_dir, sharded)

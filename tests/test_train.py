@@ -5,6 +5,8 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from lmkit import train
 from lmkit.batches import LMBatch
-from lmkit.checkpoint import Checkpoint
+from lmkit.checkpoint import Checkpoint, file_sha256
 from lmkit.config import TrainConfig
 from lmkit.errors import CheckpointError, TrainingError
 from lmkit.models import build_model
 from lmkit.prepare import TokenFile
 from lmkit.project import Project
-from tests.conftest import tiny_run_config
+from tests.conftest import overwrite_middle, tiny_run_config
 
 
 def fresh_copy(tiny_project: Project, tmp_path) -> Project:
@@ -135,7 +137,9 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_finite_checkpoint
     weights = load_file(diverged / "model.safetensors")
     name = next(iter(weights))
     weights[name][0] = math.nan
-    save_file(weights, diverged / "model.safetensors")
+    save_file(weights, diverged / "model.safetensors")  # as saved, with its checksum: not damage
+    _edit_json(diverged / "config.json",
+               lambda d: d["sha256"].update({"model.safetensors": file_sha256(diverged / "model.safetensors")}))
     with pytest.raises(CheckpointError, match="not finite"):
         Checkpoint(diverged).model()
 
@@ -191,6 +195,10 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "trainer.json string step": lambda c: _edit_json(c / "trainer.json", lambda d: d["state"].update(step="12")),
     "config.json string step": lambda c: _edit_json(c / "config.json", lambda d: d.update(step="12")),
     "config.json config a list": lambda c: _edit_json(c / "config.json", lambda d: d.update(config=[])),
+    # damage that still parses: only the checksums in config.json tell
+    "model.safetensors 4000 bytes of 0xff": lambda c: overwrite_middle(c / "model.safetensors", 0xFF, 4000),
+    "model.safetensors 40 KB of zeros": lambda c: overwrite_middle(c / "model.safetensors", 0, 40_000),
+    "trainer.safetensors 40 KB of zeros": lambda c: overwrite_middle(c / "trainer.safetensors", 0, 40_000),
 }
 
 
@@ -206,6 +214,8 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(damage, tiny_project:
     result = train.resume(project, max_steps=14, log=warnings.append)
     assert any("resuming from the previous good checkpoint" in w and w.count("step-000008") == 1
                and "step-000012" in w for w in warnings), warnings
+    if damage.endswith(("0xff", "zeros")):  # the warning names the file whose checksum failed
+        assert any(f"step-000012/{damage.split()[0]}" in w for w in warnings), warnings
     assert result.state.step == 14
     assert [step for step, _ in losses(project, "run1")] == list(range(1, 15))
     assert "sentencepiece" not in capfd.readouterr().err  # no C++ logging from an empty model
@@ -223,11 +233,38 @@ def test_resume_with_a_damaged_latest_pointer_takes_the_newest_step_folder(point
     assert result.state.step == 10 and project.latest_checkpoint().name == "step-000010"
 
 
+KILLED_IN_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from lmkit.fileio import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "tokenizer.model").write_bytes(b"half")
+    (tmp / ".tmpAb3dE9").write_bytes(bytes(1000))  # safetensors' save_file writes here, then renames
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _temporary_names(root: Path) -> list[str]:
+    """What the atomic writers and safetensors name their files while writing, anywhere under ROOT."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".*") if ".tmp" in p.name or ".old-" in p.name)
+
+
+def test_resume_cleans_what_a_save_killed_with_sigkill_left(tiny_project: Project, tmp_path) -> None:
+    project = fresh_copy(tiny_project, tmp_path)
+    train.pretrain(project, [], tiny_run_config(max_steps=8, save_interval=4, eval_interval=4))
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, str(project.checkpoint_dir("run1", 12))])
+    assert killed.returncode == -signal.SIGKILL
+    assert len(_temporary_names(project.checkpoints_dir)) == 2  # .step-000012.tmp-PID and the .tmpXXXXXX in it
+    result = train.resume(project, max_steps=10)  # what the same `lmkit pretrain` command does next
+    assert result.state.step == 10
+    assert _temporary_names(project.root) == []
+
+
 def test_resume_without_a_good_checkpoint_is_a_clear_error(tiny_project: Project, tmp_path) -> None:
     project = fresh_copy(tiny_project, tmp_path)
     train.pretrain(project, [], tiny_run_config(max_steps=4))
     (project.latest_checkpoint() / "trainer.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="cannot resume: .*the training state is damaged"):
+    with pytest.raises(CheckpointError, match="cannot resume: .*trainer.json is damaged"):
         train.resume(project, max_steps=8)
 
 

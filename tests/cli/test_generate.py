@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.cli.conftest import assert_user_error, lmkit
+from tests.conftest import overwrite_middle
 
 
 def test_prompt_argument_streams_prompt_and_continuation(ckpt_project) -> None:
@@ -28,6 +30,13 @@ def test_stdin_prompts_give_one_json_object_each(ckpt_project) -> None:
     assert all(c["tokens"] <= 8 and c["finish_reason"] in ("eos", "length") for o in objects for c in o["completions"])
 
 
+def test_a_byte_order_mark_opening_stdin_is_not_part_of_the_prompt(ckpt_project) -> None:
+    result = lmkit("generate", "-p", ckpt_project, "--json", "--max-new-tokens", "1",
+                   input="\ufeffFriends, Romans\n\ufeffHor.\n".encode())
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == ["Friends, Romans", "\ufeffHor."]
+
+
 def test_greedy_is_deterministic_and_no_echo_omits_the_prompt(ckpt_project) -> None:
     runs = [lmkit("generate", "-p", ckpt_project, "Ham.", "--greedy", "--no-echo", "--max-new-tokens", "10")
             for _ in range(2)]
@@ -41,6 +50,15 @@ def test_generate_errors(tmp_path, ckpt_project) -> None:
     assert_user_error(lmkit("generate", "-c", tmp_path, "hi"), "is not an lmkit checkpoint")
     assert lmkit("generate", "-p", ckpt_project, "hi", "--top-p", "1.5").exit_code == 2
     assert lmkit("generate", "-p", ckpt_project, "hi", "--device", "tpu").exit_code == 2
+
+
+@pytest.mark.parametrize("command", [["generate", "hi", "--max-new-tokens", "2", "-c"], ["info"]])
+def test_damaged_weights_that_still_parse_are_one_error_line_naming_the_file(command, tiny_project, tmp_path) -> None:
+    damaged = shutil.copytree(tiny_project.latest_checkpoint(), tmp_path / "damaged")
+    overwrite_middle(damaged / "model.safetensors", 0, 40_000)
+    result = lmkit(*command, damaged)
+    assert_user_error(result, f"{damaged / 'model.safetensors'} is damaged")
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
 
 
 def test_prompts_that_are_not_utf8_are_named(ckpt_project) -> None:

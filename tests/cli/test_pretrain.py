@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -73,6 +74,36 @@ def test_pretrain_user_errors(tmp_path, small_corpus) -> None:
     assert_user_error(lmkit("pretrain", small_corpus, "-p", p, "--device", "cuda", *TINY[:2]),
                       "device 'cuda' is not available")
     assert_user_error(lmkit("pretrain", small_corpus, "-p", empty), "is a file, not a directory")
+
+
+def test_a_failed_command_leaves_no_new_project_behind(tmp_path, small_corpus, tiny_project) -> None:
+    missing, teacher = tmp_path / "missing.txt", tiny_project.latest_checkpoint()
+    commands = {"pretrain": ["pretrain", missing], "resume": ["pretrain", "--resume"],
+                "bad-setting": ["pretrain", small_corpus, "--set", "model.n_head=5"],
+                "tokenize-train": ["tokenize", "train", missing],
+                "tokenize-prepare": ["tokenize", "prepare", small_corpus],
+                "finetune": ["finetune", missing, "--task", "classify", "--from", teacher],
+                "distill": ["distill", missing, "--teacher", teacher], "import": ["import", tmp_path / "no-model"]}
+    for name, command in commands.items():
+        assert lmkit(*command, "-p", tmp_path / "new" / name).exit_code == 2, name
+        assert not (tmp_path / "new").exists(), name  # nor the folder above it, made for it
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert lmkit("pretrain", missing, "-p", kept).exit_code == 2 and kept.is_dir()  # the user's folder stays
+
+
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="POSIX links")
+def test_a_linked_lock_never_empties_the_file_it_points_at(tmp_path, tiny_project) -> None:
+    victim = tmp_path / "victims" / "f1.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    project = tmp_path / "p"
+    shutil.copytree(tiny_project.root, project)
+    (project / ".lock").unlink(missing_ok=True)
+    (project / ".lock").symlink_to("../victims/f1.txt")
+    assert_user_error(lmkit("pretrain", "--resume", "-p", project, "--quiet"),
+                      ".lock is a symbolic link, and lmkit never writes through a link it did not make")
+    assert victim.read_text() == "precious\n"
 
 
 def test_the_same_command_continues_an_interrupted_run(tmp_path, small_corpus) -> None:

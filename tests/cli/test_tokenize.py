@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 from tests.cli.conftest import assert_user_error, lmkit
 
@@ -63,3 +66,24 @@ def test_tokenize_errors(tmp_path, small_corpus) -> None:
     assert_user_error(lmkit("tokenize", "encode", tmp_path / "missing.txt", "-p", project), "does not exist")
     assert_user_error(lmkit("tokenize", "prepare", tmp_path / "missing.txt", "-p", project), "does not exist")
     assert_user_error(lmkit("tokenize", "train", tmp_path / "nope.txt", "-p", tmp_path / "q"), "does not exist")
+
+
+def test_train_and_prepare_wait_for_the_process_that_holds_the_project(tiny_project, small_corpus, tmp_path) -> None:
+    """While a pretrain runs (here: a process holding the lock), --force replaces neither the
+    tokenizer nor the data it trains on."""
+    project = tmp_path / "p"
+    shutil.copytree(tiny_project.root, project)
+    files = [project / "tokenizer" / "tokenizer.model", *sorted((project / "data").iterdir())]
+    before = {f: f.read_bytes() for f in files}
+    script = (f"import time; from lmkit.project import Project\nwith Project({str(project)!r}).lock():\n"
+              "    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in (["train", "--vocab-size", "300"], ["prepare"]):
+            assert_user_error(lmkit("tokenize", command[0], small_corpus, *command[1:], "--force", "-p", project),
+                              f"is in use by another lmkit process (PID {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {f: f.read_bytes() for f in files} == before
