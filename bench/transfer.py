@@ -61,13 +61,13 @@ def test_score(task: str, checkpoint: str) -> float:
     import torch
 
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import objectives, tasks
+    from lmkit import finetune_data, objectives
 
     ckpt = ckpt_lib.Checkpoint(Path(checkpoint))
     model, tokenizer = ckpt.model().eval(), ckpt.tokenizer()
-    pairs = tasks.encode_prompt_completions(tasks.read_prompt_completions(DATA / TASKS[task][3]), tokenizer,
+    pairs = finetune_data.encode_prompt_completions(finetune_data.read_prompt_completions(DATA / TASKS[task][3]), tokenizer,
                                             ckpt.config.model.max_seq_len)
-    batches = tasks.fixed_batches(pairs, 32, tasks.collate_prompt_completions(tokenizer.pad_id))
+    batches = finetune_data.fixed_batches(pairs, 32, finetune_data.collate_prompt_completions(tokenizer.pad_id))
     with torch.no_grad():
         return objectives.causal_lm_metrics(model, batches)["val_loss"]
 

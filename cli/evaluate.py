@@ -1,5 +1,6 @@
 """`lmkit eval`: score a checkpoint on a file: a language model on text, a classifier on labelled
-examples, an encoder-decoder on source/target pairs."""
+examples, an encoder-decoder on source/target pairs, a decoder on chat conversations or on
+preference pairs."""
 
 from __future__ import annotations
 
@@ -30,11 +31,16 @@ from cli.options import (
 def evaluate(
     ctx: typer.Context,
     file: Annotated[Path, typer.Argument(
-        show_default=False, help="Text (lm), labelled examples (classify) or source/target pairs (seq2seq).")],
+        show_default=False, help="Text (lm), labelled examples (classify), source/target pairs (seq2seq), or "
+        "JSONL preference pairs {\"prompt\", \"chosen\", \"rejected\"} (any decoder: preference accuracy).")],
     task: Annotated[Optional[str], typer.Option(
         show_default=False,
-        help="lm, classify, seq2seq, or chat (a decoder on JSONL conversations: the replies' loss; default: the "
-        "checkpoint's own task, which it must match).")] = None,
+        help="lm, classify, seq2seq, chat (a decoder on JSONL conversations: the replies' loss) or dpo "
+        "(preference pairs; found by their fields too); default: the checkpoint's own task, which it must "
+        "match.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        show_default=False, help="Preference pairs: also DPO's implicit reward accuracy and margin against "
+        "this checkpoint (the model finetuning started from).")] = None,
     stride: Annotated[Optional[int], typer.Option(
         show_default=False, help="GPT: tokens between window starts (default: half the context).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
@@ -56,7 +62,7 @@ def evaluate(
     """Score a checkpoint on FILE: perplexity and bits per byte, MLM/NSP accuracy, classification, or
     BLEU/chrF/exact match of decoded outputs (greedy, or --beam N)."""
     from lmkit import checkpoint as ckpt_lib
-    from lmkit import config
+    from lmkit import config, tasks
     from lmkit import device as dev
     from lmkit import evaluate as ev
     from lmkit import project as proj
@@ -71,12 +77,13 @@ def evaluate(
                                       length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                       repetition_penalty=repetition_penalty)
         options = ev.EvalOptions(stride=stride, batch_size=batch_size, sampler=sampler,
-                                 quantize=quantize.value if quantize else None)
-        result, records = ev.evaluate_checkpoint(ckpt, file, options, dev.pick_device(opts.device), task)
+                                 quantize=quantize.value if quantize else None,
+                                 reference=str(ckpt_lib.resolve(reference, None)) if reference else None)
+        result, records = tasks.evaluate_checkpoint(ckpt, file, options, dev.pick_device(opts.device), task)
         if predictions:
             if records is None:
-                raise config.ConfigError("--predictions writes each example's output: it applies to classifiers "
-                                         "and seq2seq models, not to language models scored on text")
+                raise config.ConfigError("--predictions writes each example's output: it applies to classifiers, "
+                                         "seq2seq models and preference pairs, not to language models scored on text")
             if not predictions.parent.exists():
                 opts.say(f"creating {predictions.parent} for the predictions")
             _write_lines(predictions, records)

@@ -1,5 +1,5 @@
-"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, chat, seq2seq, lm), fully
-or with LoRA."""
+"""`lmkit finetune`: adapt a pretrained checkpoint to a task (classify, instruct, chat, seq2seq, lm, dpo),
+fully or with LoRA."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class Task(str, Enum):  # noqa: UP042 - Typer renders str-Enums as choices
     chat = "chat"
     seq2seq = "seq2seq"
     lm = "lm"
+    dpo = "dpo"
 
 
 class LoraTargets(str, Enum):  # noqa: UP042
@@ -56,7 +57,8 @@ def finetune(
         show_default=False,
         help="Task data: CSV/TSV/JSONL (classify), JSONL prompt/completion (instruct), JSONL {\"messages\": "
         "[{\"role\", \"content\"}, ...]} (chat), TSV source<TAB>target or JSONL source/target (seq2seq), "
-        "text (lm).")] = None,
+        "text (lm), JSONL {\"prompt\" or \"messages\", \"chosen\", \"rejected\"} (dpo: preference pairs; "
+        "--set dpo.loss=sigmoid|ipo|simpo, dpo.beta).")] = None,
     task: Annotated[Task, typer.Option(help="What to finetune for.")] = Task.classify,
     base: Annotated[Optional[Path], typer.Option(
         "--from", show_default=False,

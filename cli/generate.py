@@ -225,11 +225,12 @@ def _classify(model: Any, tokenizer: Any, labels: list[str], texts: Iterable[str
               json_out: bool, chunk_size: int) -> None:
     """Print `label<TAB>probability` (or a JSON object) per input; a tab inside one splits a text pair."""
     from lmkit import evaluate as ev
-    from lmkit import tasks
+    from lmkit import finetune_data
 
     lines = iter(texts)
     while chunk := list(itertools.islice(lines, chunk_size)):
-        examples = [tasks.LabelledText(a, "", b or None) for a, _, b in (text.partition("\t") for text in chunk)]
+        examples = [finetune_data.LabelledText(a, "", b or None)
+                    for a, _, b in (text.partition("\t") for text in chunk)]
         for example, pred in zip(examples, ev.predict_labels(model, tokenizer, examples, labels, where)):
             if json_out:
                 sys.stdout.write(json.dumps(pred.record(example)) + "\n")

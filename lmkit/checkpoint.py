@@ -321,13 +321,6 @@ class Checkpoint:
         digits of model.safetensors' sha256 as it is now (no second hashing once loaded)."""
         return self.sha256("model.safetensors")[:16]
 
-    def require_task(self, task: str, command: str) -> Checkpoint:
-        """Fail clearly when this checkpoint's model does not do what COMMAND needs."""
-        if self.meta.get("task") != task:
-            raise CheckpointError(f"{self.path} is a checkpoint for task {self.meta.get('task')!r}; "
-                                  f"'lmkit {command}' needs one for task {task!r}")
-        return self
-
     def require_arch(self, arch: str, command: str) -> Checkpoint:
         if self.config.model.arch != arch:
             raise CheckpointError(f"{self.path} is a {self.config.model.arch} checkpoint; "
@@ -360,7 +353,9 @@ class Checkpoint:
 
     @property
     def task(self) -> str:
-        return str(self.meta.get("task", "lm"))
+        """What the model was trained for: a key of lmkit.tasks.TASKS ("lm" for a pretrained model).
+        A finetune's task is its spec's (before lmkit saved it, a chat or instruct finetune said "lm")."""
+        return str(self.meta.get("finetune", {}).get("task") or self.meta.get("task", "lm"))
 
     @property
     def labels(self) -> list[str]:
@@ -390,7 +385,7 @@ class Checkpoint:
         adapters = self.meta.get("weights") == "adapters"
         model_config = model_config or self.config.model
         model = self._base_model(model_config) if adapters else build_model(model_config)
-        if self.task == "classify":
+        if self.labels:  # a classifier: its head is part of the weights
             model = SequenceClassifier(model, len(self.labels))
         if adapters:
             lora.add_adapters(model, self.config.lora)

@@ -292,6 +292,27 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Preference tuning (`lmkit finetune --task dpo`). With margins m = log pi(y) - log ref(y) of the
+    chosen (w) and rejected (l) replies, the loss of a pair is -log sigmoid(beta (m_w - m_l)) for
+    "sigmoid" (DPO), (m_w - m_l - 1 / (2 beta))^2 on per-token margins for "ipo", and for the
+    reference-free "simpo" -log sigmoid(beta (mean log pi(y_w) - mean log pi(y_l)) - gamma)."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    beta: float = 0.0  # 0: the loss's own default, 0.1 for sigmoid and ipo, 2.0 for simpo (the papers')
+    gamma: float = 0.5  # simpo: the target reward margin
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.beta <= 1e4, f"dpo.beta={self.beta} must be in [0, 10000] (0: the loss's default)")
+        _check(0 <= self.gamma <= 1e4, f"dpo.gamma={self.gamma} must be in [0, 10000]")
+
+    @property
+    def strength(self) -> float:
+        """beta, or the loss's default."""
+        return self.beta or (2.0 if self.loss == "simpo" else 0.1)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; saved as JSON before step 0 and beside every checkpoint."""
 
@@ -302,6 +323,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -361,6 +383,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "lora": LoraConfig,
     "distill": DistillConfig,
+    "dpo": DPOConfig,
 }
 TOP_LEVEL_KEYS = ("arch", "preset")
 

@@ -38,8 +38,9 @@ from lmkit.errors import CheckpointError, ConfigError, DataError
 from lmkit.finetune import FinetuneSpec, task_plan
 from lmkit.models import ARCHS, build_model, count_parameters
 from lmkit.models.arch import Distillation, Scored
-from lmkit.models.heads import CLASSIFIER_DISTILLATION, SequenceClassifier
+from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project, exclusive
+from lmkit.tasks import task_of
 from lmkit.train import (
     Log,
     Progress,
@@ -207,19 +208,16 @@ class Summary:
                 "speedup": round(self.student_speed / self.teacher_speed, 3)}
 
 
-DISTILLABLE_TASKS = ("lm", "classify", "seq2seq")  # a pretrained model, a classifier, a finetuned rewriter
-
-
 def kind_of(ckpt: checkpoint.Checkpoint) -> tuple[str, str]:
     """(architecture, "classify" or "lm"): a student must be of its teacher's kind."""
-    if ckpt.task not in DISTILLABLE_TASKS or ckpt.meta.get("finetune", {}).get("task") in ("instruct", "chat"):
+    if not task_of(ckpt).distillable:
         raise CheckpointError(f"{ckpt.path} is a checkpoint for task {ckpt.task!r}, which lmkit cannot distill yet")
-    return ckpt.config.model.arch, "classify" if ckpt.task == "classify" else "lm"
+    return ckpt.config.model.arch, "lm" if task_of(ckpt).language_model else "classify"
 
 
 def distillation_of(ckpt: checkpoint.Checkpoint) -> Distillation:
     """How the teacher CKPT's kind of model is distilled: any classifier alike, else as its architecture says."""
-    return CLASSIFIER_DISTILLATION if kind_of(ckpt)[1] == "classify" else ARCHS[ckpt.config.model.arch].distillation
+    return task_of(ckpt).distillation or ARCHS[ckpt.config.model.arch].distillation
 
 
 def same_width(student: ModelConfig, teacher: ModelConfig) -> bool:
@@ -284,10 +282,9 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
         student = start_ckpt.model(device, model_config=cfg.model)
         origin = f"from {start_ckpt.path}"
     else:
-        student = build_model(cfg.model)
-        if teacher_ckpt.task == "classify":
-            student = SequenceClassifier(student, len(teacher_ckpt.labels))
-        student = student.to(device)
+        student = build_model(cfg.model).to(device)
+        if task_of(teacher_ckpt).head:
+            student = task_of(teacher_ckpt).head(student, teacher_ckpt.meta)
         if same_width(cfg.model, teacher_ckpt.config.model):
             chosen = layers or evenly_spaced(cfg.model.n_layer, teacher_ckpt.config.model.n_layer)
             init_from_teacher(student, teacher, chosen)
@@ -381,7 +378,7 @@ def _plan(project: Project, spec: DistillSpec, cfg: RunConfig, teacher: checkpoi
           tokenizer: Any, identity: dict[str, Any]) -> RunPlan:
     """Batches and validation as for training the teacher's task on SPEC.data: pretraining batches
     from a corpus for a pretrained teacher, the task's examples for a finetuned one."""
-    if teacher.task == "lm":
+    if task_of(teacher).data is None:  # a pretrained model (or one finetuned on more text)
         if spec.val:
             raise ConfigError("distilling a language model holds back part of DATA for validation "
                               "(--set data.val_fraction=...); leave out --val")
@@ -391,7 +388,7 @@ def _plan(project: Project, spec: DistillSpec, cfg: RunConfig, teacher: checkpoi
         plan.keep_best, plan.meta["distill"] = True, identity
         return plan
     plan = task_plan(project, FinetuneSpec(teacher.task, spec.data, spec.teacher, spec.val), cfg, tokenizer)
-    if teacher.task == "classify" and plan.meta["labels"] != teacher.labels:
+    if "labels" in plan.meta and plan.meta["labels"] != teacher.labels:
         raise DataError(f"{spec.data} has labels {plan.meta['labels']}; the teacher classifies into {teacher.labels}")
     plan.meta.pop("finetune", None)
     plan.meta["distill"] = identity

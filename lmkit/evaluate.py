@@ -10,7 +10,8 @@ windows of max_seq_len tokens slide by STRIDE, and each window scores only the t
 earlier window scored. The text is encoded as a document start (after EOS, as in training; with an
 imported Llama-family model's own BOS, if it has one), so the first token is scored too. Bits per
 byte divides the total by the text's UTF-8 size, which makes models with different tokenizers
-comparable. Which evaluation a checkpoint gets is its architecture's choice (Arch.evaluate).
+comparable. Which evaluation a checkpoint gets is its task's and architecture's choice
+(lmkit.tasks.evaluate_checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit import chat, corpus, data, metrics, objectives, tasks
+from lmkit import chat, corpus, data, finetune_data, metrics, objectives
 from lmkit.batches import to_device
 from lmkit.config import MAX_BATCH, MAX_CONTEXT, SampleConfig, check_range
 from lmkit.device import autocast
-from lmkit.errors import CheckpointError, DataError
-from lmkit.quantize import model_for_decoding
+from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
 
 Records = list[dict[str, Any]]  # one JSON object per example: the input, its target and the output
@@ -45,62 +45,11 @@ class EvalOptions:
     batch_size: int | None = None  # sequences per forward pass (default: each evaluation's own)
     sampler: SampleConfig = field(default_factory=lambda: SampleConfig(greedy=True))  # seq2seq decoding
     quantize: str | None = None  # "int8": score the model with int8 weights (lmkit.quantize)
+    reference: str | None = None  # preference pairs: the checkpoint DPO's implicit rewards are measured against
 
     def __post_init__(self) -> None:
         check_range("stride", self.stride, 1, MAX_CONTEXT)
         check_range("batch_size", self.batch_size, 1, MAX_BATCH)
-
-
-def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device,
-                        task: str | None = None) -> tuple[Any, Records | None]:
-    """Score checkpoint CKPT on the file PATH as its architecture and task say: a language model on
-    text, a classifier on labelled examples, an encoder-decoder on source/target pairs. TASK, when
-    given, must be what the checkpoint is scored as.
-
-    Returns:
-        The evaluation (a dataclass with to_dict()), and per-example records when there are any.
-    """
-    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
-
-    corpus.check_files([path])  # before the model loads: a missing or empty file fails at once
-    arch = ARCHS[ckpt.config.model.arch]
-    if task == "chat" or (task is None and ckpt.meta.get("finetune", {}).get("task") == "chat"):
-        return evaluate_chat_checkpoint(ckpt, path, options, device), None
-    scored_as = "classify" if ckpt.task == "classify" else arch.eval_task
-    if task not in (None, scored_as):
-        if task == ckpt.task:  # a pretrained encoder-decoder: task lm, but it maps text to text
-            raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint: it is scored with --task {scored_as}")
-        raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint for task {ckpt.task!r}; "
-                              f"'lmkit eval --task {task}' needs one for task {task!r}")
-    model, tokenizer = model_for_decoding(ckpt, device, options.quantize), ckpt.tokenizer()
-    if ckpt.task == "classify":
-        examples = tasks.read_labelled(path)
-        result, preds = evaluate_classifier(model, tokenizer, examples, ckpt.labels, device, options.batch_size or 8)
-        return result, [pred.record(example) for example, pred in zip(examples, preds)]
-    return arch.evaluate(model, tokenizer, path, options, device)
-
-
-def evaluate_chat_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device) -> ChatEvaluation:
-    """A decoder on the conversations of PATH (see evaluate_chat); a chat finetune is also scored
-    as its base checkpoint was, when that is still there: what finetuning gained."""
-    from lmkit.checkpoint import Checkpoint, is_checkpoint_dir
-    from lmkit.models import ARCHS
-
-    if "chat" not in ARCHS[ckpt.config.model.arch].tasks or ckpt.task != "lm":
-        raise CheckpointError(f"{ckpt.path} is a {ckpt.config.model.arch} checkpoint for task {ckpt.task!r}; "
-                              "'lmkit eval --task chat' needs a decoder language model (gpt or llama)")
-    conversations = chat.read_conversations(path)
-    tokenizer = ckpt.tokenizer()
-    batch_size = options.batch_size or 8
-    result = evaluate_chat(model_for_decoding(ckpt, device, options.quantize), tokenizer, conversations, device,
-                           batch_size)
-    base = Path(ckpt.meta.get("finetune", {}).get("base", ""))
-    if ckpt.meta.get("finetune", {}).get("task") == "chat" and is_checkpoint_dir(base) \
-            and Checkpoint(base).tokenizer_fingerprint == tokenizer.fingerprint:
-        before = evaluate_chat(model_for_decoding(Checkpoint(base), device, options.quantize), tokenizer,
-                               conversations, device, batch_size)
-        result = replace(result, base=str(base), base_loss=before.loss, base_bits_per_byte=before.bits_per_byte)
-    return result
 
 
 def evaluate_text(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
@@ -119,7 +68,7 @@ def evaluate_masked_text(model: nn.Module, tokenizer: Tokenizer, path: Path, opt
 def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, path: Path, options: EvalOptions,
                    device: torch.device) -> tuple[Seq2SeqEvaluation, Records]:
     """An encoder-decoder on the source/target pairs of PATH (see evaluate_seq2seq)."""
-    pairs = tasks.read_source_targets(path)
+    pairs = finetune_data.read_source_targets(path)
     result, outputs = evaluate_seq2seq(model, tokenizer, pairs, options.sampler, device, options.batch_size or 64)
     return result, [{"source": p.source, "target": p.target, "output": o} for p, o in zip(pairs, outputs)]
 
@@ -212,11 +161,11 @@ def evaluate_chat(model: nn.Module, tokenizer: Tokenizer, conversations: Sequenc
     window = model.config.max_seq_len
     form = chat.ChatFormat(tokenizer)
     encoded, counts = chat.encode_for_training(form, conversations, window, "the conversations")
-    collate = tasks.collate_learned(tokenizer.pad_id)
+    collate = finetune_data.collate_learned(tokenizer.pad_id)
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     with autocast(device):
-        for batch in tasks.fixed_batches([(e.ids, e.learn) for e in encoded], batch_size, collate):
+        for batch in finetune_data.fixed_batches([(e.ids, e.learn) for e in encoded], batch_size, collate):
             b = to_device(batch, device)
             logits, _ = model(b.inputs)
             total += objectives.next_token_loss(logits, b.targets, reduction="sum").double()
@@ -277,7 +226,7 @@ class Prediction:
     prob: float
     probs: dict[str, float]  # every label's probability
 
-    def record(self, example: tasks.LabelledText) -> dict[str, object]:
+    def record(self, example: finetune_data.LabelledText) -> dict[str, object]:
         """One line of a predictions file: the input, its given label (if any) and the prediction."""
         given = {"text_b": example.text_b} if example.text_b is not None else {}
         if example.label:
@@ -286,19 +235,19 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
+def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[finetune_data.LabelledText],
                    labels: list[str], device: torch.device, batch_size: int = 32) -> list[Prediction]:
     """A classifier's label and probabilities for each example (its own label is not used)."""
     from lmkit.models import ARCHS  # the architectures import this module for their evaluations
 
-    placeholder = [tasks.LabelledText(e.text, labels[0], e.text_b) for e in examples]
+    placeholder = [finetune_data.LabelledText(e.text, labels[0], e.text_b) for e in examples]
     layout = ARCHS[model.config.arch].pair_layout(tokenizer)
-    rows = tasks.encode_labelled(placeholder, tokenizer, labels, layout, model.config.max_seq_len)
-    collate = tasks.collate_labelled(tokenizer.pad_id)
+    rows = finetune_data.encode_labelled(placeholder, tokenizer, labels, layout, model.config.max_seq_len)
+    collate = finetune_data.collate_labelled(tokenizer.pad_id)
     model.eval()
     predictions = []
     with autocast(device):
-        for batch in tasks.fixed_batches(rows, batch_size, collate):
+        for batch in finetune_data.fixed_batches(rows, batch_size, collate):
             b = to_device(batch, device)
             logits, _ = model(b.ids, b.token_types, b.pad_mask)
             for row in logits.float().softmax(dim=-1).tolist():
@@ -320,7 +269,7 @@ class ClassifyEvaluation:
         return asdict(self)
 
 
-def evaluate_classifier(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
+def evaluate_classifier(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[finetune_data.LabelledText],
                         labels: list[str], device: torch.device, batch_size: int = 32
                         ) -> tuple[ClassifyEvaluation, list[Prediction]]:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix on labelled EXAMPLES.
@@ -360,8 +309,9 @@ class Seq2SeqEvaluation:
 
 
 @torch.no_grad()
-def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tasks.SourceTarget], cfg: SampleConfig,
-                     device: torch.device, batch_size: int = 64) -> tuple[Seq2SeqEvaluation, list[str]]:
+def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[finetune_data.SourceTarget],
+                     cfg: SampleConfig, device: torch.device, batch_size: int = 64
+                     ) -> tuple[Seq2SeqEvaluation, list[str]]:
     """Decode every source as CFG says (greedy or beam search), score against the targets; also
     return the outputs, in input order."""
     import sacrebleu  # only this evaluation needs it
@@ -377,9 +327,9 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tas
         for j, completion in zip(chunk, translate(model, tokenizer, [pairs[j].source for j in chunk], cfg, device)):
             outputs[j] = completion.samples[0].text
     seconds = time.perf_counter() - start
-    rows = tasks.encode_source_targets(pairs, tokenizer, model.config.max_seq_len)
-    collate = tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id)
-    batches = [to_device(b, device) for b in tasks.fixed_batches(rows, batch_size, collate)]
+    rows = finetune_data.encode_source_targets(pairs, tokenizer, model.config.max_seq_len)
+    collate = finetune_data.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id)
+    batches = [to_device(b, device) for b in finetune_data.fixed_batches(rows, batch_size, collate)]
     with autocast(device):
         loss = objectives.seq2seq_metrics(model, batches)["val_loss"]
     targets = [p.target for p in pairs]

@@ -1,7 +1,7 @@
-"""Finetuning a pretrained checkpoint (transfer learning): sequence classification, instruction
-tuning on prompt/completion pairs, multi-turn chat on the assistant's turns, source -> target
-rewriting with the encoder-decoder, or more language-model training on new text -- with all
-weights trained, or with LoRA adapters on a frozen model. Every task runs on the shared loop.
+"""Finetuning a pretrained checkpoint (transfer learning) for one of the tasks of lmkit.tasks.TASKS
+(sequence classification, instruction tuning, chat, source -> target rewriting, more language
+modelling, preference tuning) -- with all weights trained, or with LoRA adapters on a frozen
+model. Every task runs on the shared loop; what differs by task is the task's record.
 """
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from torch import nn
 
-from lmkit import chat, checkpoint, corpus, distributed, lora, objectives, prepare, tasks
+from lmkit import chat, checkpoint, corpus, distributed, finetune_data, lora, prepare
 from lmkit.config import CommandLine, ConfigError, RunConfig, TrainConfig, resolve
 from lmkit.device import pick_device
 from lmkit.errors import CheckpointError, DataError
 from lmkit.fileio import check_target_dir
 from lmkit.models import ARCHS, build_model, count_parameters
-from lmkit.models.heads import SequenceClassifier
 from lmkit.project import Project, exclusive, project_holding
+from lmkit.tasks import TASKS, FinetuneSpec, task_of
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import (
     Log,
@@ -40,43 +40,7 @@ from lmkit.train import (
     truncate_metrics,
 )
 
-Task = Literal["chat", "classify", "instruct", "lm", "seq2seq"]
-TASKS: tuple[str, ...] = ("chat", "classify", "instruct", "lm", "seq2seq")
-LM_TASKS = ("chat", "instruct")  # their checkpoints are language models (task "lm"), finetuned
-TASKS_WITH_HEADS = ("classify",)  # their checkpoints are the base model plus a head: not a base for more
-
-# Finetuning recipes (override any with --set train.*): short runs at a lower learning rate than
-# pretraining, validated often, keeping the best checkpoint by the task's own metric.
-FINETUNE_TRAIN: dict[str, dict[str, Any]] = {
-    "classify": {"batch_size": 32, "max_steps": 600, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 60,
-                 "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000,
-                 "best_metric": "val_accuracy"},
-    "instruct": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
-                 "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
-    "chat": {"batch_size": 16, "max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50,
-             "weight_decay": 0.01, "eval_interval": 50, "log_interval": 10, "save_interval": 100_000},
-    "seq2seq": {"batch_size": 32, "max_steps": 1500, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
-                "weight_decay": 0.01, "eval_interval": 100, "log_interval": 10, "save_interval": 100_000},
-    "lm": {"max_steps": 500, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 50, "eval_interval": 50,
-           "log_interval": 10, "save_interval": 100_000},
-}
-# Small labelled sets overfit fast (a passage's character names identify its play): finetune with
-# dropout, as BERT did, even where pretraining had none. Only dropout may differ from the base model.
-FINETUNE_DROPOUT: dict[str, float | None] = {"classify": 0.1, "instruct": 0.1, "chat": 0.1, "seq2seq": 0.1,
-                                             "lm": None}
-VAL_FRACTION = 0.1  # held back for validation when no --val file is given
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """The inputs of a finetuning run; saved in its checkpoints so that --resume can rebuild it."""
-
-    task: Task
-    data: str
-    base: str  # the pretrained checkpoint folder
-    val: str | None = None
-    scratch: bool = False  # a baseline: the base's shape and tokenizer, but freshly initialised weights
-    chat_template: str | None = None  # chat: a Jinja template file instead of the tokenizer's own
+__all__ = ["FinetuneSpec", "finetune", "merge_checkpoint", "resume", "task_plan"]
 
 
 @exclusive
@@ -92,16 +56,20 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
         CheckpointError: the base checkpoint does not suit the task.
         DataError, ConfigError: bad task data or settings.
     """
+    task = TASKS[spec.task]
     base = checkpoint.Checkpoint(Path(spec.base))
     if spec.task not in ARCHS[base.config.model.arch].tasks:
         able = [arch.name for arch in ARCHS.values() if spec.task in arch.tasks]
         raise CheckpointError(f"{base.path} is a {base.config.model.arch} checkpoint; 'lmkit finetune --task "
                               f"{spec.task}' needs a {', '.join(able[:-1]) + ' or ' if able[1:] else ''}{able[-1]} one")
-    if base.task != "lm" and (base.task != spec.task or spec.task in TASKS_WITH_HEADS):
-        base.require_task("lm", "finetune")  # a finetuned rewriter may learn more pairs; a classifier is final
-    dropout = FINETUNE_DROPOUT[spec.task]
-    model_defaults = base.config.model if dropout is None else dataclasses.replace(base.config.model, dropout=dropout)
-    defaults = dataclasses.replace(base.config, model=model_defaults, train=TrainConfig(**FINETUNE_TRAIN[spec.task]))
+    if not task_of(base).language_model:  # a classifier is final
+        raise CheckpointError(f"{base.path} is a checkpoint for task {base.task!r}; 'lmkit finetune' needs one "
+                              "for task 'lm' (a language model: pretrained, or finetuned for text)")
+    if task.check:
+        task.check(spec)
+    model_defaults = base.config.model if task.dropout is None else dataclasses.replace(base.config.model,
+                                                                                       dropout=task.dropout)
+    defaults = dataclasses.replace(base.config, model=model_defaults, train=TrainConfig(**task.train))
     cfg = resolve(project_file=project.config_file, config_file=config_file, sets=sets, flags=flags, base=defaults)
     if dataclasses.replace(cfg.model, dropout=base.config.model.dropout, pooling=base.config.model.pooling) \
             != base.config.model:
@@ -109,13 +77,14 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
                           "may change")
     if merge and not cfg.lora.rank:
         raise ConfigError("--merge folds LoRA adapters into the weights; it needs --lora-rank")
-    if spec.chat_template and spec.task != "chat":
-        raise ConfigError("--chat-template applies to --task chat")
+    if spec.chat_template and not task.chat_template:
+        able = " or ".join(t.name for t in TASKS.values() if t.chat_template)
+        raise ConfigError(f"--chat-template applies to --task {able}")
     if spec.scratch and cfg.lora.rank:
         raise ConfigError("--scratch trains every weight from a fresh start; LoRA on frozen random weights "
                           "would learn next to nothing, so leave out --lora-rank")
     if continue_interrupted:
-        sources = corpus.fingerprint(corpus.check_files(_files(spec)))
+        sources = corpus.fingerprint(corpus.check_files(spec.files()))
         interrupted = interrupted_run(project, cfg, "finetune", lambda ck: ck.meta["finetune"] == dataclasses.asdict(
             spec) and ck.meta.get("data", {}).get("sources") == sources)
         if interrupted:
@@ -131,9 +100,9 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     log = log if world.is_main else silent
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device) if spec.scratch else base.model(device, model_config=cfg.model)
-    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer))
-    if spec.task == "classify":
-        model = SequenceClassifier(model, len(plan.meta["labels"])).to(device)
+    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer, model, device))
+    if task.head:
+        model = task.head(model, plan.meta)
     if cfg.lora.rank:
         lora.add_adapters(model, cfg.lora)
         plan.adapters_only = True
@@ -143,8 +112,8 @@ def finetune(project: Project, spec: FinetuneSpec, *, config_file: Path | None =
     start = f"a fresh {cfg.model.arch} shaped like {base.path}" if spec.scratch else str(base.path)
     log(f"{run}: finetuning {start} for {spec.task}; trainable parameters {trainable:,} of "
         f"{count_parameters(model):,} ({trainable / count_parameters(model):.2%}) on {device}")
-    if "chat" in plan.meta:
-        log(chat_summary(plan.meta["chat"], cfg.model.max_seq_len))
+    if plan.summary:
+        log(plan.summary)
     result = run_training(project, run, cfg, model, tokenizer, plan, state=TrainState(), snapshot=None,
                           device=device, progress=progress)
     if merge:
@@ -171,7 +140,9 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     log = log if world.is_main else silent
     model = ckpt.model(device)
     tokenizer = ckpt.tokenizer()
-    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer))
+    # a task with a reference scores it with the starting checkpoint, loaded for that alone
+    plan = distributed.main_first(world, lambda: task_plan(project, spec, cfg, tokenizer, _starting_model(
+        spec, device), device))
     if plan.meta.get("data") != ckpt.meta.get("data"):
         raise DataError(f"the finetuning data of {ckpt.run} changed since it started, so it cannot resume exactly")
     if cfg.lora.rank:
@@ -184,6 +155,11 @@ def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: 
     if merge:
         _merge_at_end(project, result, world, log)
     return result
+
+
+def _starting_model(spec: FinetuneSpec, device: torch.device) -> nn.Module | None:
+    """The model SPEC's run started from, when its task keeps it as a reference."""
+    return checkpoint.Checkpoint(Path(spec.base)).model(device) if TASKS[spec.task].reference else None
 
 
 def _merge_at_end(project: Project, result: TrainResult, world: distributed.World, log: Log) -> None:
@@ -226,107 +202,27 @@ def merge_checkpoint(adapter_path: Path, out: Path, force: bool = False, *, movi
     return out
 
 
-def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> RunPlan:
-    """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data."""
-    tcfg = cfg.train
-    files = _files(spec)
+def task_plan(project: Project, spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer,
+              start: nn.Module | None = None, device: torch.device | None = None) -> RunPlan:
+    """Batches, loss and metrics for SPEC.task; validation from SPEC.val or held back from the data.
+    START: the model finetuning starts from, for a task that keeps it as its reference (on DEVICE)."""
+    task, tcfg = TASKS[spec.task], cfg.train
     meta: dict[str, Any] = {"finetune": dataclasses.asdict(spec), "data": {"sources": corpus.fingerprint(
-        corpus.check_files(files))}}
-    if spec.task == "lm":
+        corpus.check_files(spec.files()))}}
+    if task.data is None:  # text, batched as the architecture pretrains
         if spec.val:
-            raise ConfigError("--task lm holds back part of DATA for validation (--set data.val_fraction=...); "
-                              "leave out --val")
-        prepared = prepare.prepare(project, files[:1], tokenizer, cfg.data, dataset="finetune")
+            raise ConfigError(f"--task {spec.task} holds back part of DATA for validation "
+                              "(--set data.val_fraction=...); leave out --val")
+        prepared = prepare.prepare(project, spec.files()[:1], tokenizer, cfg.data, dataset="finetune")
         plan = pretraining_plan(cfg, prepared, tokenizer)
-        plan.meta, plan.keep_best = meta, True
+        plan.meta, plan.keep_best, plan.task = meta, True, spec.task
         return plan
-    data = TASK_DATA[spec.task](spec, cfg, tokenizer)
+    data = task.data(spec, cfg, tokenizer)
+    if task.reference and start is not None:
+        data = task.reference(start, data, cfg, device or torch.device("cpu"))
     meta.update(data.meta)
-    mean_len = sum(len(r[0]) for r in data.rows) / len(data.rows)
-    return RunPlan(tasks.EpochBatches(data.rows, tcfg.batch_size, tcfg.seed, data.collate),
-                   tasks.fixed_batches(data.val_rows, tcfg.batch_size, data.collate), data.loss_fn, data.metrics_fn,
-                   int(tcfg.batch_size * mean_len), task="lm" if spec.task in LM_TASKS else spec.task,
-                   meta=meta, keep_best=True)
-
-
-@dataclass
-class TaskData:
-    """A finetuning task's examples, encoded, and how they are batched and scored."""
-
-    rows: list[Any]  # encoded training examples; row[0] is the token ids
-    val_rows: list[Any]
-    collate: Callable[[Any], Any]  # rows -> a batch
-    loss_fn: objectives.LossFn
-    metrics_fn: objectives.MetricsFn
-    meta: dict[str, Any] = field(default_factory=dict)  # checkpoint metadata (a classifier's labels)
-
-
-def _classify_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
-    examples = tasks.read_labelled(Path(spec.data))
-    train, val = ((examples, tasks.read_labelled(Path(spec.val))) if spec.val
-                  else tasks.stratified_split(examples, VAL_FRACTION, cfg.train.seed))
-    labels = tasks.label_set(train)
-    layout = ARCHS[cfg.model.arch].pair_layout(tokenizer)
-
-    def encode(examples: list[tasks.LabelledText]) -> list[tasks.Encoded]:
-        return tasks.encode_labelled(examples, tokenizer, labels, layout, cfg.model.max_seq_len)
-
-    return TaskData(encode(train), encode(val), tasks.collate_labelled(tokenizer.pad_id), objectives.classify_loss,
-                    objectives.classify_metrics, {"labels": labels})
-
-
-def _seq2seq_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
-    pairs, val_pairs = _pairs_and_val(tasks.read_source_targets, spec)
-    max_len = cfg.model.max_seq_len
-    return TaskData(tasks.encode_source_targets(pairs, tokenizer, max_len),
-                    tasks.encode_source_targets(val_pairs, tokenizer, max_len),
-                    tasks.collate_source_targets(tokenizer.pad_id, tokenizer.eos_id), objectives.seq2seq_loss,
-                    objectives.seq2seq_metrics)
-
-
-def _instruct_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
-    pairs, val_pairs = _pairs_and_val(tasks.read_prompt_completions, spec)
-    max_len = cfg.model.max_seq_len
-    return TaskData(tasks.encode_prompt_completions(pairs, tokenizer, max_len),
-                    tasks.encode_prompt_completions(val_pairs, tokenizer, max_len),
-                    tasks.collate_prompt_completions(tokenizer.pad_id), objectives.causal_lm_loss,
-                    objectives.causal_lm_metrics)
-
-
-def _chat_data(spec: FinetuneSpec, cfg: RunConfig, tokenizer: Tokenizer) -> TaskData:
-    conversations, val_conversations = _pairs_and_val(chat.read_conversations, spec)
-    form = chat.ChatFormat(tokenizer)
-    train, counts = chat.encode_for_training(form, conversations, cfg.model.max_seq_len, str(spec.data))
-    val, _ = chat.encode_for_training(form, val_conversations, cfg.model.max_seq_len, str(spec.val or spec.data))
-    return TaskData([(e.ids, e.learn) for e in train], [(e.ids, e.learn) for e in val],
-                    tasks.collate_learned(tokenizer.pad_id), objectives.causal_lm_loss, objectives.causal_lm_metrics,
-                    {"chat": counts})
-
-
-def chat_summary(counts: dict[str, int], max_len: int) -> str:
-    """One line on how the conversations fit the context."""
-    cut = [f"{counts[key]:,} {what}" for key, what in (("turns", "cut after their last whole turn that fits"),
-                                                        ("mid-turn", "cut inside their first reply"),
-                                                        ("dropped", "left out (no reply token fits)")) if counts[key]]
-    return (f"{counts['conversations']:,} training conversations, {counts['assistant_tokens']:,} assistant tokens "
-            f"to learn; context {max_len}" + (f": {', '.join(cut)}" if cut else ": all fit whole"))
-
-
-TASK_DATA: dict[str, Callable[[FinetuneSpec, RunConfig, Tokenizer], TaskData]] = {
-    "classify": _classify_data, "seq2seq": _seq2seq_data, "instruct": _instruct_data, "chat": _chat_data}
-
-
-def _files(spec: FinetuneSpec) -> list[Path]:
-    return [Path(p) for p in (spec.data, spec.val, spec.chat_template) if p]
-
-
-def _pairs_and_val(read: Callable[[Path], list], spec: FinetuneSpec) -> tuple[list, list]:
-    """(training pairs, validation pairs) read from SPEC.data and SPEC.val, or every tenth pair of
-    SPEC.data (in file order) held back when there is no SPEC.val."""
-    pairs = read(Path(spec.data))
-    if spec.val:
-        return pairs, read(Path(spec.val))
-    train, val = [p for i, p in enumerate(pairs) if i % 10], pairs[::10]
-    if not train or not val:
-        raise DataError(f"{spec.data}: too few examples to hold some back for validation; pass --val FILE")
-    return train, val
+    mean_len = data.tokens_per_row or sum(len(r[0]) for r in data.rows) / len(data.rows)
+    return RunPlan(finetune_data.EpochBatches(data.rows, tcfg.batch_size, tcfg.seed, data.collate),
+                   finetune_data.fixed_batches(data.val_rows, tcfg.batch_size, data.collate), data.loss_fn,
+                   data.metrics_fn, int(tcfg.batch_size * mean_len), task=spec.task, meta=meta, keep_best=True,
+                   summary=data.summary, step_metrics=data.step_metrics, unused_parameters=task.unused_parameters)

@@ -54,18 +54,15 @@ def decoding_of(ckpt: Any, fill_mask: bool = False) -> str:
     "continue" (a decoder continues each prompt), as its task and architecture say.
 
     Raises:
-        CheckpointError: FILL_MASK asked of a model that is no masked-LM, or a finetuned decoder
-            whose task produces no text.
+        CheckpointError: FILL_MASK asked of a model that is no masked-LM.
     """
-    if ckpt.task == "classify":
+    if ckpt.labels:  # a classifier (lmkit.tasks.classify): its head is part of the checkpoint
         return "classify"
     arch = ARCHS[ckpt.config.model.arch]
     if fill_mask and arch.decoding != "fill-mask":
         masked = [a.name for a in ARCHS.values() if a.decoding == "fill-mask"]
         raise CheckpointError(f"{ckpt.path} is a {arch.name} checkpoint; 'lmkit generate --fill-mask' needs a "
                               f"masked-LM ({' or '.join(masked)}) one")
-    if arch.decoding != "rewrite":  # a finetuned rewriter rewrites too; other finetunes are classifiers
-        ckpt.require_task("lm", "generate")
     return arch.decoding
 
 

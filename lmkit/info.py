@@ -11,8 +11,7 @@ from lmkit.errors import CheckpointError
 from lmkit.models import ARCHS
 from lmkit.prepare import SPLITS, TokenFile
 from lmkit.project import Project
-
-TASK_OBJECTIVES = {"classify": ["classification"], "seq2seq": ["source -> target (teacher forced)"]}
+from lmkit.tasks import task_of
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
@@ -29,7 +28,8 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "arch": meta["arch"],
         "task": ckpt.task,
         "architecture": ARCHS[ckpt.config.model.arch].summary,
-        "objectives": TASK_OBJECTIVES.get(ckpt.task, list(ARCHS[ckpt.config.model.arch].objectives)),
+        "objectives": [task_of(ckpt).objective] if task_of(ckpt).objective else list(
+            ARCHS[ckpt.config.model.arch].objectives),
         "layers": meta["config"]["model"]["n_layer"],
         "heads": meta["config"]["model"]["n_head"],
         "run": ckpt.run,

@@ -275,7 +275,7 @@ def export_hf(ckpt_path: Path, out: Path, force: bool = False) -> Path:
     if hf is None:
         raise CheckpointError(f"{ckpt.path} is a {cfg.arch} checkpoint, which has no Hugging Face counterpart here")
     imported = ckpt.meta.get("imported", {}).get("config", {})
-    config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.task, ckpt.labels, imported)
+    config, weights = hf.export(cfg, ckpt.model().state_dict(), ckpt.labels, imported)
     tokenizer = ckpt.tokenizer()
     with atomic_dir(out) as tmp:  # a full disk or Ctrl-C midway leaves no half-written model directory
         _write_hf_dir(tmp, hf, ckpt, tokenizer, config, weights)

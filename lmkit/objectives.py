@@ -4,7 +4,7 @@ A loss function takes (model, batch) and returns the SUMMED losses of its terms,
 (K = 1, or MLM and NSP for BERT), to be divided by the units of the whole global batch
 (batch.loss_units(), added up over micro-batches and ranks): a mean of per-micro-batch means would
 weigh a token of a sparse micro-batch more than one of a dense one. The training loop knows
-nothing else about it. Batches are the named tuples of lmkit.batches, made by lmkit.data and lmkit.tasks.
+nothing else about it. Batches are the named tuples of lmkit.batches, made by lmkit.data and lmkit.finetune_data.
 """
 
 from __future__ import annotations

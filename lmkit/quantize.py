@@ -141,7 +141,7 @@ def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
     ckpt = checkpoint.Checkpoint(source)
     if ckpt.is_int8:
         raise CheckpointError(f"{source} is int8 already")
-    if ckpt.task != "lm":
+    if ckpt.labels:
         raise CheckpointError(f"{source} is a {ckpt.task} checkpoint; int8 checkpoints are for language models "
                               "(generate, eval, chat, serve)")
     if ckpt.meta.get("weights") == "adapters":

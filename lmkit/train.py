@@ -182,6 +182,7 @@ def train_loop(
     world: distributed.World = distributed.World(),
     scaler: torch.amp.GradScaler | None = None,
     also_log: Callable[[dict[str, Any]], None] | None = None,
+    step_metrics: Callable[[], dict[str, float]] | None = None,
 ) -> LoopOutcome:
     """Train until max_steps, the time budget, early stopping or a stop signal; save a checkpoint
     at the end. With several ranks (WORLD), they stop together and rank 0 alone writes.
@@ -194,6 +195,7 @@ def train_loop(
         save_best: writes the run's best checkpoint, called when cfg.best_metric improves.
         scaler: the gradient scaler of fp16 training (its state belongs in the checkpoints too).
         also_log: gets each metrics row too (TensorBoard, W&B: lmkit.sinks).
+        step_metrics: more training metrics for each row (this rank's, over the steps since the last row).
     """
     model.train()
     if not world.is_main:
@@ -250,7 +252,7 @@ def train_loop(
                       "elapsed": round(state.elapsed, 3),
                       "tokens_per_sec": round(interval_tokens / max(now - interval_start, 1e-9), 1),
                       "grad_norm": round(norm, 6) if math.isfinite(norm) else None,  # before clipping
-                      "peak_memory_mb": round(peak_memory_mb(device), 1)}
+                      "peak_memory_mb": round(peak_memory_mb(device), 1), **(step_metrics() if step_metrics else {})}
             if peak:
                 achieved = tally.take() / max(now - interval_start, 1e-9)
                 if achieved > peak and not remeasured:  # the peak may have been measured on a busy machine
@@ -593,6 +595,9 @@ class RunPlan:
     adapters_only: bool = False  # LoRA: checkpoints hold the trainable parameters only
     keep_best: bool = False  # keep checkpoints/<run>/best by train.best_metric; it is the result
     val_bytes_per_token: float | None = None  # a decoder on text: val_loss also as bits per byte
+    summary: str | None = None  # one line for the log on the task's examples
+    step_metrics: Callable[[], dict[str, float]] | None = None  # more of each metrics row, since the last
+    unused_parameters: bool = False  # the model has parameters the task never uses (a classifier's LM head)
 
 
 def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer, plan: RunPlan,
@@ -605,7 +610,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
         if hasattr(module, "grad_checkpoint"):
             module.grad_checkpoint = tcfg.grad_checkpoint
     # DDP wraps the model; FSDP shards it in place (so `model` itself is then sharded too).
-    train_model = distributed.wrap(model, world, tcfg.strategy, unused_parameters=plan.task == "classify")
+    train_model = distributed.wrap(model, world, tcfg.strategy, unused_parameters=plan.unused_parameters)
     optimizer = make_optimizer(model, tcfg)
     scaler = grad_scaler(device, tcfg.precision)
     if snapshot is not None:
@@ -659,7 +664,7 @@ def run_training(project: Project, run: str, cfg: RunConfig, model: nn.Module, t
             optimizer=optimizer, tokens_per_batch=plan.tokens_per_batch, validate=validation, save=save,
             metrics_file=project.metrics_file(run), device=device, progress=progress,
             save_best=(lambda st, m: write(project.best_checkpoint_dir(run), st, m)) if plan.keep_best else None,
-            world=world, scaler=scaler, also_log=sinks.log if sinks else None)
+            world=world, scaler=scaler, also_log=sinks.log if sinks else None, step_metrics=plan.step_metrics)
     finally:
         if sinks:
             sinks.close()

@@ -171,12 +171,12 @@ def test_malformed_conversations_name_their_line(tmp_path, line, message) -> Non
 
 
 def test_training_batches_target_the_learned_tokens_only(backend) -> None:
-    from lmkit import tasks
+    from lmkit import finetune_data
     from lmkit.batches import IGNORE
 
     ours, _ = _pair(backend, "qwen")
     rows = [ours.encode(CONVERSATION[:n]) for n in (3, 5)]
-    batch = tasks.collate_learned(0)([(e.ids, e.learn) for e in rows])
+    batch = finetune_data.collate_learned(0)([(e.ids, e.learn) for e in rows])
     for k, e in enumerate(rows):
         targets = batch.targets[k][batch.targets[k] != IGNORE].tolist()
         assert targets == [i for i, keep in zip(e.ids, e.learn) if keep]  # each reply token, predicted once

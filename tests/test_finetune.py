@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmkit import finetune as ft
-from lmkit import tasks
+from lmkit import finetune_data, tasks
 from lmkit.checkpoint import Checkpoint
 from lmkit.config import ConfigError
 from lmkit.errors import CheckpointError, LmkitError
@@ -43,7 +43,7 @@ def test_a_classifier_learns_and_its_best_checkpoint_is_the_result(base_name, re
     assert best.path == project.best_checkpoint_dir(result.run) == result.outcome.best_checkpoint
     assert best.task == "classify" and best.labels == LABELS
     assert best.step == result.state.best_step
-    val = tasks.read_labelled(task_files["val"])
+    val = finetune_data.read_labelled(task_files["val"])
     scores, predictions = evaluate_classifier(best.model(), best.tokenizer(), val, best.labels, torch.device("cpu"))
     assert scores.accuracy == pytest.approx(best.meta["metrics"]["val_accuracy"])
     assert scores.examples == len(val) == sum(sum(row) for row in scores.confusion)
@@ -72,7 +72,8 @@ def test_instruction_tuning_lowers_the_completion_loss(tiny_project, task_files,
                  progress=lambda p: validations.append(p.validation["val_loss"]) if p.validation else None,
                  train__eval_interval=5, train__lr=3e-3)
     assert validations[-1] < validations[0] / 2
-    assert Checkpoint(result.outcome.best_checkpoint).task == "lm"  # it still generates text
+    assert Checkpoint(result.outcome.best_checkpoint).task == "instruct"  # one meaning of task: what it was tuned for
+    assert tasks.TASKS["instruct"].language_model  # and it still generates text
 
 
 def test_more_pretraining_on_new_text_goes_to_its_own_data_folder(tiny_project, tmp_path) -> None:
@@ -103,9 +104,10 @@ def test_lora_checkpoints_hold_adapters_that_merge_into_the_same_model(tiny_proj
 
     merged = Checkpoint(ft.merge_checkpoint(adapters.path, tmp_path / "merged"))
     assert merged.meta["weights"] == "full" and merged.labels == LABELS
-    val = tasks.read_labelled(task_files["val"])
-    encoded = tasks.encode_labelled(val, adapters.tokenizer(), LABELS, causal.pair_layout(adapters.tokenizer()), 32)
-    batch = tasks.collate_labelled(adapters.tokenizer().pad_id)(encoded)[:3]
+    val = finetune_data.read_labelled(task_files["val"])
+    layout = causal.pair_layout(adapters.tokenizer())
+    encoded = finetune_data.encode_labelled(val, adapters.tokenizer(), LABELS, layout, 32)
+    batch = finetune_data.collate_labelled(adapters.tokenizer().pad_id)(encoded)[:3]
     with torch.no_grad():
         torch.testing.assert_close(merged.model()(*batch)[0], model(*batch)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="nothing to merge"):

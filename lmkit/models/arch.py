@@ -16,8 +16,8 @@ from torch import nn
 from lmkit.batches import Batch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
+from lmkit.finetune_data import PairLayout
 from lmkit.objectives import LossFn, MetricsFn
-from lmkit.tasks import PairLayout
 from lmkit.tokenizer import Tokenizer
 
 
@@ -70,9 +70,9 @@ class HFMapping:
     # lmkit's already, and the tensors stream in one at a time
     weights_in: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
     may_lack: Callable[[dict[str, Any]], set[str]]  # lmkit weights a Hub checkpoint may lack (fresh init or tied)
-    # (model config, lmkit state dict, task, labels, the imported config.json or {}) -> (HF config.json,
-    # HF weights); raises for tasks it lacks
-    export: Callable[[ModelConfig, dict[str, torch.Tensor], str, list[str], dict[str, Any]],
+    # (model config, lmkit state dict, a classifier's labels or [] for a language model, the imported
+    # config.json or {}) -> (HF config.json, HF weights); raises for what it has no counterpart of
+    export: Callable[[ModelConfig, dict[str, torch.Tensor], list[str], dict[str, Any]],
                      tuple[dict[str, Any], dict[str, Any]]]
     special_ids: Callable[[Any], dict[str, int]]  # the config.json token ids of a tokenizer
     tokenizer_class: str  # written in tokenizer_config.json for an imported tokenizer

@@ -20,10 +20,10 @@ from lmkit import data, evaluate, objectives
 from lmkit.batches import IGNORE, ClassifyBatch, MaskedLMBatch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
+from lmkit.finetune_data import PairLayout
 from lmkit.models import flops
 from lmkit.models.arch import Arch, Distillation, HFMapping, Pretraining, Scored, require_options
 from lmkit.models.layers import MLP, Attention, init_weights, mean_over_tokens, run_block
-from lmkit.tasks import PairLayout
 from lmkit.tokenizer import Tokenizer
 
 N_SEGMENTS = 2  # token types: sentence A and sentence B
@@ -209,7 +209,7 @@ def weights_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, labels: list[str],
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], labels: list[str],
               imported: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A BERT language model as BertForMaskedLM, a BERT classifier as BertForSequenceClassification."""
     config = {"model_type": "bert", "vocab_size": cfg.vocab_size,
@@ -217,19 +217,17 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, label
               "intermediate_size": cfg.ff_dim, "hidden_act": "gelu", "max_position_embeddings": cfg.max_seq_len,
               "type_vocab_size": 2, "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
               "layer_norm_eps": cfg.norm_eps, "position_embedding_type": "absolute", "tie_word_embeddings": True}
-    if task == "lm":
+    if not labels:  # a language model
         return {"architectures": ["BertForMaskedLM"], **config}, _weights_to_hf(state, heads=True)
-    if task == "classify":
-        if cfg.pooling != "auto":
-            raise CheckpointError(f"BertForSequenceClassification reads the pooled [CLS] state; this classifier "
-                                  f"reads model.pooling={cfg.pooling!r}, so it has no transformers counterpart")
-        config.update(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
-                      label2id={label: i for i, label in enumerate(labels)})
-        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        weights = _weights_to_hf(backbone, heads=False)
-        weights.update({"classifier.weight": state["head.weight"], "classifier.bias": state["head.bias"]})
-        return config, weights
-    raise CheckpointError(f"lmkit exports BERT masked-LM models and classifiers, not a bert {task} model")
+    if cfg.pooling != "auto":
+        raise CheckpointError(f"BertForSequenceClassification reads the pooled [CLS] state; this classifier "
+                              f"reads model.pooling={cfg.pooling!r}, so it has no transformers counterpart")
+    config.update(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
+                  label2id={label: i for i, label in enumerate(labels)})
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    weights = _weights_to_hf(backbone, heads=False)
+    weights.update({"classifier.weight": state["head.weight"], "classifier.bias": state["head.bias"]})
+    return config, weights
 
 
 def _weights_to_hf(state: dict[str, torch.Tensor], heads: bool) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ from torch import nn
 from lmkit import data, objectives
 from lmkit.batches import IGNORE, ClassifyBatch, LMBatch
 from lmkit.config import ModelConfig, RunConfig
+from lmkit.finetune_data import PairLayout
 from lmkit.models import flops
 from lmkit.models.arch import Distillation, Pretraining, Scored
 from lmkit.models.layers import mean_over_tokens
-from lmkit.tasks import PairLayout
 from lmkit.tokenizer import Tokenizer
 
 

@@ -117,12 +117,13 @@ def weights_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, labels: list[str],
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], labels: list[str],
               imported: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A GPT language model as GPT2LMHeadModel (config.json, weights)."""
     activation = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation)
-    if task != "lm" or activation is None or not (cfg.bias and cfg.tie_embeddings):
-        raise CheckpointError(f"GPT-2 has no counterpart of a gpt {task} model with activation {cfg.activation}, "
+    if labels or activation is None or not (cfg.bias and cfg.tie_embeddings):
+        kind = "classifier" if labels else "model"
+        raise CheckpointError(f"GPT-2 has no counterpart of a gpt {kind} with activation {cfg.activation}, "
                               f"bias={cfg.bias}, tie_embeddings={cfg.tie_embeddings}; lmkit exports GPT language "
                               "models in GPT-2's layout")
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
@@ -148,7 +149,7 @@ ARCH = Arch(
     objectives=("causal-lm",),
     pretraining=causal.pretraining,
     distillation=causal.DISTILLATION,
-    tasks=("chat", "classify", "instruct", "lm"),
+    tasks=("chat", "classify", "dpo", "instruct", "lm"),
     decoding="continue",
     evaluate=evaluate.evaluate_text,
     train_flops=train_flops,

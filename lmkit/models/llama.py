@@ -155,14 +155,14 @@ def config_from_hf(config: dict[str, Any]) -> ModelConfig:
         rope_scaling="llama3" if rope_type == "llama3" else "none", **llama3)
 
 
-def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], task: str, labels: list[str],
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], labels: list[str],
               imported: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A llama language model as the class it was imported from (LlamaForCausalLM for lmkit's own):
     the imported config.json with lmkit's values written over it, weights in its dtype."""
     model_type = imported.get("model_type", "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama")
-    if task != "lm" or (cfg.qk_norm and model_type != "qwen3") or (cfg.qkv_bias and model_type != "qwen2"):
+    if labels or (cfg.qk_norm and model_type != "qwen3") or (cfg.qkv_bias and model_type != "qwen2"):
         raise CheckpointError(f"transformers has no {HF_CLASSES.get(model_type, model_type)} counterpart of this llama "
-                              f"{task} model (qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias})")
+                              f"{'classifier' if labels else 'model'} (qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias})")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "llama3":
         rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
@@ -207,7 +207,7 @@ ARCH = Arch(
     objectives=("causal-lm",),
     pretraining=causal.pretraining,
     distillation=causal.DISTILLATION,
-    tasks=("chat", "classify", "instruct", "lm"),
+    tasks=("chat", "classify", "dpo", "instruct", "lm"),
     decoding="continue",
     evaluate=evaluate.evaluate_text,
     train_flops=train_flops,
