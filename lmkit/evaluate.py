@@ -10,14 +10,14 @@ windows of max_seq_len tokens slide by STRIDE, and each window scores only the t
 earlier window scored. The text is encoded as a document start (after EOS, as in training; with an
 imported Llama-family model's own BOS, if it has one), so the first token is scored too. Bits per
 byte divides the total by the text's UTF-8 size, which makes models with different tokenizers
-comparable. Which evaluation a checkpoint gets is its architecture's choice (Arch.evaluate).
+comparable. Which evaluation a checkpoint gets is its architecture's choice (Arch.evaluation).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,12 @@ from torch import nn
 
 from lmkit import chat, corpus, data, metrics, objectives, tasks
 from lmkit.batches import to_device
+from lmkit.checkpoint import Checkpoint, is_checkpoint_dir
 from lmkit.config import MAX_BATCH, MAX_CONTEXT, SampleConfig, check_range
 from lmkit.device import autocast
 from lmkit.errors import CheckpointError, DataError
+from lmkit.generate import translate
+from lmkit.models import ARCHS
 from lmkit.quantize import model_for_decoding
 from lmkit.tokenizer import Tokenizer
 
@@ -60,8 +63,6 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: tor
     Returns:
         The evaluation (a dataclass with to_dict()), and per-example records when there are any.
     """
-    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
-
     corpus.check_files([path])  # before the model loads: a missing or empty file fails at once
     arch = ARCHS[ckpt.config.model.arch]
     if task == "chat" or (task is None and ckpt.meta.get("finetune", {}).get("task") == "chat"):
@@ -77,15 +78,12 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: tor
         examples = tasks.read_labelled(path)
         result, preds = evaluate_classifier(model, tokenizer, examples, ckpt.labels, device, options.batch_size or 8)
         return result, [pred.record(example) for example, pred in zip(examples, preds)]
-    return arch.evaluate(model, tokenizer, path, options, device)
+    return EVALUATIONS[arch.evaluation](model, tokenizer, path, options, device)
 
 
 def evaluate_chat_checkpoint(ckpt: Any, path: Path, options: EvalOptions, device: torch.device) -> ChatEvaluation:
     """A decoder on the conversations of PATH (see evaluate_chat); a chat finetune is also scored
     as its base checkpoint was, when that is still there: what finetuning gained."""
-    from lmkit.checkpoint import Checkpoint, is_checkpoint_dir
-    from lmkit.models import ARCHS
-
     if "chat" not in ARCHS[ckpt.config.model.arch].tasks or ckpt.task != "lm":
         raise CheckpointError(f"{ckpt.path} is a {ckpt.config.model.arch} checkpoint for task {ckpt.task!r}; "
                               "'lmkit eval --task chat' needs a decoder language model (gpt or llama)")
@@ -122,6 +120,12 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, path: Path, options: 
     pairs = tasks.read_source_targets(path)
     result, outputs = evaluate_seq2seq(model, tokenizer, pairs, options.sampler, device, options.batch_size or 64)
     return result, [{"source": p.source, "target": p.target, "output": o} for p, o in zip(pairs, outputs)]
+
+
+# Arch.evaluation -> how `lmkit eval FILE` scores a checkpoint of that architecture:
+# (model, tokenizer, file, options, device) -> (result, per-example records or None)
+EVALUATIONS: dict[str, Callable[[nn.Module, Tokenizer, Path, EvalOptions, torch.device], tuple[Any, Records | None]]] = {
+    "text": evaluate_text, "masked-text": evaluate_masked_text, "pairs": evaluate_pairs}
 
 
 @dataclass(frozen=True)
@@ -289,8 +293,6 @@ class Prediction:
 def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[tasks.LabelledText],
                    labels: list[str], device: torch.device, batch_size: int = 32) -> list[Prediction]:
     """A classifier's label and probabilities for each example (its own label is not used)."""
-    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
-
     placeholder = [tasks.LabelledText(e.text, labels[0], e.text_b) for e in examples]
     layout = ARCHS[model.config.arch].pair_layout(tokenizer)
     rows = tasks.encode_labelled(placeholder, tokenizer, labels, layout, model.config.max_seq_len)
@@ -365,8 +367,6 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tas
     """Decode every source as CFG says (greedy or beam search), score against the targets; also
     return the outputs, in input order."""
     import sacrebleu  # only this evaluation needs it
-
-    from lmkit.generate import translate
 
     model.eval()
     start = time.perf_counter()

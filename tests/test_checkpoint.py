@@ -90,7 +90,7 @@ def test_an_int8_checkpoint_is_checked_too(tiny_project: Project, tmp_path) -> N
     out = quantize.quantize_checkpoint(tiny_project.latest_checkpoint(), tmp_path / "int8")
     overwrite_middle(out / "model.safetensors", 0, 20_000)
     with pytest.raises(CheckpointError, match=re.escape(f"{out / 'model.safetensors'} is damaged")):
-        Checkpoint(out).model(quantized=True)
+        quantize.model_for_decoding(Checkpoint(out), torch.device("cpu"))
 
 
 def test_checkpoints_saved_without_checksums_still_load(tiny_project: Project, tmp_path) -> None:
