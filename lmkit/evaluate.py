@@ -124,8 +124,9 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, path: Path, options: 
 
 # Arch.evaluation -> how `lmkit eval FILE` scores a checkpoint of that architecture:
 # (model, tokenizer, file, options, device) -> (result, per-example records or None)
-EVALUATIONS: dict[str, Callable[[nn.Module, Tokenizer, Path, EvalOptions, torch.device], tuple[Any, Records | None]]] = {
-    "text": evaluate_text, "masked-text": evaluate_masked_text, "pairs": evaluate_pairs}
+Evaluation = Callable[[nn.Module, Tokenizer, Path, EvalOptions, torch.device], tuple[Any, Records | None]]
+EVALUATIONS: dict[str, Evaluation] = {"text": evaluate_text, "masked-text": evaluate_masked_text,
+                                      "pairs": evaluate_pairs}
 
 
 @dataclass(frozen=True)
