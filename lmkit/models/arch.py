@@ -1,6 +1,8 @@
 """What an architecture declares: everything that differs between GPT, llama, BERT and the
 encoder-decoder, in one record per architecture (its module's ARCH), looked up in
 lmkit.models.ARCHS. The rest of lmkit asks the record and never branches on an architecture's name.
+What an architecture takes from a config (the model settings it honours, its checks of them, its
+presets) is plain data in lmkit.presets, so that configs resolve without importing torch.
 """
 
 from __future__ import annotations
