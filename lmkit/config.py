@@ -163,10 +163,9 @@ class ModelConfig:
         # Code that builds a config (an import, a finetune, a distilled student) sets only the
         # architecture's own fields; a user's settings were checked when the layers merged (resolve).
         honoured = MODEL_SETTINGS[self.arch].fields
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            _check(f.name in honoured or value == f.default,
-                   f"model.{f.name}={value!r} {_not_a_setting(f.name, self.arch)}")
+        for name in (f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default):
+            if name not in honoured:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} {_not_a_setting(name, self.arch)}")
         MODEL_SETTINGS[self.arch].check(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,10 +320,9 @@ class RunConfig:
         architectures' too (their defaults, or a value the model never read): those are left out,
         so old checkpoints load as what they are."""
         sections = _split_layer(data, source)
-        if "model" in sections:
-            arch = sections["model"].get("arch", DEFAULT_ARCH)
-            honoured = MODEL_SETTINGS[arch].fields if arch in MODEL_SETTINGS else ()
-            sections["model"] = {k: v for k, v in sections["model"].items() if not honoured or k in honoured}
+        arch = sections.get("model", {}).get("arch", DEFAULT_ARCH)
+        if isinstance(arch, str) and arch in MODEL_SETTINGS:  # else ModelConfig names what is wrong with it
+            sections["model"] = {k: v for k, v in sections.get("model", {}).items() if k in MODEL_SETTINGS[arch].fields}
         return cls(preset=str(data.get("preset", "default")),
                    **{name: _build(SECTIONS[name], values, source) for name, values in sections.items()})
 
@@ -454,7 +452,7 @@ def _apply(layers: list[tuple[str, dict[str, Any]]], merged: dict[str, dict[str,
             if section == "model":
                 given += [(name, value, layer_source) for name, value in values.items()]
     arch = merged.get("model", {}).get("arch", DEFAULT_ARCH)
-    if arch in MODEL_SETTINGS:  # else ModelConfig names the unknown arch
+    if isinstance(arch, str) and arch in MODEL_SETTINGS:  # else ModelConfig names what is wrong with it
         defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
         for name, value, layer_source in given:
             # A saved config.json of older lmkit holds every field, the others at their defaults.
