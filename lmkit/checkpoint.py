@@ -362,26 +362,18 @@ class Checkpoint:
         """A classifier's labels; index i is class i."""
         return list(self.meta.get("labels", []))
 
-    def model(self, device: torch.device | str = "cpu", model_config: ModelConfig | None = None, *,
-              quantized: bool = False) -> nn.Module:
-        """The model with its saved weights, on DEVICE, in eval mode.
+    def model(self, device: torch.device | str = "cpu", model_config: ModelConfig | None = None) -> nn.Module:
+        """The model with its saved float weights, on DEVICE, in eval mode.
 
         An adapter checkpoint first loads its base checkpoint, then adds and loads the adapters.
         MODEL_CONFIG may change what does not touch the weights (dropout) for further training.
-        QUANTIZED: the caller decodes or scores (generate, eval, serve), so an int8 checkpoint
-        (`lmkit quantize`) is fine; anything else (training, export) needs the float weights.
+        An int8 checkpoint (`lmkit quantize`) is for decoding and scoring only: generate, eval and
+        serve load it with lmkit.quantize.model_for_decoding; training and export need float weights.
         """
         if self.is_int8:
-            if not quantized:
-                raise CheckpointError(f"{self.path} holds int8 weights (lmkit quantize), for generate, eval, chat "
-                                      f"and serve only; use the checkpoint it came from: "
-                                      f"{self.meta.get('quantized_from', 'its source')}")
-            from lmkit import quantize
-
-            quantize.check_device(torch.device(device))
-            self.verify("model.safetensors")
-            return quantize.load_int8(build_model(self.config.model), self.path / "model.safetensors",
-                                      self.meta.get("tied_weights", {}))
+            raise CheckpointError(f"{self.path} holds int8 weights (lmkit quantize), for generate, eval, chat "
+                                  f"and serve only; use the checkpoint it came from: "
+                                  f"{self.meta.get('quantized_from', 'its source')}")
         adapters = self.meta.get("weights") == "adapters"
         model_config = model_config or self.config.model
         model = self._base_model(model_config) if adapters else build_model(model_config)

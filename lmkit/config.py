@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from lmkit.errors import ConfigError
 from lmkit.fileio import atomic_write_bytes
-from lmkit.presets import DEFAULT_ARCH, PRESETS
+from lmkit.presets import DEFAULT_ARCH, MODEL_SETTINGS, PRESETS
 
 ARCHS: tuple[str, ...] = tuple(PRESETS)  # the architectures, in the order help texts list them
 
@@ -112,7 +112,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the network. Hyper-parameter names are the same for every architecture."""
+    """Shape of the network. Hyper-parameter names are the same for every architecture; each
+    architecture honours the shared fields and its own (lmkit.presets.MODEL_SETTINGS), and the
+    fields it does not read keep their defaults."""
 
     arch: str = DEFAULT_ARCH  # one of ARCHS
     vocab_size: int = 1024  # always overwritten with the tokenizer's real size
@@ -155,17 +157,20 @@ class ModelConfig:
             _check(0 <= value <= high, f"model.{name}={value} must be in [0, {_number(high)}] (0: the default)")
         _check(self.head_dim > 0 or self.d_model % self.n_head == 0,
                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        _check(self.n_head % self.kv_heads == 0,
-               f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
-        _check(self.attention_head_dim % 2 == 0,
-               f"the head dimension {self.attention_head_dim} must be even for rotary positions")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
         _check(self.pooling in ("auto", "mean"), f"model.pooling={self.pooling!r} must be auto or mean")
-        _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
-        _check(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1")
-        _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
-               "model.rope_low_freq_factor must be > 0 and below model.rope_high_freq_factor")
+        # Code that builds a config (an import, a finetune, a distilled student) sets only the
+        # architecture's own fields; a user's settings were checked when the layers merged (resolve).
+        honoured = MODEL_SETTINGS[self.arch].fields
+        for name in (f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default):
+            if name not in honoured:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} {_not_a_setting(name, self.arch)}")
+        MODEL_SETTINGS[self.arch].check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields the architecture honours (what a saved config.json holds)."""
+        return {name: getattr(self, name) for name in MODEL_SETTINGS[self.arch].fields}
 
     @property
     def ff_dim(self) -> int:
@@ -326,12 +331,20 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section; of the model, the fields its architecture honours."""
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> RunConfig:
-        """Rebuild a saved config (e.g. a checkpoint's), rejecting unknown keys."""
+        """Rebuild a saved config (e.g. a checkpoint's), rejecting unknown keys.
+
+        Configs saved before each architecture declared its fields hold every model field, other
+        architectures' too (their defaults, or a value the model never read): those are left out,
+        so old checkpoints load as what they are."""
         sections = _split_layer(data, source)
+        arch = sections.get("model", {}).get("arch", DEFAULT_ARCH)
+        if isinstance(arch, str) and arch in MODEL_SETTINGS:  # else ModelConfig names what is wrong with it
+            sections["model"] = {k: v for k, v in sections.get("model", {}).items() if k in MODEL_SETTINGS[arch].fields}
         return cls(preset=str(data.get("preset", "default")),
                    **{name: _build(SECTIONS[name], values, source) for name, values in sections.items()})
 
@@ -425,14 +438,14 @@ def resolve(
 
     if base is not None:
         for source, layer in layers:
-            if {"arch", "preset"} & set(layer):
+            if {"arch", "preset"} & set(layer) or _model_arch(layer) not in (None, base.model.arch):
                 raise ConfigError(f"{source} sets arch or preset, but a finetune keeps its checkpoint's model")
         merged = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
         preset = base.preset
     else:
         arch, preset = DEFAULT_ARCH, "default"
-        for _, layer in layers:
-            arch = layer.get("arch", arch)
+        for _, layer in layers:  # a saved config.json names its arch in its model section
+            arch = layer.get("arch", _model_arch(layer) or arch)
             preset = layer.get("preset", preset)
         if arch not in ARCHS:
             raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
@@ -441,16 +454,51 @@ def resolve(
                               f"choose one of: {', '.join(PRESETS[arch])}")
         merged = {name: dict(values) for name, values in PRESETS[arch][preset].items()}
         merged.setdefault("model", {})["arch"] = arch
-    return RunConfig(preset=preset, **_apply(layers, merged, "the merged config"))
+        layers = [(f"preset {preset}", {"model": merged.pop("model")}), *layers]
+    return RunConfig(preset=preset, **_apply(layers, merged, "the merged config", can_pick_arch=base is None))
+
+
+def _model_arch(layer: dict[str, Any]) -> Any:
+    model = layer.get("model")
+    return model.get("arch") if isinstance(model, dict) else None
 
 
 def _apply(layers: list[tuple[str, dict[str, Any]]], merged: dict[str, dict[str, Any]],
-           source: str) -> dict[str, Any]:
-    """Each section of MERGED (its values so far) with LAYERS on top, built and checked."""
+           source: str, can_pick_arch: bool = False) -> dict[str, Any]:
+    """Each section of MERGED (its values so far) with LAYERS on top, built and checked; a layer
+    that sets a model field its architecture does not honour is refused, naming it (CAN_PICK_ARCH:
+    the fix may be another --arch)."""
+    given = []
     for layer_source, layer in layers:
         for section, values in _split_layer(layer, layer_source).items():
             merged.setdefault(section, {}).update(values)
+            if section == "model":
+                given += [(name, value, layer_source) for name, value in values.items()]
+    arch = merged.get("model", {}).get("arch", DEFAULT_ARCH)
+    if isinstance(arch, str) and arch in MODEL_SETTINGS:  # else ModelConfig names what is wrong with it
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        for name, value, layer_source in given:
+            # A saved config.json of older lmkit holds every field, the others at their defaults.
+            saved_default = layer_source.endswith(".json") and value == defaults[name]
+            if name not in MODEL_SETTINGS[arch].fields and not saved_default:
+                fix = f"leave it out of {'the command line' if layer_source == 'command line' else layer_source}"
+                if can_pick_arch:
+                    fix += f" or pick --arch {_or(_owners(name))}"
+                raise ConfigError(f"model.{name} {_not_a_setting(name, arch)}; {fix}")
     return {name: _build(cls, merged.get(name, {}), source) for name, cls in SECTIONS.items()}
+
+
+def _owners(name: str) -> list[str]:
+    """The architectures that honour the model field NAME."""
+    return [arch for arch, settings in MODEL_SETTINGS.items() if name in settings.fields]
+
+
+def _not_a_setting(name: str, arch: str) -> str:
+    return f"is not a {arch} setting (used by {', '.join(_owners(name))})"
+
+
+def _or(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _command_layers(config_file: Path | None, sets: typing.Sequence[str],
@@ -585,7 +633,9 @@ def render_template() -> str:
         for f in dataclasses.fields(cls):
             if name == "model" and f.name in ("arch", "vocab_size"):
                 continue  # arch is top-level; vocab_size comes from the tokenizer
-            lines.append(f"# {f.name} = {_toml_literal(f.default)}")
+            owners = _owners(f.name) if name == "model" else []
+            only = f"  # {', '.join(owners)} only" if 0 < len(owners) < len(MODEL_SETTINGS) else ""
+            lines.append(f"# {f.name} = {_toml_literal(f.default)}{only}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lmkit.errors import ConfigError
+from lmkit.fileio import atomic_write_json
 
 
 def pick_device(name: str) -> torch.device:
@@ -108,8 +109,6 @@ def _known_peaks(device: torch.device) -> tuple[str, Path, dict]:
 
 
 def _remember(cache: Path, peaks: dict) -> None:
-    from lmkit.fileio import atomic_write_json
-
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, peaks)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from lmkit.batches import to_device
 from lmkit.config import MAX_BATCH, MAX_CONTEXT, SampleConfig, check_range
 from lmkit.device import autocast
 from lmkit.errors import DataError
+from lmkit.generate import translate
+from lmkit.models import ARCHS
 from lmkit.tokenizer import Tokenizer
 
 Records = list[dict[str, Any]]  # one JSON object per example: the input, its target and the output
@@ -71,6 +73,13 @@ def evaluate_pairs(model: nn.Module, tokenizer: Tokenizer, path: Path, options: 
     pairs = finetune_data.read_source_targets(path)
     result, outputs = evaluate_seq2seq(model, tokenizer, pairs, options.sampler, device, options.batch_size or 64)
     return result, [{"source": p.source, "target": p.target, "output": o} for p, o in zip(pairs, outputs)]
+
+
+# Arch.evaluation -> how `lmkit eval FILE` scores a checkpoint of that architecture:
+# (model, tokenizer, file, options, device) -> (result, per-example records or None)
+Evaluation = Callable[[nn.Module, Tokenizer, Path, EvalOptions, torch.device], tuple[Any, Records | None]]
+EVALUATIONS: dict[str, Evaluation] = {"text": evaluate_text, "masked-text": evaluate_masked_text,
+                                      "pairs": evaluate_pairs}
 
 
 @dataclass(frozen=True)
@@ -238,8 +247,6 @@ class Prediction:
 def predict_labels(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[finetune_data.LabelledText],
                    labels: list[str], device: torch.device, batch_size: int = 32) -> list[Prediction]:
     """A classifier's label and probabilities for each example (its own label is not used)."""
-    from lmkit.models import ARCHS  # the architectures import this module for their evaluations
-
     placeholder = [finetune_data.LabelledText(e.text, labels[0], e.text_b) for e in examples]
     layout = ARCHS[model.config.arch].pair_layout(tokenizer)
     rows = finetune_data.encode_labelled(placeholder, tokenizer, labels, layout, model.config.max_seq_len)
@@ -315,8 +322,6 @@ def evaluate_seq2seq(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[fin
     """Decode every source as CFG says (greedy or beam search), score against the targets; also
     return the outputs, in input order."""
     import sacrebleu  # only this evaluation needs it
-
-    from lmkit.generate import translate
 
     model.eval()
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "tokenizer": meta["tokenizer"],
         "metrics": meta.get("metrics", {}),
         "training_state": trainer["state"] if trainer else None,
-        "model": meta["config"]["model"],
+        "model": ckpt.config.model.to_dict(),  # the settings its architecture reads
         "train": meta["config"]["train"],
     }
 

@@ -10,7 +10,6 @@ transformers is not.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -354,4 +353,4 @@ def describe(path: Path) -> dict[str, Any]:
     ckpt = checkpoint.Checkpoint(path)
     return {"checkpoint": str(path), "arch": ckpt.config.model.arch, "parameters": ckpt.meta["parameters"],
             "vocab_size": ckpt.meta["tokenizer"]["vocab_size"], **ckpt.meta["imported"],
-            "model": dataclasses.asdict(ckpt.config.model)}
+            "model": ckpt.config.model.to_dict()}

@@ -1,12 +1,76 @@
-"""Named starting points (tiny / default / small) for every architecture, with the measurements
-behind them. Plain data, no torch: `lmkit tokenize` resolves configs (a preset may set the
-vocabulary size) and must start fast. The architecture modules under lmkit/models/ declare
-everything else that differs between architectures.
+"""What each architecture takes from a config: the model settings it honours, its own checks of
+them, and named starting points (tiny / default / small) with the measurements behind them. Plain
+data, no torch: `lmkit tokenize` resolves configs (a preset may set the vocabulary size) and must
+start fast. The architecture modules under lmkit/models/ declare everything else that differs
+between architectures.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmkit.config import ModelConfig
+
+
+# --- the model settings each architecture honours ------------------------------------------------
+# ModelConfig is one record for every architecture (hyper-parameter names are the same across
+# them). Each architecture reads the shared fields and its own; a config that sets a field only
+# other architectures read is refused, naming them (lmkit.config), and a field left out keeps its
+# default, which the architectures that do not read it never see.
+
+SHARED_MODEL_FIELDS = ("arch", "vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len", "dropout",
+                       "bias", "activation", "norm_eps")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _no_checks(cfg: ModelConfig) -> None:
+    pass
+
+
+def _check_llama(cfg: ModelConfig) -> None:
+    """Grouped-query attention and rotary positions."""
+    _check(cfg.n_head % cfg.kv_heads == 0, f"model.n_kv_head={cfg.n_kv_head} must divide model.n_head={cfg.n_head}")
+    _check(cfg.attention_head_dim % 2 == 0,
+           f"the head dimension {cfg.attention_head_dim} must be even for rotary positions")
+    _check(cfg.rope_theta > 0, f"model.rope_theta={cfg.rope_theta} must be > 0")
+    _check(cfg.rope_factor >= 1, f"model.rope_factor={cfg.rope_factor} must be >= 1")
+    _check(0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor,
+           "model.rope_low_freq_factor must be > 0 and below model.rope_high_freq_factor")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The [model] settings one architecture honours (the shared ones and its own) and its own
+    checks of their values, which ModelConfig runs after the shared checks."""
+
+    own: tuple[str, ...]  # the fields it reads besides SHARED_MODEL_FIELDS
+    check: Callable[[ModelConfig], None] = _no_checks  # raises ConfigError
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (*SHARED_MODEL_FIELDS, *self.own)
+
+
+MODEL_SETTINGS: dict[str, ModelSettings] = {
+    "llama": ModelSettings(("tie_embeddings", "pooling", "n_kv_head", "head_dim", "qk_norm", "qkv_bias", "rope_theta",
+                            "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                            "rope_original_max_len"), _check_llama),
+    "gpt": ModelSettings(("tie_embeddings", "pooling")),
+    "bert": ModelSettings(("pooling",)),  # its masked-LM head is always tied to the word embeddings
+    "seq2seq": ModelSettings(("tie_embeddings",)),  # no classifier, so nothing to pool
+}
+
+
+# --- presets ---------------------------------------------------------------------------------------
 
 # Presets set model and train fields per architecture; anything else keeps its dataclass default,
 # and those defaults are the `default` preset: it fits the ~1 MB sample text in under 10 minutes on

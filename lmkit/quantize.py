@@ -15,6 +15,7 @@ two give the same logits to the bit.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lmkit import checkpoint
 from lmkit.errors import CheckpointError
+from lmkit.fileio import check_target_dir
+from lmkit.models import build_model
+from lmkit.project import project_holding
 
 SCALE = ".weight_scale"  # beside NAME.weight (int8) in a quantized checkpoint
 
@@ -132,12 +137,6 @@ def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
         CheckpointError: SOURCE holds adapters or is int8 already, OUT is SOURCE, or something
             refers to OUT.
     """
-    import contextlib
-
-    from lmkit import checkpoint
-    from lmkit.fileio import check_target_dir
-    from lmkit.project import project_holding
-
     ckpt = checkpoint.Checkpoint(source)
     if ckpt.is_int8:
         raise CheckpointError(f"{source} is int8 already")
@@ -161,14 +160,17 @@ def quantize_checkpoint(source: Path, out: Path, force: bool = False) -> Path:
     return out
 
 
-def model_for_decoding(ckpt: object, device: torch.device, quantize: str | None = None) -> nn.Module:
-    """CKPT's model for generate, eval, chat and serve: an int8 checkpoint as it is; a float one as
-    it is, or with QUANTIZE "int8" quantized now."""
-    if ckpt.is_int8:  # type: ignore[attr-defined]
-        return ckpt.model(device, quantized=True)  # type: ignore[attr-defined]
+def model_for_decoding(ckpt: checkpoint.Checkpoint, device: torch.device, quantize: str | None = None) -> nn.Module:
+    """CKPT's model for generate, eval, chat and serve, in eval mode: an int8 checkpoint as it is
+    (on the CPU); a float one as it is, or with QUANTIZE "int8" quantized now."""
+    if ckpt.is_int8:
+        check_device(torch.device(device))
+        ckpt.verify("model.safetensors")
+        return load_int8(build_model(ckpt.config.model), ckpt.path / "model.safetensors",
+                         ckpt.meta.get("tied_weights", {}))
     if quantize not in (None, "int8"):
         raise CheckpointError(f"unknown quantization {quantize!r} (lmkit has int8)")
     if quantize == "int8":
         check_device(device)
-        return quantize_int8(ckpt.model(device))  # type: ignore[attr-defined]
-    return ckpt.model(device)  # type: ignore[attr-defined]
+        return quantize_int8(ckpt.model(device))
+    return ckpt.model(device)

@@ -9,7 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmkit import checkpoint, train
+from lmkit.config import TrainConfig
 from lmkit.errors import LmkitError
+from lmkit.prepare import TokenFile
 from lmkit.project import Project
 
 BITS_PER_NAT = 1.4426950408889634
@@ -61,9 +64,6 @@ def summarize(project: Project, run: str) -> RunSummary:
     Raises:
         LmkitError: the run has no saved config.
     """
-    from lmkit import checkpoint, train
-    from lmkit.config import TrainConfig
-
     config_file = project.run_config_file(run)
     if not config_file.is_file():
         raise LmkitError(f"{project.root} has no run {run!r} (no {config_file})")
@@ -136,7 +136,5 @@ def _newest_run(project: Project) -> str | None:
 
 def _bytes_per_token(project: Project) -> float | None:
     """UTF-8 bytes per token of the project's prepared validation data (pretraining), if known."""
-    from lmkit.prepare import TokenFile
-
     token_file = TokenFile.open(project.tokens_file("val"))
     return token_file.bytes_per_token if token_file else None

@@ -19,19 +19,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lmkit.config import ConfigError, SampleConfig, check_range
 from lmkit.device import autocast, autocast_dtype
+from lmkit.generate import CausalStepper, Completion, Sample, _Texts
 from lmkit.models.layers import SlotCache
 from lmkit.search import _penalties, extend, next_token_probs, sample_next
 from lmkit.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from lmkit.generate import Completion
 
 
 @dataclass
@@ -217,8 +214,6 @@ def _judge(scores: torch.Tensor, proposed: list[int], draft_probs: list[torch.Te
 def _plain(model: nn.Module, sequence: list[int], cfg: SampleConfig, device: torch.device,
            emit: Callable[[int], bool], generator: torch.Generator, stats: Speculation) -> None:
     """Go on without the draft, exactly as lmkit.generate decodes one row (its window slides)."""
-    from lmkit.generate import CausalStepper
-
     stepper = CausalStepper(model, sequence, 1, device, cfg.max_new_tokens)
     while True:
         token = int(sample_next(stepper.logits(), cfg, generator)[0])
@@ -233,8 +228,6 @@ def generate_with_draft(target: nn.Module, draft: nn.Module, tokenizer: Tokenize
                         on_text: Callable[[int, str], None] | None = None) -> tuple[Completion, Speculation]:
     """lmkit.generate.generate with DRAFT proposing tokens (cfg.num_samples rows decoded together);
     and how it fared."""
-    from lmkit.generate import Completion, Sample, _Texts
-
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, samples = _Texts(tokenizer, cfg.stop, on_text), [Sample() for _ in range(cfg.num_samples)]

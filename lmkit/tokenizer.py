@@ -22,6 +22,7 @@ from typing import Any
 import sentencepiece as spm
 
 from lmkit.config import TokenizerConfig
+from lmkit.corpus import split_lines
 from lmkit.errors import CheckpointError, DataError
 from lmkit.fileio import atomic_write_bytes, atomic_write_json, content_fingerprint
 
@@ -183,8 +184,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for any text; decode(encode(text)) == text."""
-        from lmkit.corpus import split_lines
-
         return [i for ids in self.encode_lines(split_lines(text)) for i in ids]
 
     def encode_lines(self, lines: list[str], threads: int | None = None) -> list[list[int]]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -90,7 +91,7 @@ def test_an_int8_checkpoint_is_checked_too(tiny_project: Project, tmp_path) -> N
     out = quantize.quantize_checkpoint(tiny_project.latest_checkpoint(), tmp_path / "int8")
     overwrite_middle(out / "model.safetensors", 0, 20_000)
     with pytest.raises(CheckpointError, match=re.escape(f"{out / 'model.safetensors'} is damaged")):
-        Checkpoint(out).model(quantized=True)
+        quantize.model_for_decoding(Checkpoint(out), torch.device("cpu"))
 
 
 def test_checkpoints_saved_without_checksums_still_load(tiny_project: Project, tmp_path) -> None:
@@ -100,6 +101,21 @@ def test_checkpoints_saved_without_checksums_still_load(tiny_project: Project, t
     (path / "config.json").write_text(json.dumps(meta))
     ckpt = Checkpoint(path)
     assert ckpt.trainer() is not None and ckpt.tokenizer() is not None
+    idx = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(ckpt.model()(idx)[0], Checkpoint(tiny_project.latest_checkpoint()).model()(idx)[0])
+
+
+def test_checkpoints_saved_with_every_model_field_still_load(tiny_project: Project, tmp_path) -> None:
+    """Before each architecture declared its settings, config.json held every model field: others'
+    at their defaults, or at a value the model never read (`--arch gpt --set model.n_kv_head=2`)."""
+    path = shutil.copytree(tiny_project.latest_checkpoint(), tmp_path / "step-000040")
+    meta = json.loads((path / "config.json").read_text())
+    saved = Checkpoint(tiny_project.latest_checkpoint()).config
+    assert saved.model.arch == "gpt" and "n_kv_head" not in meta["config"]["model"]
+    meta["config"]["model"] = {**dataclasses.asdict(saved.model), "n_kv_head": 2, "qk_norm": True}
+    (path / "config.json").write_text(json.dumps(meta))
+    ckpt = Checkpoint(path)
+    assert ckpt.config == saved
     idx = torch.randint(0, 100, (1, 8))
     torch.testing.assert_close(ckpt.model()(idx)[0], Checkpoint(tiny_project.latest_checkpoint()).model()(idx)[0])
 

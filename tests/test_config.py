@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
 from lmkit import config
 from lmkit.config import ConfigError, RunConfig
+from lmkit.presets import MODEL_SETTINGS
 
 
 def test_defaults_come_from_the_default_preset() -> None:
@@ -140,3 +143,85 @@ def test_a_directory_for_a_config_file_is_named_as_such(tmp_path) -> None:
 def test_a_model_config_built_in_code_is_type_checked() -> None:
     with pytest.raises(ConfigError, match="model.d_model='32' .* must be an integer"):
         config.ModelConfig(d_model="32")  # type: ignore[arg-type]
+
+
+# --- each architecture's own model settings --------------------------------------------------------
+
+@pytest.mark.parametrize(("arch", "key", "owners"), [
+    ("gpt", "n_kv_head", "llama"), ("gpt", "qk_norm", "llama"), ("seq2seq", "rope_theta", "llama"),
+    ("bert", "tie_embeddings", "llama, gpt, seq2seq"), ("seq2seq", "pooling", "llama, gpt, bert"),
+])
+def test_a_field_of_another_architecture_is_refused_naming_its_owners(arch, key, owners, tmp_path) -> None:
+    value = {"n_kv_head": "2", "qk_norm": "true", "rope_theta": "500000.0", "tie_embeddings": "false",
+             "pooling": "mean"}[key]
+    message = f"model.{key} is not a {arch} setting (used by {owners}); leave it out of {{}} or pick --arch "
+    with pytest.raises(ConfigError, match=re.escape(message.format("--set"))):
+        config.resolve(flags={"arch": arch}, sets=[f"model.{key}={value}"])
+    for name in ("lmkit.toml", "other.toml"):  # the project's file, or a --config FILE
+        path = tmp_path / name
+        path.write_text(f'arch = "{arch}"\n[model]\n{key} = {value if value != "mean" else json.dumps(value)}\n')
+        where = {"project_file": path} if name == "lmkit.toml" else {"config_file": path}
+        with pytest.raises(ConfigError, match=re.escape(message.format(path))):
+            config.resolve(**where)
+
+
+def test_setting_another_architectures_field_to_its_default_is_still_a_setting() -> None:
+    with pytest.raises(ConfigError, match=r"model.n_kv_head is not a gpt setting .* pick --arch llama$"):
+        config.resolve(flags={"arch": "gpt"}, sets=["n_kv_head=0"])
+    gpt = config.resolve(flags={"arch": "gpt"})  # left out, it keeps its default, which GPT never reads
+    assert gpt.model.n_kv_head == 0 and "n_kv_head" not in gpt.to_dict()["model"]
+
+
+def test_a_finetune_refuses_a_field_its_checkpoint_architecture_lacks() -> None:
+    base = config.resolve(flags={"arch": "gpt", "preset": "tiny"})
+    with pytest.raises(ConfigError, match=r"model.qk_norm is not a gpt setting \(used by llama\); leave it out of "
+                                          r"--set$"):  # no other --arch: a finetune keeps its checkpoint's model
+        config.resolve(base=base, sets=["model.qk_norm=true"])
+    with pytest.raises(ConfigError, match="a finetune keeps its checkpoint's model"):
+        config.resolve(base=base, sets=["model.arch=llama"])
+    assert config.resolve(base=base, sets=["model.pooling=mean"]).model.pooling == "mean"
+
+
+def test_code_that_builds_a_config_cannot_set_another_architectures_field() -> None:
+    """An import's config_in, finetune's and distill's dataclasses.replace all build ModelConfig."""
+    with pytest.raises(ConfigError, match=r"model.qk_norm=True is not a gpt setting \(used by llama\)"):
+        config.ModelConfig(arch="gpt", qk_norm=True)
+    gpt = config.ModelConfig(arch="gpt")
+    with pytest.raises(ConfigError, match="model.n_kv_head=2 is not a gpt setting"):
+        dataclasses.replace(gpt, n_kv_head=2)
+    assert dataclasses.replace(gpt, n_kv_head=0, dropout=0.1).dropout == 0.1  # defaults are no setting
+
+
+def test_an_odd_head_size_is_fine_without_rotary_positions() -> None:
+    for arch in ("gpt", "bert", "seq2seq"):
+        cfg = config.resolve(flags={"arch": arch}, sets=["model.d_model=30", "model.n_head=2"])
+        assert cfg.model.d_model // cfg.model.n_head == 15
+    with pytest.raises(ConfigError, match="the head dimension 15 must be even for rotary positions"):
+        config.resolve(flags={"arch": "llama"}, sets=["model.d_model=30", "model.n_head=2"])
+    with pytest.raises(ConfigError, match="the head dimension 15 must be even"):
+        config.resolve(flags={"arch": "llama"}, sets=["model.head_dim=15"])
+    with pytest.raises(ConfigError, match="model.n_kv_head=3 must divide model.n_head=4"):
+        config.resolve(flags={"arch": "llama"}, sets=["model.n_kv_head=3"])
+
+
+def test_every_preset_sets_only_its_architectures_fields() -> None:
+    for arch, presets in config.PRESETS.items():
+        for preset in presets:
+            cfg = config.resolve(flags={"arch": arch, "preset": preset})  # refused otherwise, naming the preset
+            assert set(cfg.to_dict()["model"]) == set(MODEL_SETTINGS[arch].fields)
+
+
+def test_a_config_saved_with_every_field_still_resolves(tmp_path) -> None:
+    """Run configs saved before each architecture declared its fields hold all of them, at defaults."""
+    cfg = config.resolve(flags={"arch": "gpt", "preset": "tiny"})
+    old = {**cfg.to_dict(), "model": dataclasses.asdict(cfg.model)}
+    assert "n_kv_head" in old["model"] and "n_kv_head" not in cfg.to_dict()["model"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert config.resolve(config_file=path) == cfg
+    assert RunConfig.from_dict(old, "x") == cfg
+    # a value the GPT never read (lmkit used to take `--arch gpt --set model.n_kv_head=2`) is left out too
+    assert RunConfig.from_dict({**old, "model": {**old["model"], "n_kv_head": 2}}, "x") == cfg
+    path.write_text(json.dumps({"model": {**old["model"], "n_kv_head": 2}}))
+    with pytest.raises(ConfigError, match=f"not a gpt setting .*leave it out of {re.escape(str(path))}"):
+        config.resolve(config_file=path)  # but given as a setting, it is one

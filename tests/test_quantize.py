@@ -27,7 +27,7 @@ def test_int8_scores_match_float_and_the_checkpoint_is_small(source, tmp_path, s
     assert ckpt.is_int8 and ckpt.meta["quantized_from"] == str(Checkpoint(source).path)
     assert (out / "model.safetensors").stat().st_size < 0.5 * (source / "model.safetensors").stat().st_size
     floats = Checkpoint(source).model()
-    int8, now = ckpt.model(quantized=True), quantize.quantize_int8(Checkpoint(source).model())
+    int8, now = quantize.model_for_decoding(ckpt, CPU), quantize.quantize_int8(Checkpoint(source).model())
     assert sum(type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao") for m in int8.modules()) >= 5
     tokenizer = ckpt.tokenizer()
     text = sample_text[200_000:230_000]

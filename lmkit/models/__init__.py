@@ -2,7 +2,8 @@
 
 An architecture's module holds its model (all models return (logits, loss)) and everything else
 that differs by architecture (lmkit.models.arch.Arch); lmkit looks it up here by cfg.model.arch.
-Presets are plain data in lmkit.presets, so that configs resolve without importing torch.
+The model settings each architecture honours, its checks of them and its presets are plain data in
+lmkit.presets, so that configs resolve without importing torch.
 """
 
 from __future__ import annotations

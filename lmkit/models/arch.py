@@ -1,6 +1,8 @@
 """What an architecture declares: everything that differs between GPT, llama, BERT and the
 encoder-decoder, in one record per architecture (its module's ARCH), looked up in
 lmkit.models.ARCHS. The rest of lmkit asks the record and never branches on an architecture's name.
+What an architecture takes from a config (the model settings it honours, its checks of them, its
+presets) is plain data in lmkit.presets, so that configs resolve without importing torch.
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ class Arch:
     distillation: Distillation
     tasks: tuple[str, ...]  # the `lmkit finetune --task` values this architecture takes
     decoding: Literal["continue", "rewrite", "fill-mask"]  # what `lmkit generate` does with a text
-    # `lmkit eval FILE` of a (pretrained or finetuned, not classifier) checkpoint:
-    # (model, tokenizer, file, options, device) -> (result, per-example records or None)
-    evaluate: Callable[..., tuple[Any, list[dict[str, Any]] | None]]
+    # What `lmkit eval FILE` does with a (pretrained or finetuned, not classifier) checkpoint: score
+    # a text as a causal LM or as a masked LM, or decode source/target pairs (lmkit.evaluate.EVALUATIONS)
+    evaluation: Literal["text", "masked-text", "pairs"]
     # The FLOPs of training on one batch (forward and backward; lmkit.models.flops), the numerator of
     # MFU: a batch of the architecture's pretraining or finetuning, or a classifier's ClassifyBatch
     train_flops: Callable[[ModelConfig, Batch], float]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit import data, evaluate, objectives
+from lmkit import data, objectives
 from lmkit.batches import IGNORE, ClassifyBatch, MaskedLMBatch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.errors import CheckpointError
@@ -266,7 +266,7 @@ ARCH = Arch(
                               "val_mlm_accuracy"),
     tasks=("classify", "lm"),  # lm: more masked-LM pretraining on new text
     decoding="fill-mask",
-    evaluate=evaluate.evaluate_masked_text,
+    evaluation="masked-text",
     train_flops=train_flops,
     pair_layout=lambda tok: PairLayout([tok.cls_id], [tok.sep_id], [tok.sep_id]),
     lora_targets={"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit import evaluate
 from lmkit.batches import ClassifyBatch, LMBatch
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
@@ -151,7 +150,7 @@ ARCH = Arch(
     distillation=causal.DISTILLATION,
     tasks=("chat", "classify", "dpo", "instruct", "lm"),
     decoding="continue",
-    evaluate=evaluate.evaluate_text,
+    evaluation="text",
     train_flops=train_flops,
     pair_layout=causal.pair_layout,
     lora_targets={"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},

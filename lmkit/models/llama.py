@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit import evaluate
 from lmkit.batches import ClassifyBatch, LMBatch
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError
@@ -209,7 +208,7 @@ ARCH = Arch(
     distillation=causal.DISTILLATION,
     tasks=("chat", "classify", "dpo", "instruct", "lm"),
     decoding="continue",
-    evaluate=evaluate.evaluate_text,
+    evaluation="text",
     train_flops=train_flops,
     pair_layout=causal.pair_layout,
     lora_targets={"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),

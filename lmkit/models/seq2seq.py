@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit import data, evaluate, objectives
+from lmkit import data, objectives
 from lmkit.batches import IGNORE, Seq2SeqBatch
 from lmkit.config import ModelConfig, RunConfig
 from lmkit.models import flops
@@ -185,7 +185,7 @@ ARCH = Arch(
                               compares_hidden=False),
     tasks=("seq2seq", "lm"),  # lm: more denoising on new text
     decoding="rewrite",
-    evaluate=evaluate.evaluate_pairs,
+    evaluation="pairs",
     train_flops=train_flops,
     eval_task="seq2seq",
     default_temperature=0.0,  # a rewrite has one right answer more often than not: decode greedily

@@ -15,6 +15,7 @@ import torch
 
 from lmkit import corpus
 from lmkit.errors import CheckpointError, ConfigError
+from lmkit.evaluate import EVALUATIONS
 from lmkit.models import ARCHS
 from lmkit.quantize import model_for_decoding
 from lmkit.tasks import chat, classify, dpo, instruct, lm, seq2seq
@@ -61,4 +62,5 @@ def evaluate_checkpoint(ckpt: Any, path: Path, options: Any, device: torch.devic
     if options.reference:
         raise CheckpointError("--reference compares implicit rewards on preference pairs; "
                               f"{path} is scored as {arch.eval_task}")
-    return arch.evaluate(model_for_decoding(ckpt, device, options.quantize), ckpt.tokenizer(), path, options, device)
+    return EVALUATIONS[arch.evaluation](model_for_decoding(ckpt, device, options.quantize), ckpt.tokenizer(), path,
+                                        options, device)

@@ -4,7 +4,8 @@ import dataclasses
 
 import torch
 
-from lmkit.models import build_model, count_parameters
+from lmkit.config import ModelConfig
+from lmkit.models import build_model, count_parameters, gpt
 from lmkit.models.gpt import GPT
 from lmkit.models.layers import Attention
 
@@ -90,3 +91,16 @@ def test_cross_attention_reads_the_context_and_masks_its_padding() -> None:
     noisy[:, 3:] = torch.randn(2, 2, 32)
     torch.testing.assert_close(attn(x, context=context, pad_mask=pad), attn(x, context=noisy, pad_mask=pad))
     assert not torch.allclose(out, attn(x, context=noisy))
+
+
+def test_a_head_size_rotary_positions_could_not_take_is_fine_for_gpt() -> None:
+    """Head size 15: GPT has learned positions, so only llama's rotary embedding needs an even one."""
+    cfg = ModelConfig(arch="gpt", vocab_size=64, d_model=30, n_layer=1, n_head=2, max_seq_len=16)
+    model = build_model(cfg).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    full, _ = model(idx)
+    cache = model.new_cache(2, torch.device("cpu"))
+    steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    hf = {"model_type": "gpt2", "vocab_size": 64, "n_embd": 30, "n_layer": 1, "n_head": 2, "n_positions": 16}
+    assert gpt.config_from_hf(hf) == dataclasses.replace(cfg, d_ff=120)  # a GPT-2 of that shape imports too
