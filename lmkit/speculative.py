@@ -20,7 +20,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,14 +28,11 @@ from lmkit.checkpoint import Checkpoint, resolve
 from lmkit.config import ConfigError, SampleConfig, check_range
 from lmkit.device import autocast, autocast_dtype
 from lmkit.errors import CheckpointError, DataError
-from lmkit.generate import decoding_of
+from lmkit.generate import CausalStepper, Completion, Sample, _Texts, decoding_of
 from lmkit.models.layers import SlotCache
 from lmkit.project import Project
 from lmkit.search import _penalties, extend, next_token_probs, sample_next
 from lmkit.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from lmkit.generate import Completion
 
 
 @dataclass
@@ -260,8 +256,6 @@ def _judge(scores: torch.Tensor, proposed: list[int], draft_probs: list[torch.Te
 def _plain(model: nn.Module, sequence: list[int], cfg: SampleConfig, device: torch.device,
            emit: Callable[[int], bool], generator: torch.Generator, stats: Speculation) -> None:
     """Go on without the draft, exactly as lmkit.generate decodes one row (its window slides)."""
-    from lmkit.generate import CausalStepper
-
     stepper = CausalStepper(model, sequence, 1, device, cfg.max_new_tokens)
     while True:
         token = int(sample_next(stepper.logits(), cfg, generator)[0])
@@ -276,8 +270,6 @@ def generate_with_draft(target: nn.Module, draft: nn.Module, tokenizer: Tokenize
                         on_text: Callable[[int, str], None] | None = None) -> tuple[Completion, Speculation]:
     """lmkit.generate.generate with DRAFT proposing tokens (cfg.num_samples rows decoded together);
     and how it fared."""
-    from lmkit.generate import Completion, Sample, _Texts
-
     seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, samples = _Texts(tokenizer, cfg.stop, on_text), [Sample() for _ in range(cfg.num_samples)]
