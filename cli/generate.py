@@ -108,7 +108,7 @@ def generate(
         model, tokenizer = gen.load_for_generation(ckpt, where, level, compile_model=compile_model, log=opts.say)
         job = _Job(ckpt, model, tokenizer, sampler, where, json_out, echo, 1 if typed else 64, top_k, system,
                    chat_template, draft_ckpt, draft_tokens, opts.say)
-        MODES[mode](job, texts)
+        _PRINTERS[mode](job, texts)
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def _rewrite_job(job: _Job, sources: Iterable[str]) -> None:
 
 
 # What each of lmkit.generate.generation_mode's modes prints.
-MODES: dict[str, Callable[[_Job, Iterable[str]], None]] = {
+_PRINTERS: dict[str, Callable[[_Job, Iterable[str]], None]] = {
     "classify": lambda job, texts: _classify(job.model, job.tokenizer, job.ckpt.labels, texts, job.where,
                                              job.json_out, job.chunk),
     "fill-mask": _fill,
