@@ -64,25 +64,19 @@ def chat(
     from lmkit import device as dev
     from lmkit import generate as gen
     from lmkit import project as proj
-    from lmkit.errors import DataError
 
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
         stream = stdin_bytes()
         ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        if gen.decoding_of(ckpt) != "continue":
-            raise DataError(f"lmkit chat talks to a decoder (gpt or llama); {ckpt.path} is a "
-                            f"{ckpt.config.model.arch} checkpoint for task {ckpt.task!r}")
+        gen.require_decoder(ckpt, "lmkit chat talks to a decoder")
         sampler = gen.sample_config(ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k,
                                     top_p=top_p, greedy=greedy, seed=opts.seed,
                                     no_repeat_ngram_size=no_repeat_ngram_size,
                                     repetition_penalty=repetition_penalty, stop=tuple(stop or ()))  # checked first
         where = dev.pick_device(opts.device)
-        from lmkit.quantize import model_for_decoding
-
-        model = model_for_decoding(ckpt, where, quantize.value if quantize else None)
-        tokenizer = ckpt.tokenizer()
-        form = chat_lib.ChatFormat(tokenizer, chat_lib.load_template(chat_template) if chat_template else None)
+        model, tokenizer = gen.load_for_generation(ckpt, where, quantize.value if quantize else None)
+        form = chat_lib.chat_format(tokenizer, chat_template)
         session = _Session(gen, chat_lib, model, form, sampler, where, system)
         if stream.isatty() and not json_out:
             _terminal(session, ckpt.path, opts.say)

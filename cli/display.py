@@ -27,7 +27,7 @@ def run_summary(result: Any, project: Any) -> str:
     if state.best_step:
         lines.append(f"  best        {result.best_metric or 'val_loss'} {state.best:.4f} at step {state.best_step}")
     lines.append(f"  checkpoint  {out.best_checkpoint or out.checkpoint}")
-    lines.append(f"  curves      lmkit plot -p {root} {result.run} -o {root / (result.run + '.png')}")
+    lines.append(f"  curves      lmkit plot -p {root} {result.run} -o {project.curves_image(result.run)}")
     return "\n".join([f"{result.run} summary", *lines])
 
 

@@ -11,6 +11,7 @@ import typer
 from cli import display
 from cli.options import (
     CheckpointOpt,
+    Common,
     ConfigFile,
     DeviceOpt,
     Json,
@@ -68,7 +69,7 @@ def distill(
     """Distill the --teacher into a smaller student trained on DATA; print teacher vs student
     (parameters, size, speed, quality, retention). Loss weights: --set distill.soft_weight=...,
     distill.hard_weight (alpha), distill.cosine_weight."""
-    from lmkit import checkpoint as ckpt_lib
+    from lmkit import config
     from lmkit import distill as dist
     from lmkit import project as proj
 
@@ -76,43 +77,35 @@ def distill(
     with user_errors(), proj.Project.writing(opts.project) as p:
         flags = {"distill.kl": kl, "distill.temperature": temperature,
                  **opts.train_flags(max_steps=max_steps, keep=keep, log=log)}
-        if resume:  # the run's own command line may come along; what it changes is refused
-            from lmkit.config import CommandLine
-
-            command = CommandLine(config_file, tuple(set_ or ()), flags)
-            given = {"data": str(data.resolve()) if data else None,
-                     "teacher": str(ckpt_lib.resolve(teacher, p).resolve()) if teacher else None,
-                     "val": str(val.resolve()) if val else None,
-                     "student": str(ckpt_lib.resolve(student, p).resolve()) if student else None,
-                     "layers": list(_layers(student_layers)) if student_layers is not None else None,  # as saved
-                     "preset": preset}
-            with display.Display(opts.quiet) as shown:
-                result, summary = dist.resume(p, checkpoint, max_steps=max_steps, command=command, given=given,
+        request = dist.DistillRequest(data, teacher, val, student, _layers(student_layers), preset)
+        spec = None if resume else request.spec(p)
+        with display.Display(opts.quiet) as shown:
+            if spec is None:  # --resume: the run's own command line may come along; what it changes is refused
+                command = config.CommandLine(config_file, tuple(set_ or ()), flags)
+                result, summary = dist.resume(p, checkpoint, max_steps=max_steps, command=command, given=request,
                                               log=opts.say, progress=shown.training)
-        else:
-            if data is None or teacher is None:
-                raise ConfigError("give the data and the teacher: lmkit distill DATA --teacher CHECKPOINT")
-            layers = _layers(student_layers) if student_layers is not None else None
-            spec = dist.DistillSpec(str(data.resolve()), str(ckpt_lib.resolve(teacher, p).resolve()),
-                                    str(val.resolve()) if val else None,
-                                    str(ckpt_lib.resolve(student, p).resolve()) if student else None, layers, preset)
-            with display.Display(opts.quiet) as shown:
+            else:
                 result, summary = dist.distill(p, spec, config_file=config_file, sets=tuple(set_ or ()), flags=flags,
                                                continue_interrupted=not new_run, log=opts.say,
                                                progress=shown.training)
-    out = result.outcome
-    report = {**result.to_dict(), "summary": summary.to_dict()}
+    _report(result, summary, p, json_out, opts)
+
+
+def _report(result: Any, summary: Any, p: Any, json_out: bool, opts: Common) -> None:
+    """The comparison (stdout), the run's summary (stderr), and how to resume a stopped run."""
     if json_out:
-        typer.echo(json.dumps(report))
+        typer.echo(json.dumps({**result.to_dict(), "summary": summary.to_dict()}))
     else:
         typer.echo(_table(summary))
-        typer.echo(f"student: {out.best_checkpoint or out.checkpoint}")
-    if not json_out:
+        typer.echo(f"student: {result.outcome.best_checkpoint or result.outcome.checkpoint}")
         opts.say(display.run_summary(result, p))
-    exit_if_interrupted(out.stopped_by, "distill", p.root)
+    exit_if_interrupted(result.outcome.stopped_by, "distill", p.root)
 
 
-def _layers(text: str) -> tuple[int, ...]:
+def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """--student-layers 0,2,4 as layer numbers (None: not given)."""
+    if text is None:
+        return None
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -36,8 +37,6 @@ from cli.options import (
     input_texts,
     user_errors,
 )
-from lmkit.errors import DataError
-
 
 def generate(
     ctx: typer.Context,
@@ -89,103 +88,91 @@ def generate(
     from lmkit import device as dev
     from lmkit import generate as gen
     from lmkit import project as proj
+    from lmkit import speculative
 
     opts = common(ctx, project, device, seed, quiet)
     with user_errors():
-        ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, proj.Project.open(opts.project, create=False)))
-        mode = gen.decoding_of(ckpt, fill_mask)
-        if (chat or system or chat_template) and mode != "continue":
-            raise DataError(f"--chat answers with a decoder (gpt or llama); {ckpt.path} is a "
-                            f"{ckpt.config.model.arch} checkpoint for {mode}")
-        if (system or chat_template) and not chat:
-            raise DataError("--system and --chat-template go with --chat")
-        if draft is not None and (mode != "continue" or chat):
-            raise DataError("--draft speeds up continuing a prompt with a decoder (not --chat, seq2seq or BERT)")
-        # Built (and so checked) before the model loads, whatever the mode: a bad value fails at once.
-        sampler = gen.sample_config(
+        p = proj.Project.open(opts.project, create=False)
+        ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(checkpoint, p))
+        mode = gen.generation_mode(ckpt, fill_mask=fill_mask, chat=chat, system=system, chat_template=chat_template,
+                                   draft=draft is not None)
+        sampler = gen.sample_config(  # built (and so checked) before the model loads, whatever the mode
             ckpt.config.model.arch, temperature, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
             greedy=greedy, num_samples=num_samples, seed=opts.seed, beam=beam, length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
             stop=tuple(stop or ()))
-        if draft is not None:
-            from lmkit import speculative
-
-            speculative.check_options(sampler, draft_tokens)
-        texts, typed = input_texts(prompts, "prompt")
-        chunk = 1 if typed else 64  # typed lines get an answer each
         level = quantize.value if quantize else None
-        if draft is not None and (level or ckpt.is_int8):
-            raise DataError("--draft needs the model's float weights: int8 quantizes activations per call, so "
-                            "scoring the draft's tokens together would differ slightly from one at a time "
-                            "(the draft itself may be an int8 checkpoint)")
+        draft_ckpt = speculative.open_draft(draft, p, ckpt, sampler, draft_tokens, level)
+        texts, typed = input_texts(prompts, "prompt")
         where = dev.pick_device(opts.device)
-        from lmkit.quantize import model_for_decoding
-
-        model, tokenizer = model_for_decoding(ckpt, where, level), ckpt.tokenizer()
-        if compile_model:
-            import torch
-
-            opts.say("compiling the model (torch.compile): the first tokens wait for it")
-            model = torch.compile(model, dynamic=True)
-        if mode == "classify":
-            _classify(model, tokenizer, ckpt.labels, texts, where, json_out, chunk)
-        elif mode == "fill-mask":
-            for text in texts:
-                _print_fill(gen.fill_mask(model, tokenizer, text, top_k or 5, where), json_out)
-        else:
-            if mode == "rewrite":
-                _rewrite(gen, model, tokenizer, texts, sampler, where, bool(echo), json_out, chunk)
-            elif draft is not None:
-                draft_ckpt = ckpt_lib.Checkpoint(ckpt_lib.resolve(draft, proj.Project.open(opts.project, create=False)))
-                _speculate(gen, ckpt, draft_ckpt, model, tokenizer, texts, sampler, where, draft_tokens,
-                           echo is not False, json_out, opts.say)
-            elif chat:
-                from lmkit import chat as chat_lib
-
-                form = chat_lib.ChatFormat(tokenizer, chat_lib.load_template(chat_template) if chat_template else None)
-                start = [{"role": "system", "content": system}] if system else []
-                for text in texts:
-                    messages = [*start, {"role": "user", "content": text}]
-                    _print_completion(lambda on_text, m=messages: gen.reply(model, form, m, sampler, where, on_text),
-                                      sampler, None, json_out)
-            else:
-                _sample(gen, model, tokenizer, texts, sampler, where, echo is not False, json_out)
+        model, tokenizer = gen.load_for_generation(ckpt, where, level, compile_model=compile_model, log=opts.say)
+        job = _Job(ckpt, model, tokenizer, sampler, where, json_out, echo, 1 if typed else 64, top_k, system,
+                   chat_template, draft_ckpt, draft_tokens, opts.say)
+        _PRINTERS[mode](job, texts)
 
 
-def _sample(gen: Any, model: Any, tokenizer: Any, prompts: Iterable[str], sampler: Any, where: Any, echo: bool,
-            json_out: bool) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """What `lmkit generate` prints with: the loaded model and the flags of the output."""
+
+    ckpt: Any
+    model: Any
+    tokenizer: Any
+    sampler: Any
+    where: Any
+    json_out: bool
+    echo: Optional[bool]  # None: the mode's default
+    chunk: int  # inputs decoded together (1 for lines typed at a terminal: each gets its answer at once)
+    top_k: int
+    system: Optional[str]
+    chat_template: Optional[Path]
+    draft: Any  # a checkpoint (speculate)
+    draft_tokens: int
+    say: Callable[[str], None]
+
+
+def _sample(job: _Job, prompts: Iterable[str]) -> None:
     """Print samples: streamed as they are decoded (one sample, text), or whole (several, or JSON)."""
+    from lmkit import generate as gen
+
     for prompt in prompts:
-        _print_completion(lambda on_text, p=prompt: gen.generate(model, tokenizer, p, sampler, where, on_text),
-                          sampler, prompt if echo else None, json_out)
+        _print_completion(
+            lambda on_text, p=prompt: gen.generate(job.model, job.tokenizer, p, job.sampler, job.where, on_text),
+            job.sampler, prompt if job.echo is not False else None, job.json_out)
 
 
-def _speculate(gen: Any, ckpt: Any, draft_ckpt: Any, model: Any, tokenizer: Any, prompts: Iterable[str],
-               sampler: Any, where: Any, draft_tokens: int, echo: bool, json_out: bool, say: Any) -> None:
+def _chat(job: _Job, texts: Iterable[str]) -> None:
+    """Answer each text as a user's message (after the --system message)."""
+    from lmkit import chat as chat_lib
+    from lmkit import generate as gen
+
+    form = chat_lib.chat_format(job.tokenizer, job.chat_template)
+    start = [{"role": "system", "content": job.system}] if job.system else []
+    for text in texts:
+        messages = [*start, {"role": "user", "content": text}]
+        _print_completion(lambda on_text, m=messages: gen.reply(job.model, form, m, job.sampler, job.where, on_text),
+                          job.sampler, None, job.json_out)
+
+
+def _speculate(job: _Job, prompts: Iterable[str]) -> None:
     """Each prompt continued with the draft's help; the acceptance rate on stderr (and in --json)."""
     from lmkit import speculative
-    from lmkit.errors import CheckpointError
-
-    if draft_ckpt.tokenizer_fingerprint != ckpt.tokenizer_fingerprint:
-        raise CheckpointError(f"the draft {draft_ckpt.path} uses tokenizer {draft_ckpt.tokenizer_fingerprint}, the "
-                              f"model {ckpt.tokenizer_fingerprint}: a draft must share the model's tokenizer "
-                              "(distill one with `lmkit distill --teacher`)")
-    if gen.decoding_of(draft_ckpt) != "continue":
-        raise CheckpointError(f"the draft {draft_ckpt.path} is not a decoder language model")
     from lmkit.quantize import model_for_decoding
 
-    draft_model = model_for_decoding(draft_ckpt, where)
+    draft_model = model_for_decoding(job.draft, job.where)
     found: dict[str, Any] = {}  # the last prompt's figures
     for prompt in prompts:
         def run(on_text: Any, p: str = prompt) -> Any:
             completion, found["stats"] = speculative.generate_with_draft(
-                model, draft_model, tokenizer, p, sampler, where, draft_tokens=draft_tokens, on_text=on_text)
+                job.model, draft_model, job.tokenizer, p, job.sampler, job.where, draft_tokens=job.draft_tokens,
+                on_text=on_text)
             return completion
 
-        _print_completion(run, sampler, prompt if echo else None, json_out, extra=lambda: found["stats"].to_dict())
+        _print_completion(run, job.sampler, prompt if job.echo is not False else None, job.json_out,
+                          extra=lambda: found["stats"].to_dict())
         stats = found["stats"]
-        say(f"draft: {stats.accepted}/{stats.proposed} proposed tokens accepted ({stats.acceptance_rate:.0%}), "
-            f"{stats.rounds} model passes")
+        job.say(f"draft: {stats.accepted}/{stats.proposed} proposed tokens accepted ({stats.acceptance_rate:.0%}), "
+                f"{stats.rounds} model passes")
 
 
 def _print_completion(run: Any, sampler: Any, echo: Optional[str], json_out: bool, extra: Any = None) -> None:
@@ -247,3 +234,28 @@ def _print_fill(result: Any, json_out: bool) -> None:
     typer.echo(result.filled)
     for k, mask in enumerate(result.masks, start=1):
         typer.echo(f"  [MASK] {k}: " + " | ".join(f"{text!r} {p:.1%}" for text, _, p in mask.candidates))
+
+
+def _fill(job: _Job, texts: Iterable[str]) -> None:
+    from lmkit import generate as gen
+
+    for text in texts:
+        _print_fill(gen.fill_mask(job.model, job.tokenizer, text, job.top_k or 5, job.where), job.json_out)
+
+
+def _rewrite_job(job: _Job, sources: Iterable[str]) -> None:
+    from lmkit import generate as gen
+
+    _rewrite(gen, job.model, job.tokenizer, sources, job.sampler, job.where, bool(job.echo), job.json_out, job.chunk)
+
+
+# What each of lmkit.generate.generation_mode's modes prints.
+_PRINTERS: dict[str, Callable[[_Job, Iterable[str]], None]] = {
+    "classify": lambda job, texts: _classify(job.model, job.tokenizer, job.ckpt.labels, texts, job.where,
+                                             job.json_out, job.chunk),
+    "fill-mask": _fill,
+    "rewrite": _rewrite_job,
+    "speculate": _speculate,
+    "chat": _chat,
+    "continue": _sample,
+}

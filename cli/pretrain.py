@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from cli import display
 from cli.options import (
+    Common,
     Compile,
     ConfigFile,
     DeviceOpt,
@@ -81,15 +82,18 @@ def pretrain(
                 cfg = config.resolve(project_file=p.config_file, config_file=config_file, sets=set_ or (), flags=flags)
                 result = train.pretrain(p, list(corpora or []), cfg, continue_interrupted=not new_run, log=opts.say,
                                         progress=shown.training, prepare_progress=shown.encoding)
+    if is_main_process():  # the other ranks trained alongside rank 0, which reports
+        _report(result, p, json_out, opts)
+
+
+def _report(result: Any, p: Any, json_out: bool, opts: Common) -> None:
+    """The checkpoint and its losses (stdout), the run's summary (stderr), and how to resume a stopped run."""
     out = result.outcome
-    if not is_main_process():  # the other ranks trained alongside rank 0, which reports
-        return
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
     else:
         val = f", val loss {out.val_loss:.4f}" if out.val_loss is not None else ""
         typer.echo(f"{out.checkpoint}: step {result.state.step}, train loss {out.train_loss:.4f}{val}, "
                    f"{display.duration(result.state.elapsed)}, {out.tokens_per_sec:,.0f} tokens/s")
-    if not json_out:
         opts.say(display.run_summary(result, p))
     exit_if_interrupted(out.stopped_by, "pretrain", p.root)

@@ -69,31 +69,16 @@ def plot(
 ) -> None:
     """Train and validation curves of one or more runs on one figure, with a legend (run, arch,
     parameters)."""
-    from lmkit import config
     from lmkit import plot as plot_lib
     from lmkit import project as proj
     from lmkit import runs as runs_lib
 
     opts = common(ctx, project, quiet=quiet)
     with user_errors():
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-            assert 50 <= width <= 10_000 and 50 <= height <= 10_000
-        except (ValueError, AssertionError):
-            raise config.ConfigError(f"--size {size!r}: give WIDTHxHEIGHT in pixels, e.g. 900x540") from None
+        width, height = plot_lib.parse_size(size)
         home = proj.Project.open(opts.project, create=False)
-        chosen = []
-        for target in targets or [str(home.root)]:
-            path = Path(target)
-            if (path / "runs").is_dir() or (path / "checkpoints").is_dir():
-                chosen += runs_lib.list_runs(proj.Project(path))
-            elif path.parent.name == "runs" and (path / "config.json").is_file():
-                chosen.append(runs_lib.summarize(proj.Project(path.parent.parent), path.name))
-            else:
-                chosen.append(runs_lib.summarize(home, target))
-        if not chosen:
-            raise config.ConfigError(f"no runs to plot in {home.root}")
-        written = out or home.root / "curves.png"
+        chosen = runs_lib.named_runs(home, targets)
+        written = out or home.curves_image()
         left_out = plot_lib.plot_runs(chosen, written, metric=metric.value, x=x.value, log=log, size=(width, height))
     for run in left_out:
         opts.say(f"left out {Path(run.project).name}/{run.run}: no bits per byte for a {run.kind} run")

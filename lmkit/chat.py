@@ -128,6 +128,16 @@ def load_template(path: Path) -> str:
     return text
 
 
+def chat_format(tokenizer: AnyTokenizer, template_file: Path | None = None) -> ChatFormat:
+    """TOKENIZER's chat format: with its own template, or the --chat-template TEMPLATE_FILE's (see load_template).
+
+    Raises:
+        CheckpointError: no template at all, or one that does not parse.
+        DataError: TEMPLATE_FILE cannot be read, or holds no template.
+    """
+    return ChatFormat(tokenizer, load_template(template_file) if template_file else None)
+
+
 @dataclass
 class EncodedChat:
     """One conversation as the model reads it."""

@@ -181,6 +181,45 @@ class DistillSpec:
 
 
 @dataclass(frozen=True)
+class DistillRequest:
+    """The inputs a `lmkit distill` command line names, as given (None: not given). The teacher and
+    a --student may be a checkpoint, run or project (see lmkit.checkpoint.resolve)."""
+
+    data: Path | None = None
+    teacher: Path | None = None
+    val: Path | None = None
+    student: Path | None = None
+    layers: tuple[int, ...] | None = None
+    preset: str | None = None
+
+    def spec(self, project: Project) -> DistillSpec:
+        """The new distillation these inputs ask for, its paths resolved in PROJECT.
+
+        Raises:
+            ConfigError: the data or the teacher is not given.
+            CheckpointError: the teacher or the student is no checkpoint.
+        """
+        if self.data is None or self.teacher is None:
+            raise ConfigError("give the data and the teacher: lmkit distill DATA --teacher CHECKPOINT")
+        return DistillSpec(**self._resolved(project), layers=self.layers, preset=self.preset)
+
+    def changes(self, project: Project, saved: DistillSpec) -> dict[str, tuple[Any, Any]]:
+        """{field: (as given, as SAVED has it)} of each field given, for train.refuse_changes: what a
+        --resume with these inputs would change of the run that SAVED describes."""
+        given = {**self._resolved(project), "layers": list(self.layers) if self.layers is not None else None,
+                 "preset": self.preset}  # as saved: layers a list
+        return {name: (value, getattr(saved, name)) for name, value in given.items() if value is not None}
+
+    def _resolved(self, project: Project) -> dict[str, str | None]:
+        """The paths given, absolute (teacher and student: their checkpoint folders), as DistillSpec keeps them."""
+        def folder(path: Path | None) -> str | None:
+            return str(checkpoint.resolve(path, project).resolve()) if path else None
+
+        return {"data": str(self.data.resolve()) if self.data else None, "teacher": folder(self.teacher),
+                "val": str(self.val.resolve()) if self.val else None, "student": folder(self.student)}
+
+
+@dataclass(frozen=True)
 class Summary:
     """Teacher vs student after distillation, measured in the same run on the same validation data."""
 
@@ -305,19 +344,25 @@ def distill(project: Project, spec: DistillSpec, *, config_file: Path | None = N
 
 @exclusive
 def resume(project: Project, checkpoint_path: Path | None = None, *, max_steps: int | None = None,
-           command: CommandLine | None = None, given: dict[str, Any] | None = None, log: Log = lambda _: None,
+           command: CommandLine | None = None, given: DistillRequest | None = None, log: Log = lambda _: None,
            progress: Callable[[Progress], None] | None = None) -> tuple[TrainResult, Summary]:
     """Continue an interrupted distillation (default: the project's latest checkpoint) exactly
     where it stopped: same teacher (checked by its weights), data, student state and RNG.
-    COMMAND and GIVEN (DistillSpec fields as saved: layers a list; None: not given), the rest of
-    the command line, must agree with the run; only its length (MAX_STEPS) may change."""
+    COMMAND and GIVEN (the inputs named; those not given are taken as saved), the rest of the
+    command line, must agree with the run; only its length (MAX_STEPS) may change.
+
+    Raises:
+        ConfigError: the command line changes the run (each change named, old and new).
+        CheckpointError: nothing to resume, or the teacher gone or changed.
+        DataError: the data changed since the run started.
+    """
     _single_process()
     ckpt, snapshot = checkpoint.resumable(checkpoint_path, project, log)
     if run_kind(ckpt) != "distill":
         raise CheckpointError(f"{ckpt.path} is not a resumable distillation checkpoint")
     saved = ckpt.meta["distill"]
     spec = DistillSpec(**{f.name: saved[f.name] for f in dataclasses.fields(DistillSpec)})
-    refuse_changes(ckpt, command, {k: (v, getattr(spec, k)) for k, v in (given or {}).items()}, ("train.max_steps",))
+    refuse_changes(ckpt, command, given.changes(project, spec) if given else {}, ("train.max_steps",))
     cfg, state = continuation(ckpt, snapshot, max_steps=max_steps)
     if not (Path(spec.teacher) / "config.json").is_file():
         raise CheckpointError(f"the teacher of {ckpt.run}, {spec.teacher}, is gone; restore it to resume")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from lmkit.config import SampleConfig
 from lmkit.device import autocast, autocast_dtype
 from lmkit.errors import CheckpointError, DataError
 from lmkit.models import ARCHS
+from lmkit.quantize import model_for_decoding
 from lmkit.tokenizer import Tokenizer
 
 MASK_TEXT = "[MASK]"  # in an input text: the mask token, for BERT's fill-mask and the denoiser
@@ -71,6 +73,54 @@ def sample_config(arch: str, temperature: float | None = None, **options: Any) -
     architecture's own temperature when TEMPERATURE is None (an encoder-decoder decodes greedily)."""
     default = ARCHS[arch].default_temperature
     return SampleConfig(temperature=default if temperature is None else temperature, **options)
+
+
+def generation_mode(ckpt: Any, *, fill_mask: bool = False, chat: bool = False, system: str | None = None,
+                    chat_template: Path | None = None, draft: bool = False) -> str:
+    """What `lmkit generate` does with the checkpoint CKPT and its flags: decoding_of's mode, or for a
+    decoder "chat" (answer each prompt as a user's message, CHAT) or "speculate" (continue each
+    prompt with a draft model's help, DRAFT).
+
+    Raises:
+        CheckpointError: as decoding_of.
+        DataError: a flag that goes with neither the checkpoint nor the other flags.
+    """
+    mode = decoding_of(ckpt, fill_mask)
+    if (chat or system or chat_template) and mode != "continue":
+        raise DataError(f"--chat answers with a decoder (gpt or llama); {ckpt.path} is a "
+                        f"{ckpt.config.model.arch} checkpoint for {mode}")
+    if (system or chat_template) and not chat:
+        raise DataError("--system and --chat-template go with --chat")
+    if draft and (mode != "continue" or chat):
+        raise DataError("--draft speeds up continuing a prompt with a decoder (not --chat, seq2seq or BERT)")
+    return "chat" if chat else "speculate" if draft else mode
+
+
+def require_decoder(ckpt: Any, what: str) -> None:
+    """Refuse CKPT unless it continues text (a decoder language model); WHAT opens the message, e.g.
+    "lmkit chat talks to a decoder".
+
+    Raises:
+        DataError: CKPT is another architecture, or a decoder finetuned for a task without text.
+    """
+    if decoding_of(ckpt) != "continue":
+        raise DataError(f"{what} (gpt or llama); {ckpt.path} is a {ckpt.config.model.arch} checkpoint for task "
+                        f"{ckpt.task!r}")
+
+
+def load_for_generation(ckpt: Any, device: torch.device, quantize: str | None = None, *, compile_model: bool = False,
+                        log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, Tokenizer]:
+    """CKPT's model on DEVICE, ready to decode (int8 with QUANTIZE "int8" or an int8 checkpoint;
+    compiled by torch.compile with dynamic shapes when COMPILE_MODEL), and its tokenizer.
+
+    Raises:
+        CheckpointError: damaged weights, or an unknown QUANTIZE.
+    """
+    model = model_for_decoding(ckpt, device, quantize)
+    if compile_model:
+        log("compiling the model (torch.compile): the first tokens wait for it")
+        model = torch.compile(model, dynamic=True)
+    return model, ckpt.tokenizer()
 
 
 class CausalStepper:

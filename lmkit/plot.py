@@ -13,6 +13,22 @@ from lmkit.runs import BITS_PER_NAT, RunSummary
 X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens seen"), "time": ("elapsed", "seconds")}
 METRICS = ("loss", "bpb")
 FORMATS = (".png", ".svg")
+MIN_PIXELS, MAX_PIXELS = 50, 10_000  # each side of an image
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """--size WIDTHxHEIGHT: the image's (width, height) in pixels, each 50 to 10,000.
+
+    Raises:
+        ConfigError: TEXT is not two such numbers.
+    """
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if not (MIN_PIXELS <= width <= MAX_PIXELS and MIN_PIXELS <= height <= MAX_PIXELS):
+        raise ConfigError(f"--size {text!r}: give WIDTHxHEIGHT in pixels, e.g. 900x540")
+    return width, height
 
 
 def plot_runs(runs: Sequence[RunSummary], out: Path, *, metric: str = "loss", x: str = "step", log: bool = False,

@@ -5,6 +5,7 @@
     data/{train,val}.bin            token ids, raw little-endian uint16/uint32 (+ .json metadata)
     checkpoints/<run>/step-000200/  one folder per saved step; checkpoints/latest.json points at one
     runs/<run>/                     config.json (resolved, saved before step 0) and metrics.jsonl
+    curves.png, <run>.png           `lmkit plot`'s images, unless told another file
     .lock                           held (flock) by the process that trains in the project; its PID
 """
 
@@ -270,6 +271,14 @@ class Project:
     def run_config_file(self, run: str) -> Path:
         return self.run_dir(run) / "config.json"
 
+    def has_runs(self) -> bool:
+        """Whether the project has run folders or checkpoints (runs to list)."""
+        return self.runs_dir.is_dir() or self.checkpoints_dir.is_dir()
+
+    def curves_image(self, run: str | None = None) -> Path:
+        """Where `lmkit plot` draws RUN's curves (None: all the project's runs)."""
+        return self.root / f"{run or 'curves'}.png"
+
     def new_run_name(self) -> str:
         """run1, run2, ... — one more than any run that has metrics or checkpoints."""
         numbers = [0]
@@ -298,6 +307,14 @@ def project_holding(path: Path) -> Project | None:
         if resolved.relative_to(parent).parts[0] in _OWN_FOLDERS and is_project_dir(parent):
             return Project(parent)
     return None
+
+
+def run_holding(path: Path) -> tuple[Project, str] | None:
+    """The project and run that PATH is the run folder of (PROJECT/runs/RUN, with its saved config), or None."""
+    project, run = Project(path.parent.parent), path.name
+    if project.run_dir(run) != path or not project.run_config_file(run).is_file():
+        return None
+    return project, run
 
 
 def exclusive(fn: F) -> F:

@@ -11,9 +11,9 @@ from typing import Any
 
 from lmkit import checkpoint, train
 from lmkit.config import TrainConfig
-from lmkit.errors import LmkitError
+from lmkit.errors import ConfigError, LmkitError
 from lmkit.prepare import TokenFile
-from lmkit.project import Project
+from lmkit.project import Project, run_holding
 
 BITS_PER_NAT = 1.4426950408889634
 
@@ -127,6 +127,28 @@ def list_runs(project: Project) -> list[RunSummary]:
     runs = [p.name for p in project.runs_dir.iterdir() if p.is_dir()] if project.runs_dir.is_dir() else []
     summaries = [summarize(project, run) for run in runs if project.run_config_file(run).is_file()]
     return sorted(summaries, key=lambda s: (s.started, s.run))
+
+
+def named_runs(home: Project, targets: list[str] | None = None) -> list[RunSummary]:
+    """The runs TARGETS name (default: every run of HOME), as `lmkit plot` takes them: a project
+    (all its runs), a run folder (PROJECT/runs/RUN) or the name of one of HOME's runs.
+
+    Raises:
+        LmkitError: a name that is no run of HOME.
+        ConfigError: no runs at all.
+    """
+    chosen = []
+    for target in targets or [str(home.root)]:
+        path = Path(target)
+        if Project(path).has_runs():
+            chosen += list_runs(Project(path))
+        elif found := run_holding(path):
+            chosen.append(summarize(*found))
+        else:
+            chosen.append(summarize(home, target))
+    if not chosen:
+        raise ConfigError(f"no runs to plot in {home.root}")
+    return chosen
 
 
 def _newest_run(project: Project) -> str | None:

@@ -10,13 +10,18 @@ method, 413 for a body over Served.max_body, 429 (with Retry-After) when the wai
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import secrets
+import signal
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,11 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import LOGGING_CONFIG
 
 from lmkit.batching import Engine, Job, QueueFull
-from lmkit.chat import ChatFormat, check_messages
+from lmkit.chat import ChatFormat, check_messages, load_template
+from lmkit.checkpoint import Checkpoint, resolve
 from lmkit.config import ConfigError, SampleConfig, check_range
-from lmkit.errors import LmkitError
+from lmkit.device import pick_device
+from lmkit.errors import CheckpointError, DataError, LmkitError
+from lmkit.generate import load_for_generation, require_decoder
+from lmkit.project import Project
 
 MAX_N = 16
 MAX_BODY = 16 * 2**20  # bytes of a request; a 4096-token prompt needs well under 1 MiB
@@ -186,6 +196,95 @@ class Served:
     api_key: str | None = None
     retry_after: int = 1
     max_body: int = MAX_BODY
+    source: str = ""  # the checkpoint folder, for the log
+
+
+def load_served(project: Path | str | None = None, checkpoint_path: Path | None = None, *, host: str = "127.0.0.1",
+                port: int = 8000, device: str = "auto", max_batch: int = 8, max_queue: int = 64,
+                max_context: int = 4096, max_tokens: int = 256, shutdown_timeout: float = 30.0,
+                api_key: str | None = None, model_name: str | None = None, chat_template: Path | None = None,
+                quantize: str | None = None, log: Callable[[str], None] = lambda _: None) -> Served:
+    """What `lmkit serve` serves, checked and loaded before it listens: the settings (check_settings),
+    the checkpoint CHECKPOINT_PATH means in PROJECT (a decoder), HOST:PORT free to listen on, the
+    model on DEVICE with its engine, and its chat format (none without a chat template: then only
+    completions are served). MODEL_NAME defaults to project/run/checkpoint.
+
+    Raises:
+        ConfigError: a setting out of its range.
+        DataError: the checkpoint is no decoder, or HOST:PORT cannot be listened on.
+        CheckpointError: no such checkpoint, or a damaged one; a --chat-template that does not parse.
+    """
+    check_settings(max_batch=max_batch, max_queue=max_queue, max_context=max_context, max_tokens=max_tokens,
+                   shutdown_timeout=shutdown_timeout)
+    home = Project.open(project, create=False)
+    ckpt = Checkpoint(resolve(checkpoint_path, home))
+    require_decoder(ckpt, "lmkit serve serves a decoder")
+    check_port(host, port)
+    where = pick_device(device)
+    model, tokenizer = load_for_generation(ckpt, where, quantize)
+    if quantize or ckpt.is_int8:
+        log("int8: rows decoded together share activation scales, so a request's text may differ "
+            "slightly from the same request alone")
+    template = load_template(chat_template) if chat_template else None
+    try:
+        form: ChatFormat | None = ChatFormat(tokenizer, template)
+    except CheckpointError:
+        form = None  # completions only
+        log("this checkpoint has no chat template: /v1/chat/completions answers 400")
+    engine = Engine(model, tokenizer, where, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    return Served(engine, form, model_name or served_name(ckpt.path, home), max_tokens, api_key,
+                  source=str(ckpt.path))
+
+
+def run(served: Served, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+        quiet: bool = False, log: Callable[[str], None] = lambda _: None) -> None:
+    """Serve SERVED on HOST:PORT until SIGTERM or Ctrl-C, letting requests in flight finish for up to
+    SHUTDOWN_TIMEOUT seconds; uvicorn's log (on stderr) says only warnings when QUIET."""
+    log(f"serving {served.name} ({served.source}) on http://{host}:{port}/v1 with up to {served.engine.max_batch} "
+        "rows a step" + (", API key required" if served.api_key else ""))
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: a
+    # quiet one, so that a finished shutdown exits 0 (Ctrl-C still ends in KeyboardInterrupt: 130).
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(create_app(served), host=host, port=port, log_config=log_config(quiet),
+                    timeout_graceful_shutdown=shutdown_timeout)
+    finally:
+        served.engine.close()
+
+
+def served_name(path: Path, project: Project) -> str:
+    """The model's name in the API: project/run/checkpoint, or the folder's name for a checkpoint
+    outside PROJECT."""
+    try:
+        relative = path.resolve().relative_to(project.checkpoints_dir.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().name
+    return f"{project.root.resolve().name}/{relative}"
+
+
+def check_port(host: str, port: int) -> None:
+    """A port out of range or already taken is a one-line error before the model loads (uvicorn would
+    log and exit 1).
+
+    Raises:
+        ConfigError: PORT is out of 0..65535.
+        DataError: HOST:PORT cannot be listened on.
+    """
+    check_range("port", port, 0, 65535)
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise DataError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def log_config(quiet: bool) -> dict[str, Any]:
+    """uvicorn's logging, with the access log on stderr too (stdout is for data)."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    for logger in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        config["loggers"].setdefault(logger, {})["level"] = "WARNING" if quiet else "INFO"
+    return config
 
 
 def create_app(served: Served) -> FastAPI:

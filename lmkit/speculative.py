@@ -19,14 +19,18 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from lmkit.checkpoint import Checkpoint, resolve
 from lmkit.config import ConfigError, SampleConfig, check_range
 from lmkit.device import autocast, autocast_dtype
-from lmkit.generate import CausalStepper, Completion, Sample, _Texts
+from lmkit.errors import CheckpointError, DataError
+from lmkit.generate import CausalStepper, Completion, Sample, _Texts, decoding_of
 from lmkit.models.layers import SlotCache
+from lmkit.project import Project
 from lmkit.search import _penalties, extend, next_token_probs, sample_next
 from lmkit.tokenizer import Tokenizer
 
@@ -60,6 +64,44 @@ def check_options(cfg: SampleConfig, draft_tokens: int = 4) -> None:
         raise ConfigError("--draft samples or decodes greedily: leave out --beam")
     if _penalties(cfg):
         raise ConfigError("--draft does not take --repetition-penalty or --no-repeat-ngram-size")
+
+
+def open_draft(path: Path | None, project: Project, target: Checkpoint, cfg: SampleConfig, draft_tokens: int = 4,
+               quantize: str | None = None) -> Checkpoint | None:
+    """The draft checkpoint that `lmkit generate --draft PATH` means (see lmkit.checkpoint.resolve;
+    None: no draft), checked by check_draft before either model loads.
+
+    Raises:
+        CheckpointError: PATH is no checkpoint; as check_draft.
+    """
+    if path is None:
+        return None
+    draft = Checkpoint(resolve(path, project))
+    check_draft(target, draft, cfg, draft_tokens, quantize)
+    return draft
+
+
+def check_draft(target: Checkpoint, draft: Checkpoint, cfg: SampleConfig, draft_tokens: int = 4,
+                quantize: str | None = None) -> None:
+    """Whether DRAFT can propose tokens for TARGET under CFG (the settings of check_options), checked
+    before either model loads. QUANTIZE: how TARGET is to be decoded (None: as it is saved).
+
+    Raises:
+        ConfigError: a setting speculative decoding does not take.
+        DataError: TARGET would decode with int8 weights.
+        CheckpointError: DRAFT is no decoder language model, or has another tokenizer.
+    """
+    check_options(cfg, draft_tokens)
+    if quantize or target.is_int8:
+        raise DataError("--draft needs the model's float weights: int8 quantizes activations per call, so "
+                        "scoring the draft's tokens together would differ slightly from one at a time "
+                        "(the draft itself may be an int8 checkpoint)")
+    if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
+        raise CheckpointError(f"the draft {draft.path} uses tokenizer {draft.tokenizer_fingerprint}, the "
+                              f"model {target.tokenizer_fingerprint}: a draft must share the model's tokenizer "
+                              "(distill one with `lmkit distill --teacher`)")
+    if decoding_of(draft) != "continue":
+        raise CheckpointError(f"the draft {draft.path} is not a decoder language model")
 
 
 class _Rows:

@@ -3,6 +3,7 @@ exact resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,7 +14,7 @@ import torch
 
 from lmkit import checkpoint, distill
 from lmkit.batches import LMBatch
-from lmkit.config import DistillConfig, ModelConfig
+from lmkit.config import ConfigError, DistillConfig, ModelConfig
 from lmkit.errors import CheckpointError
 from lmkit.models import causal
 from lmkit.models.gpt import GPT
@@ -157,3 +158,29 @@ def test_a_project_keeps_one_tokenizer(tiny_project, small_corpus, task_files, t
     with pytest.raises(CheckpointError, match="a project has one tokenizer, so use another project"):
         finetune.finetune(project, finetune.FinetuneSpec("classify", str(task_files["train"]), teacher))
     assert not (project.root / "runs").exists() and not project.checkpoints_dir.exists()
+
+
+def test_a_request_names_its_inputs_as_a_spec_keeps_them(tiny_project, small_corpus, tmp_path) -> None:
+    latest = tiny_project.latest_checkpoint()
+    request = distill.DistillRequest(small_corpus, tiny_project.root, layers=(1,), preset="tiny")
+    spec = request.spec(tiny_project)  # a project as the teacher: its latest checkpoint
+    assert spec == distill.DistillSpec(str(small_corpus.resolve()), str(latest.resolve()), layers=(1,), preset="tiny")
+    saved = distill.DistillSpec(**{**dataclasses.asdict(spec), "layers": [1]})  # as a checkpoint saves it
+    assert all(given == kept for given, kept in request.changes(tiny_project, saved).values())
+    changed = distill.DistillRequest(teacher=latest.parent, layers=(0,)).changes(tiny_project, saved)  # a run folder
+    assert changed == {"teacher": (str(latest.resolve()), str(latest.resolve())), "layers": ([0], [1])}
+    with pytest.raises(ConfigError, match="give the data and the teacher"):
+        distill.DistillRequest(small_corpus).spec(tiny_project)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        distill.DistillRequest(small_corpus, tmp_path / "nowhere").spec(tiny_project)
+
+
+def test_resume_refuses_inputs_that_differ_from_the_run(tiny_project, small_corpus, tmp_path) -> None:
+    request = distill.DistillRequest(small_corpus, tiny_project.latest_checkpoint(), layers=(1,))
+    project = Project.open(tmp_path / "e")
+    flags = {"train.max_steps": 4, "train.eval_interval": 4, "train.batch_size": 8}
+    distill.distill(project, request.spec(project), flags=flags, progress=signal_at(2, signal.SIGINT))
+    with pytest.raises(ConfigError, match=r"changes layers: \[1\] -> \[0\]; only --max-steps may change"):
+        distill.resume(project, given=distill.DistillRequest(layers=(0,)))
+    resumed, _ = distill.resume(project, given=request)  # the run's own inputs come along
+    assert resumed.state.step == 4

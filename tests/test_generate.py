@@ -203,3 +203,41 @@ def test_stop_strings_are_found_in_a_growing_text(trained) -> None:
         texts = _Texts(tokenizer, (stop,), None)
         n = next(n for n in range(1, len(tokens) + 1) if texts.stopped(0, tokens[:n]))
         assert stop in tokenizer.decode(tokens[:n]) and stop not in tokenizer.decode(tokens[:n - 1])
+
+
+def test_what_generate_does_with_a_checkpoint_and_its_flags(tiny_project, tiny_bert_project) -> None:
+    from pathlib import Path
+
+    from lmkit.errors import DataError
+    from lmkit.generate import generation_mode, require_decoder
+
+    gpt, bert = Checkpoint(tiny_project.latest_checkpoint()), Checkpoint(tiny_bert_project.latest_checkpoint())
+    assert generation_mode(gpt) == "continue" and generation_mode(bert) == "fill-mask"
+    assert generation_mode(gpt, chat=True, system="Be brief.") == "chat"
+    assert generation_mode(gpt, draft=True) == "speculate"
+    for flags, message in [(dict(system="x"), "go with --chat"), (dict(chat_template=Path("t.jinja")), "go with"),
+                           (dict(chat=True, draft=True), "--draft speeds up")]:
+        with pytest.raises(DataError, match=message):
+            generation_mode(gpt, **flags)
+    with pytest.raises(DataError, match="--chat answers with a decoder .* bert checkpoint for fill-mask"):
+        generation_mode(bert, chat=True)
+    with pytest.raises(DataError, match="--draft speeds up"):
+        generation_mode(bert, draft=True)
+    require_decoder(gpt, "lmkit chat talks to a decoder")
+    with pytest.raises(DataError, match="^lmkit chat talks to a decoder \\(gpt or llama\\); .* bert checkpoint"):
+        require_decoder(bert, "lmkit chat talks to a decoder")
+
+
+def test_a_model_loaded_for_generation_decodes_as_the_checkpoints_own(tiny_project) -> None:
+    from lmkit.generate import load_for_generation
+
+    ckpt, cfg, cpu = Checkpoint(tiny_project.latest_checkpoint()), SampleConfig(greedy=True, max_new_tokens=8), \
+        torch.device("cpu")
+    logged: list[str] = []
+    model, tokenizer = load_for_generation(ckpt, cpu, log=logged.append)
+    assert tokenizer.fingerprint == ckpt.tokenizer_fingerprint and not logged
+    assert generate(model, tokenizer, "Ham.", cfg, cpu).samples[0].tokens == \
+        generate(ckpt.model(), ckpt.tokenizer(), "Ham.", cfg, cpu).samples[0].tokens
+    compiled, _ = load_for_generation(ckpt, cpu, compile_model=True, log=logged.append)  # compiles on first call
+    assert hasattr(compiled, "_orig_mod") and logged == ["compiling the model (torch.compile): the first tokens "
+                                                         "wait for it"]

@@ -164,3 +164,22 @@ def test_compiled_decoding_gives_the_same_text(tiny_project) -> None:
 
     args = ["generate", "-p", tiny_project.root, "Ham.", "--greedy", "--max-new-tokens", "12"]
     assert lmkit(*args, "--compile").stdout == lmkit(*args).stdout
+
+
+def test_a_draft_is_checked_before_either_model_loads(tiny_project, tiny_bert_project, tmp_path) -> None:
+    from lmkit.errors import CheckpointError, DataError
+    from lmkit.speculative import open_draft
+
+    ckpt, greedy = Checkpoint(tiny_project.latest_checkpoint()), SampleConfig(greedy=True)
+    assert open_draft(None, tiny_project, ckpt, greedy) is None
+    assert open_draft(tiny_project.root, tiny_project, ckpt, greedy, 3).path == ckpt.path  # a project: its latest
+    with pytest.raises(DataError, match="float weights"):
+        open_draft(tiny_project.root, tiny_project, ckpt, greedy, quantize="int8")
+    with pytest.raises(ConfigError, match="leave out --beam"):
+        open_draft(tiny_project.root, tiny_project, ckpt, SampleConfig(beam=2))
+    with pytest.raises(ConfigError, match="draft_tokens=33"):
+        open_draft(tiny_project.root, tiny_project, ckpt, greedy, 33)
+    with pytest.raises(CheckpointError, match="is not a decoder language model"):  # same tokenizer, a BERT
+        open_draft(tiny_bert_project.root, tiny_project, ckpt, greedy)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_draft(tmp_path / "nowhere", tiny_project, ckpt, greedy)
