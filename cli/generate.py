@@ -38,6 +38,7 @@ from cli.options import (
     user_errors,
 )
 
+
 def generate(
     ctx: typer.Context,
     prompts: Annotated[Optional[list[str]], typer.Argument(

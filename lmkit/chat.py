@@ -67,10 +67,7 @@ def read_conversations(path: Path) -> list[list[Message]]:
 
 def parse_conversation(line: str, where: str, *, needs_assistant: bool = True) -> list[Message]:
     """One JSONL line {"messages": [...]} (or a bare list of messages) -> its messages."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    record = corpus.json_line(line, where)
     messages = record.get("messages") if isinstance(record, dict) else record
     if isinstance(record, dict) and "messages" not in record:
         raise DataError(f"{where}: missing field 'messages' (found: {', '.join(record) or 'none'})")

@@ -13,7 +13,7 @@ import gzip
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lmkit.errors import DataError
 
@@ -152,14 +152,31 @@ def _text_lines_of(path: Path) -> Iterator[str]:
         yield from iter_lines(f, str(path))
 
 
+def json_line(line: str, where: str) -> Any:
+    """One JSONL line, parsed.
+
+    Raises:
+        DataError: starting with WHERE (a file and line), when it is not valid JSON.
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line that must hold a JSON object (see json_line)."""
+    record = json_line(line, where)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    return record
+
+
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Iterator[str]]:
     for line_no, line in enumerate(_text_lines_of(path), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        record = json_line(line, f"{path}:{line_no}")
         if not isinstance(record, dict) or text_field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{line_no}: no {text_field!r} field (found: {keys}); "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -95,12 +94,7 @@ def read_source_targets(path: Path) -> list[SourceTarget]:
 
 
 def _record(path: Path, line_no: int, line: str, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}:{line_no}: expected a JSON object")
+    record = corpus.json_object(line, f"{path}:{line_no}")
     missing = [key for key in required if key not in record]
     if missing:
         raise DataError(f"{path}:{line_no}: missing field {missing[0]!r} (found: {', '.join(record) or 'none'})")

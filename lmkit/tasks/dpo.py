@@ -93,12 +93,7 @@ def read_preferences(path: Path) -> list[Preference]:
 
 
 def _preference(where: str, line: str) -> Preference:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object")
+    record = corpus.json_object(line, where)
     if "messages" in record:
         prompt: str | list[Message] = chat.check_messages(record["messages"], where, needs_assistant=False)
         if prompt[-1]["role"] != "user":
